@@ -1,0 +1,390 @@
+//! Submission descriptors: 64 bytes, little-endian, versioned.
+//!
+//! ```text
+//! offset size field
+//!  0      1   version   (must be DESCRIPTOR_VERSION)
+//!  1      1   opcode    (Opcode)
+//!  2      2   flags     (Flags; unknown bits are rejected)
+//!  4      4   reserved  (must be 0)
+//!  8      8   seqno     fence seqno, written to the fence page on completion
+//! 16      8   src_iova  source operand (device reads it)
+//! 24      8   dst_iova  destination operand (device writes it)
+//! 32      8   len       bytes (FILL, COPY, CRC32C) or f32 elements (SAXPY)
+//! 40      8   arg0      FILL: byte pattern; SAXPY: `a` as f32 bits; WRITE_FENCE: value;
+//!                       CRC32C: initial crc
+//! 48      8   arg1      reserved for future opcodes (must be 0)
+//! 56      8   reserved  (must be 0)
+//! ```
+//!
+//! The device decodes with [`Descriptor::decode`], which rejects anything it does not
+//! understand; such a command completes with [`crate::Status::BadDescriptor`] and the
+//! device keeps running.
+
+use thiserror::Error;
+
+/// Size of one encoded descriptor in bytes.
+pub const DESCRIPTOR_SIZE: usize = 64;
+/// The descriptor layout version this crate writes and accepts.
+pub const DESCRIPTOR_VERSION: u8 = 1;
+
+/// What the device is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Opcode {
+    /// Do nothing; complete (and write the fence).
+    Nop = 0,
+    /// Write the 8-byte `arg0` to `dst_iova` by DMA.
+    WriteFence = 1,
+    /// Fill `len` bytes at `dst_iova` with the byte `arg0 & 0xff`.
+    Fill = 2,
+    /// Copy `len` bytes from `src_iova` to `dst_iova`.
+    Copy = 3,
+    /// `y = a * x + y` on `len` f32 elements: x at `src_iova`, y at `dst_iova`, `a` in `arg0`.
+    Saxpy = 4,
+    /// CRC32C of `len` bytes at `src_iova`, seeded with `arg0`; result in the completion.
+    Crc32c = 5,
+}
+
+impl Opcode {
+    /// All opcodes, in numeric order.
+    pub const ALL: [Opcode; 6] = [
+        Opcode::Nop,
+        Opcode::WriteFence,
+        Opcode::Fill,
+        Opcode::Copy,
+        Opcode::Saxpy,
+        Opcode::Crc32c,
+    ];
+
+    /// Decode a raw opcode byte.
+    pub fn from_u8(v: u8) -> Option<Opcode> {
+        Opcode::ALL.get(v as usize).copied()
+    }
+
+    /// Whether this opcode reads host memory at `src_iova`.
+    pub fn reads_src(self) -> bool {
+        matches!(self, Opcode::Copy | Opcode::Saxpy | Opcode::Crc32c)
+    }
+
+    /// Whether this opcode writes host memory at `dst_iova`.
+    pub fn writes_dst(self) -> bool {
+        matches!(
+            self,
+            Opcode::WriteFence | Opcode::Fill | Opcode::Copy | Opcode::Saxpy
+        )
+    }
+}
+
+/// Descriptor flags.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Flags(pub u16);
+
+impl Flags {
+    /// Raise the ring's interrupt (signal its eventfd) when this command completes.
+    pub const INTERRUPT: Flags = Flags(1 << 0);
+    /// Every bit the current version defines.
+    pub const KNOWN: Flags = Flags(1 << 0);
+
+    /// Whether every bit of `other` is set in `self`.
+    pub fn contains(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, rhs: Flags) -> Flags {
+        Flags(self.0 | rhs.0)
+    }
+}
+
+/// Why a descriptor was rejected. Carried in [`crate::Completion::detail`] as its code.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum DescriptorError {
+    #[error("descriptor version {0} is not supported (expected {DESCRIPTOR_VERSION})")]
+    Version(u8),
+    #[error("unknown opcode {0}")]
+    Opcode(u8),
+    #[error("unknown flag bits {0:#06x}")]
+    Flags(u16),
+    #[error("reserved field is not zero")]
+    Reserved,
+    #[error("{0:?} needs a non-zero length")]
+    ZeroLength(Opcode),
+    #[error("{op:?} operand range at {iova:#x} + {len:#x} overflows the IOVA space")]
+    Overflow { op: Opcode, iova: u64, len: u64 },
+    #[error("{0:?} operand is not aligned as the opcode requires")]
+    Misaligned(Opcode),
+}
+
+impl DescriptorError {
+    /// A stable numeric code for the completion entry's `detail` field.
+    pub fn code(&self) -> u32 {
+        match self {
+            DescriptorError::Version(_) => 1,
+            DescriptorError::Opcode(_) => 2,
+            DescriptorError::Flags(_) => 3,
+            DescriptorError::Reserved => 4,
+            DescriptorError::ZeroLength(_) => 5,
+            DescriptorError::Overflow { .. } => 6,
+            DescriptorError::Misaligned(_) => 7,
+        }
+    }
+}
+
+/// A decoded, validated submission descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub opcode: Opcode,
+    pub flags: Flags,
+    pub seqno: u64,
+    pub src_iova: u64,
+    pub dst_iova: u64,
+    pub len: u64,
+    pub arg0: u64,
+}
+
+impl Descriptor {
+    /// A descriptor with every operand zero.
+    pub fn new(opcode: Opcode) -> Descriptor {
+        Descriptor {
+            opcode,
+            flags: Flags::default(),
+            seqno: 0,
+            src_iova: 0,
+            dst_iova: 0,
+            len: 0,
+            arg0: 0,
+        }
+    }
+
+    /// NOP.
+    pub fn nop() -> Descriptor {
+        Descriptor::new(Opcode::Nop)
+    }
+
+    /// Write `value` (8 bytes) to `dst_iova`.
+    pub fn write_fence(dst_iova: u64, value: u64) -> Descriptor {
+        Descriptor {
+            dst_iova,
+            arg0: value,
+            ..Descriptor::new(Opcode::WriteFence)
+        }
+    }
+
+    /// Fill `len` bytes at `dst_iova` with `byte`.
+    pub fn fill(dst_iova: u64, len: u64, byte: u8) -> Descriptor {
+        Descriptor {
+            dst_iova,
+            len,
+            arg0: byte as u64,
+            ..Descriptor::new(Opcode::Fill)
+        }
+    }
+
+    /// Copy `len` bytes from `src_iova` to `dst_iova`.
+    pub fn copy(src_iova: u64, dst_iova: u64, len: u64) -> Descriptor {
+        Descriptor {
+            src_iova,
+            dst_iova,
+            len,
+            ..Descriptor::new(Opcode::Copy)
+        }
+    }
+
+    /// `y = a * x + y` over `n` f32 elements.
+    pub fn saxpy(a: f32, x_iova: u64, y_iova: u64, n: u64) -> Descriptor {
+        Descriptor {
+            src_iova: x_iova,
+            dst_iova: y_iova,
+            len: n,
+            arg0: a.to_bits() as u64,
+            ..Descriptor::new(Opcode::Saxpy)
+        }
+    }
+
+    /// CRC32C of `len` bytes at `src_iova`, seeded with `init` (0 for a fresh checksum).
+    pub fn crc32c(src_iova: u64, len: u64, init: u32) -> Descriptor {
+        Descriptor {
+            src_iova,
+            len,
+            arg0: init as u64,
+            ..Descriptor::new(Opcode::Crc32c)
+        }
+    }
+
+    /// Set flags (builder style).
+    pub fn with_flags(mut self, flags: Flags) -> Descriptor {
+        self.flags = flags;
+        self
+    }
+
+    /// Set the seqno (builder style). The driver's queue does this on submission.
+    pub fn with_seqno(mut self, seqno: u64) -> Descriptor {
+        self.seqno = seqno;
+        self
+    }
+
+    /// Bytes of host memory read at `src_iova` (0 if the opcode reads none).
+    pub fn src_bytes(&self) -> u64 {
+        match self.opcode {
+            Opcode::Copy | Opcode::Crc32c => self.len,
+            Opcode::Saxpy => self.len.saturating_mul(4),
+            _ => 0,
+        }
+    }
+
+    /// Bytes of host memory written at `dst_iova` (0 if the opcode writes none).
+    pub fn dst_bytes(&self) -> u64 {
+        match self.opcode {
+            Opcode::WriteFence => 8,
+            Opcode::Fill | Opcode::Copy => self.len,
+            Opcode::Saxpy => self.len.saturating_mul(4),
+            _ => 0,
+        }
+    }
+
+    /// Check the operands an opcode needs. Both ends call this: the driver before it
+    /// writes a descriptor, the device after it decodes one.
+    pub fn validate(&self) -> Result<(), DescriptorError> {
+        let op = self.opcode;
+        if self.flags.0 & !Flags::KNOWN.0 != 0 {
+            return Err(DescriptorError::Flags(self.flags.0));
+        }
+        match op {
+            Opcode::Nop => {}
+            Opcode::WriteFence => {
+                if self.dst_iova % 8 != 0 {
+                    return Err(DescriptorError::Misaligned(op));
+                }
+            }
+            Opcode::Fill | Opcode::Copy | Opcode::Crc32c | Opcode::Saxpy => {
+                if self.len == 0 {
+                    return Err(DescriptorError::ZeroLength(op));
+                }
+            }
+        }
+        if op == Opcode::Saxpy && (self.src_iova % 4 != 0 || self.dst_iova % 4 != 0) {
+            return Err(DescriptorError::Misaligned(op));
+        }
+        if op == Opcode::Saxpy && self.len > u64::MAX / 4 {
+            return Err(DescriptorError::Overflow {
+                op,
+                iova: self.src_iova,
+                len: self.len,
+            });
+        }
+        for (iova, len) in [
+            (self.src_iova, self.src_bytes()),
+            (self.dst_iova, self.dst_bytes()),
+        ] {
+            if len != 0 && iova.checked_add(len).is_none() {
+                return Err(DescriptorError::Overflow { op, iova, len });
+            }
+        }
+        Ok(())
+    }
+
+    /// Encode into the 64-byte wire format.
+    pub fn encode(&self) -> [u8; DESCRIPTOR_SIZE] {
+        let mut b = [0u8; DESCRIPTOR_SIZE];
+        b[0] = DESCRIPTOR_VERSION;
+        b[1] = self.opcode as u8;
+        b[2..4].copy_from_slice(&self.flags.0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.seqno.to_le_bytes());
+        b[16..24].copy_from_slice(&self.src_iova.to_le_bytes());
+        b[24..32].copy_from_slice(&self.dst_iova.to_le_bytes());
+        b[32..40].copy_from_slice(&self.len.to_le_bytes());
+        b[40..48].copy_from_slice(&self.arg0.to_le_bytes());
+        b
+    }
+
+    /// The seqno field of a raw descriptor, readable even when the rest is malformed
+    /// (so a rejected command can still be completed against its fence).
+    pub fn raw_seqno(b: &[u8; DESCRIPTOR_SIZE]) -> u64 {
+        u64_at(b, 8)
+    }
+
+    /// Decode and validate the 64-byte wire format.
+    pub fn decode(b: &[u8; DESCRIPTOR_SIZE]) -> Result<Descriptor, DescriptorError> {
+        if b[0] != DESCRIPTOR_VERSION {
+            return Err(DescriptorError::Version(b[0]));
+        }
+        let opcode = Opcode::from_u8(b[1]).ok_or(DescriptorError::Opcode(b[1]))?;
+        let flags = Flags(u16::from_le_bytes([b[2], b[3]]));
+        if b[4..8] != [0; 4] || u64_at(b, 48) != 0 || u64_at(b, 56) != 0 {
+            return Err(DescriptorError::Reserved);
+        }
+        let d = Descriptor {
+            opcode,
+            flags,
+            seqno: u64_at(b, 8),
+            src_iova: u64_at(b, 16),
+            dst_iova: u64_at(b, 24),
+            len: u64_at(b, 32),
+            arg0: u64_at(b, 40),
+        };
+        d.validate()?;
+        Ok(d)
+    }
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_every_opcode() {
+        let ds = [
+            Descriptor::nop(),
+            Descriptor::write_fence(0x1000, 7),
+            Descriptor::fill(0x2000, 4096, 0xab),
+            Descriptor::copy(0x1000, 0x9000, 123),
+            Descriptor::saxpy(2.5, 0x1000, 0x2000, 1024),
+            Descriptor::crc32c(0x1000, 77, 0),
+        ];
+        for d in ds {
+            let d = d.with_seqno(42).with_flags(Flags::INTERRUPT);
+            assert_eq!(Descriptor::decode(&d.encode()), Ok(d));
+        }
+    }
+
+    #[test]
+    fn malformed_descriptors_are_rejected() {
+        let good = Descriptor::copy(0x1000, 0x2000, 64).encode();
+        let mut b = good;
+        b[0] = 9;
+        assert_eq!(Descriptor::decode(&b), Err(DescriptorError::Version(9)));
+        let mut b = good;
+        b[1] = 200;
+        assert_eq!(Descriptor::decode(&b), Err(DescriptorError::Opcode(200)));
+        let mut b = good;
+        b[3] = 0x80;
+        assert_eq!(Descriptor::decode(&b), Err(DescriptorError::Flags(0x8000)));
+        let mut b = good;
+        b[60] = 1;
+        assert_eq!(Descriptor::decode(&b), Err(DescriptorError::Reserved));
+        let zero = Descriptor::copy(0x1000, 0x2000, 0).encode();
+        assert_eq!(
+            Descriptor::decode(&zero),
+            Err(DescriptorError::ZeroLength(Opcode::Copy))
+        );
+        let over = Descriptor::fill(u64::MAX - 10, 64, 0).encode();
+        assert!(matches!(
+            Descriptor::decode(&over),
+            Err(DescriptorError::Overflow { .. })
+        ));
+        let mis = Descriptor::write_fence(0x1004, 1).encode();
+        assert_eq!(
+            Descriptor::decode(&mis),
+            Err(DescriptorError::Misaligned(Opcode::WriteFence))
+        );
+        assert_eq!(Descriptor::raw_seqno(&good), 0);
+    }
+}

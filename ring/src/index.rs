@@ -1,0 +1,331 @@
+//! The producer/consumer index protocol shared by the submission and completion queues.
+//!
+//! Each queue has a power-of-two number of slots and two free-running `u32` counters in
+//! shared memory ([`RingIndices`]): `tail`, written only by the producer, and `head`,
+//! written only by the consumer. Slot `i` of the counter space is array element
+//! `i & (size - 1)`; `tail - head` (wrapping) is the number of filled slots, which is
+//! always in `0..=size`. Counters wrap at 2^32 without ambiguity because `size <= 2^15`.
+//!
+//! Ordering contract (the whole of it):
+//! * the producer writes slot contents, then stores `tail` with **Release**;
+//! * the consumer loads `tail` with **Acquire**, so every slot below it is fully written
+//!   before it reads one;
+//! * the consumer reads slot contents, then stores `head` with **Release**;
+//! * the producer loads `head` with **Acquire**, so the consumer has finished reading a
+//!   slot before the producer overwrites it.
+//!
+//! Each side also keeps a private copy of its own counter (never re-read from shared
+//! memory: it is the only writer) and a cached copy of the other side's, refreshed only
+//! when the cache says the queue is full (producer) or empty (consumer). The model test
+//! `tests/loom.rs` checks this contract under every interleaving loom explores; weaken
+//! either pair to `Relaxed` and it reports the data race on the slot.
+//!
+//! For the reference device the [`RingIndices`] live in its BAR0 register block; for a
+//! device whose doorbell carries the tail (NVMe), [`Doorbell::ring`] gets it.
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU32, Ordering};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use thiserror::Error;
+
+/// Smallest and largest supported queue sizes (slots).
+pub const MIN_SLOTS: u32 = 2;
+pub const MAX_SLOTS: u32 = 1 << 15;
+
+/// A queue's size, checked to be a power of two in `MIN_SLOTS..=MAX_SLOTS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    size: u32,
+}
+
+/// A queue size that the protocol cannot use.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+pub enum GeometryError {
+    #[error("ring size {0} is not a power of two between {MIN_SLOTS} and {MAX_SLOTS}")]
+    Size(u32),
+}
+
+impl Geometry {
+    /// Check `size`.
+    pub fn new(size: u32) -> Result<Geometry, GeometryError> {
+        if !(MIN_SLOTS..=MAX_SLOTS).contains(&size) || !size.is_power_of_two() {
+            return Err(GeometryError::Size(size));
+        }
+        Ok(Geometry { size })
+    }
+
+    /// Number of slots.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Array element of counter value `index`.
+    pub fn slot(&self, index: u32) -> usize {
+        (index & (self.size - 1)) as usize
+    }
+}
+
+/// The two shared counters of one queue.
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct RingIndices {
+    head: AtomicU32,
+    tail: AtomicU32,
+}
+
+/// The shared counters say more slots are filled than the queue has: the other side is
+/// broken or hostile. The consumer refuses to read past its own bounds.
+#[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
+#[error("ring indices are corrupt: head {head}, tail {tail}, size {size}")]
+pub struct IndexError {
+    pub head: u32,
+    pub tail: u32,
+    pub size: u32,
+}
+
+impl RingIndices {
+    /// Both counters at zero.
+    pub fn new() -> RingIndices {
+        RingIndices::default()
+    }
+
+    /// The consumer's counter, for diagnostics and register reads.
+    pub fn head(&self) -> u32 {
+        // Relaxed: a snapshot for display or a register read; the protocol itself uses
+        // the Acquire loads in Producer/Consumer.
+        self.head.load(Ordering::Relaxed)
+    }
+
+    /// The producer's counter, for diagnostics and register reads.
+    pub fn tail(&self) -> u32 {
+        // Relaxed: see `head`.
+        self.tail.load(Ordering::Relaxed)
+    }
+
+    /// Store the producer's counter from outside the protocol (a doorbell register
+    /// write). Release: the writer has filled the slots below `tail` first.
+    pub fn store_tail(&self, tail: u32) {
+        self.tail.store(tail, Ordering::Release);
+    }
+
+    /// Store the consumer's counter from outside the protocol (a doorbell register
+    /// write). Release: the writer has finished reading the slots below `head`.
+    pub fn store_head(&self, head: u32) {
+        self.head.store(head, Ordering::Release);
+    }
+
+    /// Set both counters to zero. Only while neither side is running (device reset).
+    pub fn reset(&self) {
+        // Relaxed: both ends are quiescent; the reset itself is published by whatever
+        // restarts them (a thread handoff or a register write with Release).
+        self.head.store(0, Ordering::Relaxed);
+        self.tail.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Notifies the consumer that the producer published new slots.
+pub trait Doorbell {
+    /// `tail` is the producer's new counter value.
+    fn ring(&self, tail: u32);
+}
+
+/// The producer's private state. It is the only writer of `tail`.
+#[derive(Debug)]
+pub struct Producer {
+    geo: Geometry,
+    /// Published tail.
+    tail: u32,
+    /// Slots written but not yet published.
+    pending: u32,
+    /// Last `head` seen.
+    head_cache: u32,
+}
+
+impl Producer {
+    /// Start producing on `idx`, continuing from its current counters.
+    pub fn new(geo: Geometry, idx: &RingIndices) -> Producer {
+        // Acquire on head: see `refresh`. The tail is ours; Relaxed suffices for our own
+        // last store (or the reset value).
+        let head = idx.head.load(Ordering::Acquire);
+        let tail = idx.tail.load(Ordering::Relaxed);
+        Producer {
+            geo,
+            tail,
+            pending: 0,
+            head_cache: head,
+        }
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    fn used(&self) -> u32 {
+        self.tail
+            .wrapping_add(self.pending)
+            .wrapping_sub(self.head_cache)
+    }
+
+    fn refresh(&mut self, idx: &RingIndices) {
+        // Acquire pairs with the consumer's Release store of head: every slot below the
+        // new head has been read completely, so it may be overwritten.
+        self.head_cache = idx.head.load(Ordering::Acquire);
+    }
+
+    /// Free slots, refreshing the consumer's counter only when the cache says full.
+    pub fn free(&mut self, idx: &RingIndices) -> u32 {
+        if self.used() >= self.geo.size {
+            self.refresh(idx);
+        }
+        self.geo.size - self.used().min(self.geo.size)
+    }
+
+    /// Claim the next slot: returns its array element, to be written before
+    /// [`Producer::publish`]; `None` when the queue is full.
+    pub fn next_slot(&mut self, idx: &RingIndices) -> Option<usize> {
+        if self.free(idx) == 0 {
+            return None;
+        }
+        let slot = self.geo.slot(self.tail.wrapping_add(self.pending));
+        self.pending += 1;
+        Some(slot)
+    }
+
+    /// Slots claimed and not yet published.
+    pub fn pending(&self) -> u32 {
+        self.pending
+    }
+
+    /// Publish every claimed slot and ring the doorbell. Returns the new tail.
+    pub fn publish(&mut self, idx: &RingIndices, doorbell: &dyn Doorbell) -> u32 {
+        if self.pending == 0 {
+            return self.tail;
+        }
+        self.tail = self.tail.wrapping_add(self.pending);
+        self.pending = 0;
+        // Release: the slot contents written before this store are visible to a
+        // consumer that loads this tail with Acquire.
+        idx.tail.store(self.tail, Ordering::Release);
+        doorbell.ring(self.tail);
+        self.tail
+    }
+
+    /// The published tail.
+    pub fn tail(&self) -> u32 {
+        self.tail
+    }
+}
+
+/// The consumer's private state. It is the only writer of `head`.
+#[derive(Debug)]
+pub struct Consumer {
+    geo: Geometry,
+    head: u32,
+    tail_cache: u32,
+}
+
+impl Consumer {
+    /// Start consuming on `idx`, continuing from its current counters.
+    pub fn new(geo: Geometry, idx: &RingIndices) -> Consumer {
+        // Relaxed on our own head; the tail is re-read with Acquire before any slot is.
+        let head = idx.head.load(Ordering::Relaxed);
+        Consumer {
+            geo,
+            head,
+            tail_cache: head,
+        }
+    }
+
+    /// The geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// Filled slots ready to read. Refreshes the producer's counter only when the cache
+    /// says empty. An impossible count is an error, not a wild read.
+    pub fn available(&mut self, idx: &RingIndices) -> Result<u32, IndexError> {
+        if self.tail_cache == self.head {
+            // Acquire pairs with the producer's Release store of tail: the slots below
+            // it are fully written.
+            self.tail_cache = idx.tail.load(Ordering::Acquire);
+        }
+        let n = self.tail_cache.wrapping_sub(self.head);
+        if n > self.geo.size {
+            return Err(IndexError {
+                head: self.head,
+                tail: self.tail_cache,
+                size: self.geo.size,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Array element of the `i`-th available slot (`i < available()`).
+    pub fn slot(&self, i: u32) -> usize {
+        self.geo.slot(self.head.wrapping_add(i))
+    }
+
+    /// Hand `n` read slots back to the producer.
+    pub fn release(&mut self, idx: &RingIndices, n: u32) {
+        self.head = self.head.wrapping_add(n);
+        // Release: our reads of those slots happen before the producer, loading head
+        // with Acquire, overwrites them.
+        idx.head.store(self.head, Ordering::Release);
+    }
+
+    /// The consumer's counter.
+    pub fn head(&self) -> u32 {
+        self.head
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    struct NoBell;
+    impl Doorbell for NoBell {
+        fn ring(&self, _tail: u32) {}
+    }
+
+    #[test]
+    fn geometry_checks_size() {
+        assert!(Geometry::new(0).is_err());
+        assert!(Geometry::new(1).is_err());
+        assert!(Geometry::new(3).is_err());
+        assert!(Geometry::new(1 << 16).is_err());
+        assert_eq!(Geometry::new(8).unwrap().slot(9), 1);
+    }
+
+    #[test]
+    fn fills_drains_and_wraps_counters() {
+        let geo = Geometry::new(4).unwrap();
+        let idx = RingIndices::new();
+        idx.store_head(u32::MAX - 1);
+        idx.store_tail(u32::MAX - 1);
+        let mut p = Producer::new(geo, &idx);
+        let mut c = Consumer::new(geo, &idx);
+        for round in 0..5 {
+            for _ in 0..4 {
+                assert!(p.next_slot(&idx).is_some(), "round {round}");
+            }
+            assert_eq!(p.next_slot(&idx), None);
+            p.publish(&idx, &NoBell);
+            assert_eq!(c.available(&idx), Ok(4));
+            c.release(&idx, 4);
+            assert_eq!(c.available(&idx), Ok(0));
+        }
+    }
+
+    #[test]
+    fn corrupt_tail_is_an_error() {
+        let geo = Geometry::new(4).unwrap();
+        let idx = RingIndices::new();
+        let mut c = Consumer::new(geo, &idx);
+        idx.store_tail(100);
+        assert!(c.available(&idx).is_err());
+    }
+}

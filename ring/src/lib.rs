@@ -1,0 +1,37 @@
+//! The userptr command ring protocol, both ends.
+//!
+//! A command ring is a pair of queues living in DMA-able host memory that the device
+//! reaches through its IOMMU like any other buffer:
+//!
+//! * the **submission queue** (SQ): an array of fixed-size, versioned [`Descriptor`]s
+//!   (64 bytes each) written by the driver (producer) and fetched by the device
+//!   (consumer);
+//! * the **completion queue** (CQ): an array of [`Completion`] entries (32 bytes each)
+//!   written by the device (producer) and read by the driver (consumer), one per
+//!   descriptor, carrying a per-command [`Status`] and, on a DMA fault, a
+//!   [`FaultRecord`];
+//! * a **fence word**: the device writes the seqno of the last completed descriptor
+//!   into a fence page by DMA, so "has command N finished" is one load (see [`Fence`]).
+//!
+//! Modules:
+//! * [`descriptor`]: the descriptor layout, opcodes, encoding and validation;
+//! * [`completion`]: completion entries, statuses, fault records;
+//! * [`index`]: the producer/consumer index protocol (free-running `u32` head and
+//!   tail, power-of-two wraparound, acquire/release ordering) shared by both queues;
+//! * [`fence`]: fence seqnos and their ordering.
+//!
+//! The crate is pure protocol: it owns no memory and no threads. The driver
+//! (`userptr-driver`) places the queues in mapped memory and implements the doorbell
+//! for each device.
+
+pub mod completion;
+pub mod descriptor;
+pub mod fence;
+pub mod index;
+
+pub use completion::{AccessKind, Completion, FaultRecord, Status, COMPLETION_SIZE};
+pub use descriptor::{
+    Descriptor, DescriptorError, Flags, Opcode, DESCRIPTOR_SIZE, DESCRIPTOR_VERSION,
+};
+pub use fence::Fence;
+pub use index::{Consumer, Doorbell, Geometry, GeometryError, Producer, RingIndices};

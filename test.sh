@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite: unit, integration, property and hazard tests for every crate,
+# then the loom model checks (a separate build with --cfg loom, in its own target dir).
+set -euo pipefail
+cd "$(dirname "$0")"
+cargo test --workspace --all-targets
+cargo test --workspace --doc
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom \
+    cargo test -p userptr-ring --test loom --release
