@@ -20,8 +20,9 @@
 //! `tests/loom.rs` checks this contract under every interleaving loom explores; weaken
 //! either pair to `Relaxed` and it reports the data race on the slot.
 //!
-//! For the reference device the [`RingIndices`] live in its BAR0 register block; for a
-//! device whose doorbell carries the tail (NVMe), [`Doorbell::ring`] gets it.
+//! Where the counters live is abstracted by [`SharedIndices`]: plain shared atomics
+//! ([`RingIndices`], used by the reference device's register block and by the model
+//! tests) or device registers, where storing the tail is the doorbell write.
 
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicU32, Ordering};
@@ -104,18 +105,6 @@ impl RingIndices {
         self.tail.load(Ordering::Relaxed)
     }
 
-    /// Store the producer's counter from outside the protocol (a doorbell register
-    /// write). Release: the writer has filled the slots below `tail` first.
-    pub fn store_tail(&self, tail: u32) {
-        self.tail.store(tail, Ordering::Release);
-    }
-
-    /// Store the consumer's counter from outside the protocol (a doorbell register
-    /// write). Release: the writer has finished reading the slots below `head`.
-    pub fn store_head(&self, head: u32) {
-        self.head.store(head, Ordering::Release);
-    }
-
     /// Set both counters to zero. Only while neither side is running (device reset).
     pub fn reset(&self) {
         // Relaxed: both ends are quiescent; the reset itself is published by whatever
@@ -125,10 +114,40 @@ impl RingIndices {
     }
 }
 
-/// Notifies the consumer that the producer published new slots.
-pub trait Doorbell {
-    /// `tail` is the producer's new counter value.
-    fn ring(&self, tail: u32);
+/// Where a queue's two counters live, and how each end reads and writes them.
+///
+/// [`RingIndices`] is the in-memory form (both ends share the atomics). A device whose
+/// counters are registers implements it over MMIO: `store_tail` is then the **doorbell**
+/// write that tells the device new work is there, and `store_head` is the completion
+/// doorbell. Implementations must give the orderings documented on each method.
+pub trait SharedIndices {
+    /// The consumer's counter, with **Acquire** ordering.
+    fn load_head(&self) -> u32;
+    /// The producer's counter, with **Acquire** ordering.
+    fn load_tail(&self) -> u32;
+    /// Publish the consumer's counter with **Release** ordering.
+    fn store_head(&self, head: u32);
+    /// Publish the producer's counter with **Release** ordering (the doorbell).
+    fn store_tail(&self, tail: u32);
+}
+
+impl SharedIndices for RingIndices {
+    fn load_head(&self) -> u32 {
+        // Acquire: pairs with the consumer's Release in store_head.
+        self.head.load(Ordering::Acquire)
+    }
+    fn load_tail(&self) -> u32 {
+        // Acquire: pairs with the producer's Release in store_tail.
+        self.tail.load(Ordering::Acquire)
+    }
+    fn store_head(&self, head: u32) {
+        // Release: the consumer finished reading every slot below `head`.
+        self.head.store(head, Ordering::Release);
+    }
+    fn store_tail(&self, tail: u32) {
+        // Release: the producer finished writing every slot below `tail`.
+        self.tail.store(tail, Ordering::Release);
+    }
 }
 
 /// The producer's private state. It is the only writer of `tail`.
@@ -145,11 +164,9 @@ pub struct Producer {
 
 impl Producer {
     /// Start producing on `idx`, continuing from its current counters.
-    pub fn new(geo: Geometry, idx: &RingIndices) -> Producer {
-        // Acquire on head: see `refresh`. The tail is ours; Relaxed suffices for our own
-        // last store (or the reset value).
-        let head = idx.head.load(Ordering::Acquire);
-        let tail = idx.tail.load(Ordering::Relaxed);
+    pub fn new<I: SharedIndices + ?Sized>(geo: Geometry, idx: &I) -> Producer {
+        let head = idx.load_head();
+        let tail = idx.load_tail();
         Producer {
             geo,
             tail,
@@ -169,14 +186,15 @@ impl Producer {
             .wrapping_sub(self.head_cache)
     }
 
-    fn refresh(&mut self, idx: &RingIndices) {
-        // Acquire pairs with the consumer's Release store of head: every slot below the
-        // new head has been read completely, so it may be overwritten.
-        self.head_cache = idx.head.load(Ordering::Acquire);
+    fn refresh<I: SharedIndices + ?Sized>(&mut self, idx: &I) {
+        // load_head is Acquire and pairs with the consumer's Release store of head:
+        // every slot below the new head has been read completely, so it may be
+        // overwritten.
+        self.head_cache = idx.load_head();
     }
 
     /// Free slots, refreshing the consumer's counter only when the cache says full.
-    pub fn free(&mut self, idx: &RingIndices) -> u32 {
+    pub fn free<I: SharedIndices + ?Sized>(&mut self, idx: &I) -> u32 {
         if self.used() >= self.geo.size {
             self.refresh(idx);
         }
@@ -185,7 +203,7 @@ impl Producer {
 
     /// Claim the next slot: returns its array element, to be written before
     /// [`Producer::publish`]; `None` when the queue is full.
-    pub fn next_slot(&mut self, idx: &RingIndices) -> Option<usize> {
+    pub fn next_slot<I: SharedIndices + ?Sized>(&mut self, idx: &I) -> Option<usize> {
         if self.free(idx) == 0 {
             return None;
         }
@@ -199,17 +217,17 @@ impl Producer {
         self.pending
     }
 
-    /// Publish every claimed slot and ring the doorbell. Returns the new tail.
-    pub fn publish(&mut self, idx: &RingIndices, doorbell: &dyn Doorbell) -> u32 {
+    /// Publish every claimed slot (for an MMIO device: ring the doorbell). Returns the
+    /// new tail.
+    pub fn publish<I: SharedIndices + ?Sized>(&mut self, idx: &I) -> u32 {
         if self.pending == 0 {
             return self.tail;
         }
         self.tail = self.tail.wrapping_add(self.pending);
         self.pending = 0;
-        // Release: the slot contents written before this store are visible to a
+        // store_tail is Release: the slot contents written before it are visible to a
         // consumer that loads this tail with Acquire.
-        idx.tail.store(self.tail, Ordering::Release);
-        doorbell.ring(self.tail);
+        idx.store_tail(self.tail);
         self.tail
     }
 
@@ -229,9 +247,9 @@ pub struct Consumer {
 
 impl Consumer {
     /// Start consuming on `idx`, continuing from its current counters.
-    pub fn new(geo: Geometry, idx: &RingIndices) -> Consumer {
-        // Relaxed on our own head; the tail is re-read with Acquire before any slot is.
-        let head = idx.head.load(Ordering::Relaxed);
+    pub fn new<I: SharedIndices + ?Sized>(geo: Geometry, idx: &I) -> Consumer {
+        // The tail is re-read with Acquire before any slot is.
+        let head = idx.load_head();
         Consumer {
             geo,
             head,
@@ -246,11 +264,11 @@ impl Consumer {
 
     /// Filled slots ready to read. Refreshes the producer's counter only when the cache
     /// says empty. An impossible count is an error, not a wild read.
-    pub fn available(&mut self, idx: &RingIndices) -> Result<u32, IndexError> {
+    pub fn available<I: SharedIndices + ?Sized>(&mut self, idx: &I) -> Result<u32, IndexError> {
         if self.tail_cache == self.head {
-            // Acquire pairs with the producer's Release store of tail: the slots below
-            // it are fully written.
-            self.tail_cache = idx.tail.load(Ordering::Acquire);
+            // load_tail is Acquire and pairs with the producer's Release store of tail:
+            // the slots below it are fully written.
+            self.tail_cache = idx.load_tail();
         }
         let n = self.tail_cache.wrapping_sub(self.head);
         if n > self.geo.size {
@@ -269,11 +287,11 @@ impl Consumer {
     }
 
     /// Hand `n` read slots back to the producer.
-    pub fn release(&mut self, idx: &RingIndices, n: u32) {
+    pub fn release<I: SharedIndices + ?Sized>(&mut self, idx: &I, n: u32) {
         self.head = self.head.wrapping_add(n);
-        // Release: our reads of those slots happen before the producer, loading head
-        // with Acquire, overwrites them.
-        idx.head.store(self.head, Ordering::Release);
+        // store_head is Release: our reads of those slots happen before the producer,
+        // loading head with Acquire, overwrites them.
+        idx.store_head(self.head);
     }
 
     /// The consumer's counter.
@@ -285,11 +303,6 @@ impl Consumer {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-
-    struct NoBell;
-    impl Doorbell for NoBell {
-        fn ring(&self, _tail: u32) {}
-    }
 
     #[test]
     fn geometry_checks_size() {
@@ -313,7 +326,7 @@ mod tests {
                 assert!(p.next_slot(&idx).is_some(), "round {round}");
             }
             assert_eq!(p.next_slot(&idx), None);
-            p.publish(&idx, &NoBell);
+            p.publish(&idx);
             assert_eq!(c.available(&idx), Ok(4));
             c.release(&idx, 4);
             assert_eq!(c.available(&idx), Ok(0));

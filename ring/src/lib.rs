@@ -34,4 +34,4 @@ pub use descriptor::{
     Descriptor, DescriptorError, Flags, Opcode, DESCRIPTOR_SIZE, DESCRIPTOR_VERSION,
 };
 pub use fence::Fence;
-pub use index::{Consumer, Doorbell, Geometry, GeometryError, Producer, RingIndices};
+pub use index::{Consumer, Geometry, GeometryError, IndexError, Producer, RingIndices, SharedIndices};

@@ -9,7 +9,7 @@
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use userptr_ring::{Consumer, Doorbell, Geometry, Producer, RingIndices};
+use userptr_ring::{Consumer, Geometry, Producer, RingIndices, SharedIndices};
 
 struct Queue {
     idx: RingIndices,
@@ -18,11 +18,6 @@ struct Queue {
 
 // SAFETY: slot access is serialised by the index protocol under test; loom checks it.
 unsafe impl Sync for Queue {}
-
-struct NoBell;
-impl Doorbell for NoBell {
-    fn ring(&self, _tail: u32) {}
-}
 
 #[test]
 fn producer_consumer_never_race_on_a_slot() {
@@ -42,7 +37,7 @@ fn producer_consumer_never_race_on_a_slot() {
                 match p.next_slot(&qp.idx) {
                     Some(slot) => {
                         qp.slots[slot].with_mut(|v| unsafe { *v = next });
-                        p.publish(&qp.idx, &NoBell);
+                        p.publish(&qp.idx);
                         next += 1;
                     }
                     None => thread::yield_now(),
