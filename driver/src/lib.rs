@@ -1,1 +1,42 @@
+//! userptr-driver: map ordinary process memory into a device's IOMMU domain and drive
+//! the device through command rings.
+//!
+//! Modules, each one concept:
+//! * [`driver`]: the [`Driver`] handle: a device, its domain, its IOVA space;
+//! * [`mapping`]: [`UserMapping`], ordinary memory pinned and mapped at an IOVA;
+//! * [`queue`]: [`CommandQueue`], the driver end of a command ring;
+//! * [`iommu`]: the [`IommuDomain`] trait every IOMMU backend implements;
+//! * [`iova`]: IOVA space allocation;
+//! * [`device`]: the [`Device`] trait (registers, domain, interrupts);
+//! * [`regs`]: the reference device's BAR0 register map (the device ABI);
+//! * [`reference`]: the reference device: io_uring IOMMU, memfd VRAM, engine thread;
+//! * [`uring_iommu`]: the IOMMU built on io_uring fixed buffers (real kernel pins);
+//! * [`vram`]: device-local memory (memfd);
+//! * [`dma_memory`]: driver-owned DMA memory for ring structures;
+//! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
+//! * [`error`]: the [`Error`] type.
+//!
+//! `unsafe` lives only in `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap).
 
+pub mod device;
+pub mod dma_memory;
+pub mod driver;
+pub mod error;
+pub mod iommu;
+pub mod iova;
+pub mod mapping;
+pub mod proc_status;
+pub mod queue;
+pub mod reference;
+pub mod regs;
+pub mod uring_iommu;
+pub mod vram;
+
+pub use device::Device;
+pub use driver::Driver;
+pub use error::{Error, Result};
+pub use iommu::{IommuDomain, Perm};
+pub use mapping::UserMapping;
+pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, WaitMode};
+pub use reference::{ReferenceConfig, ReferenceDevice};
+pub use uring_iommu::UringIommuConfig;

@@ -34,4 +34,6 @@ pub use descriptor::{
     Descriptor, DescriptorError, Flags, Opcode, DESCRIPTOR_SIZE, DESCRIPTOR_VERSION,
 };
 pub use fence::Fence;
-pub use index::{Consumer, Geometry, GeometryError, IndexError, Producer, RingIndices, SharedIndices};
+pub use index::{
+    Consumer, Geometry, GeometryError, IndexError, Producer, RingIndices, SharedIndices,
+};

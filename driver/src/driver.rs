@@ -1,0 +1,166 @@
+//! The driver handle: one device, its IOMMU domain and the IOVA space the driver
+//! hands out in it. Everything else (mappings, queues) is created from here.
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::iommu::{IommuDomain, Perm, PAGE_2M, PAGE_4K};
+use crate::iova::IovaAllocator;
+use crate::mapping::UserMapping;
+use crate::queue::CommandQueue;
+use crate::reference::{ReferenceConfig, ReferenceDevice};
+use crate::regs;
+use std::sync::{Arc, Mutex};
+
+struct Inner {
+    device: Arc<dyn Device>,
+    domain: Arc<dyn IommuDomain>,
+    iova: Mutex<IovaAllocator>,
+    irq_mask: Mutex<()>,
+}
+
+/// A driver instance bound to one device. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Driver {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("device", &self.inner.device.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// Drive `device`.
+    pub fn new(device: Arc<dyn Device>) -> Driver {
+        let domain = device.domain();
+        let iova = IovaAllocator::new(&domain.iova_ranges());
+        Driver {
+            inner: Arc::new(Inner {
+                device,
+                domain,
+                iova: Mutex::new(iova),
+                irq_mask: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// A new reference device with the default configuration.
+    pub fn reference() -> Result<Driver> {
+        Driver::with_reference(ReferenceConfig::default())
+    }
+
+    /// A new reference device with `cfg`.
+    pub fn with_reference(cfg: ReferenceConfig) -> Result<Driver> {
+        let dev: Arc<dyn Device> = ReferenceDevice::new(cfg)?;
+        Ok(Driver::new(dev))
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn Device> {
+        &self.inner.device
+    }
+
+    /// The device's IOMMU domain.
+    pub fn domain(&self) -> &Arc<dyn IommuDomain> {
+        &self.inner.domain
+    }
+
+    /// Map `len` bytes of process memory at `addr` for the device with `perm`.
+    ///
+    /// The memory must stay mapped while the device may use it; reading it while a
+    /// device command writes it is a data race the caller avoids by waiting for the
+    /// command's fence, as with any DMA.
+    pub fn map_user(&self, addr: usize, len: usize, perm: Perm) -> Result<UserMapping> {
+        UserMapping::new(self, addr as u64, len as u64, perm)
+    }
+
+    /// Map a slice for device reads and writes.
+    pub fn map_slice<T: Copy>(&self, s: &mut [T]) -> Result<UserMapping> {
+        self.map_user(
+            s.as_mut_ptr() as usize,
+            std::mem::size_of_val(s),
+            Perm::READ_WRITE,
+        )
+    }
+
+    /// Open command ring `ring` with `size` slots.
+    pub fn queue(&self, ring: u32, size: u32) -> Result<CommandQueue> {
+        CommandQueue::new(self.clone(), ring, size)
+    }
+
+    /// Number of rings the device has.
+    pub fn rings(&self) -> u32 {
+        self.inner.device.read32(regs::CAPS) & 0xff
+    }
+
+    /// Map whole pages at a freshly allocated IOVA; returns the IOVA.
+    pub(crate) fn map_raw(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        let align = if len >= PAGE_2M { PAGE_2M } else { PAGE_4K };
+        let iova = self.alloc_iova(len, align)?;
+        if let Err(e) = self.inner.domain.map(iova, host, len, perm) {
+            self.free_iova(iova, len);
+            return Err(e);
+        }
+        Ok(iova)
+    }
+
+    /// Undo `map_raw`.
+    pub(crate) fn unmap_raw(&self, iova: u64, len: u64) -> Result<()> {
+        self.inner.domain.unmap(iova, len)?;
+        self.free_iova(iova, len);
+        Ok(())
+    }
+
+    fn alloc_iova(&self, len: u64, align: u64) -> Result<u64> {
+        self.inner
+            .iova
+            .lock()
+            .expect("iova lock poisoned")
+            .alloc(len, align)
+    }
+
+    fn free_iova(&self, iova: u64, len: u64) {
+        self.inner
+            .iova
+            .lock()
+            .expect("iova lock poisoned")
+            .free(iova, len)
+    }
+
+    pub(crate) fn irq_enable(&self, ring: u32, on: bool) {
+        let _g = self.inner.irq_mask.lock().expect("irq mask lock poisoned");
+        let dev = &self.inner.device;
+        let m = dev.read32(regs::IRQ_MASK);
+        let m = if on { m | 1 << ring } else { m & !(1 << ring) };
+        dev.write32(regs::IRQ_MASK, m);
+    }
+
+    /// Pause (`false`) or resume (`true`) the device's command processing
+    /// (CONTROL.ENABLE). Paused, submissions queue up until the ring is full.
+    pub fn set_enabled(&self, on: bool) {
+        let dev = &self.inner.device;
+        dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
+    }
+
+    /// Reset the device: every queued command completes with status `Aborted`.
+    /// Waits up to `timeout` for the reset to finish.
+    pub fn reset(&self, timeout: std::time::Duration) -> Result<()> {
+        let dev = &self.inner.device;
+        let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
+        dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
+        let deadline = std::time::Instant::now() + timeout;
+        while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(crate::error::Error::RingStopped {
+                    ring: u32::MAX,
+                    reason: "device did not finish its reset".into(),
+                });
+            }
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+}

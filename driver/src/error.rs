@@ -1,0 +1,98 @@
+//! The driver's error type: one enum, every variant saying what was asked and why it
+//! could not be done, with the errno where the kernel said no.
+
+use std::io;
+use thiserror::Error;
+use userptr_ring::{DescriptorError, Status};
+
+/// Everything the driver can refuse or fail at.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error("zero-length range at {addr:#x}")]
+    ZeroLength { addr: u64 },
+    #[error("range {addr:#x} + {len:#x} is not aligned to {align:#x} bytes")]
+    Unaligned { addr: u64, len: u64, align: u64 },
+    #[error("range {addr:#x} + {len:#x} overflows the address space")]
+    Overflow { addr: u64, len: u64 },
+    #[error(
+        "host range {addr:#x} + {len:#x} cannot be pinned: it is not mapped, is PROT_NONE, \
+         or is not writable (EFAULT from the kernel)"
+    )]
+    BadAddress { addr: u64, len: u64 },
+    #[error(
+        "host range {addr:#x} + {len:#x} is a file mapping the reference IOMMU cannot pin \
+         (only anonymous, shmem and hugetlb memory can be registered)"
+    )]
+    UnsupportedMemory { addr: u64, len: u64 },
+    #[error(
+        "pinning {len} more bytes exceeds RLIMIT_MEMLOCK ({limit} bytes, {pinned} already \
+         pinned): raise `ulimit -l` or grant CAP_IPC_LOCK"
+    )]
+    PinLimit { len: u64, limit: u64, pinned: u64 },
+    #[error("IOVA space exhausted: no free range of {len:#x} bytes aligned to {align:#x}")]
+    IovaExhausted { len: u64, align: u64 },
+    #[error("IOVA range {iova:#x} + {len:#x} is outside the domain's usable IOVA ranges")]
+    IovaOutOfRange { iova: u64, len: u64 },
+    #[error("IOVA range {iova:#x} + {len:#x} overlaps an existing mapping")]
+    IovaBusy { iova: u64, len: u64 },
+    #[error("IOVA range {iova:#x} + {len:#x} is not a mapping of this domain")]
+    NotMapped { iova: u64, len: u64 },
+    #[error("the domain's mapping-count limit ({limit}) is reached")]
+    TooManyMappings { limit: usize },
+    #[error("a single mapping of {len:#x} bytes exceeds the domain's largest ({max:#x})")]
+    MappingTooLarge { len: u64, max: u64 },
+    #[error("io_uring is unavailable ({source}): the reference device's IOMMU needs it; {hint}")]
+    IoUringUnavailable {
+        source: io::Error,
+        hint: &'static str,
+    },
+    #[error("{op} failed: {source}")]
+    Sys {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ring {ring} is full ({size} commands in flight)")]
+    RingFull { ring: u32, size: u32 },
+    #[error("ring {ring} does not exist: the device has {count} rings")]
+    NoSuchRing { ring: u32, count: u32 },
+    #[error("ring {ring} is already in use")]
+    RingBusy { ring: u32 },
+    #[error("invalid ring size: {0}")]
+    RingSize(#[from] userptr_ring::GeometryError),
+    #[error("the device refused ring {ring}'s configuration (error code {code})")]
+    RingConfig { ring: u32, code: u32 },
+    #[error("invalid descriptor: {0}")]
+    Descriptor(#[from] DescriptorError),
+    #[error("timed out after {waited_ms} ms waiting for fence {seqno} on ring {ring}")]
+    Timeout {
+        ring: u32,
+        seqno: u64,
+        waited_ms: u64,
+    },
+    #[error("command {seqno} on ring {ring} failed: {status:?}{}", fault_text(.fault))]
+    Command {
+        ring: u32,
+        seqno: u64,
+        status: Status,
+        fault: Option<userptr_ring::FaultRecord>,
+    },
+    #[error("ring {ring} stopped: {reason}")]
+    RingStopped { ring: u32, reason: String },
+}
+
+fn fault_text(f: &Option<userptr_ring::FaultRecord>) -> String {
+    match f {
+        Some(f) => format!(" ({:?} fault at IOVA {:#x})", f.access, f.iova),
+        None => String::new(),
+    }
+}
+
+/// The driver's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn sys(op: &'static str, source: io::Error) -> Error {
+        Error::Sys { op, source }
+    }
+}

@@ -1,0 +1,481 @@
+//! The reference device's engine thread: fetches descriptors through the IOMMU,
+//! executes them against device memory, writes completions and fences back by DMA,
+//! and raises interrupts.
+//!
+//! Per ring and per batch (at most [`BATCH`] descriptors):
+//! 1. load SQ_TAIL (Acquire, the doorbell) and DMA the new descriptors into VRAM;
+//! 2. decode and execute each in order; a malformed one completes with
+//!    `BadDescriptor`, a translation or permission failure with `DmaFault` and a
+//!    fault record; the device keeps running;
+//! 3. DMA the completion entries into the CQ, then the last seqno into the fence word
+//!    (ordered: the fence never lands before the entries it covers);
+//! 4. publish SQ_HEAD and CQ_TAIL (Release) and signal the ring's eventfd.
+//!
+//! Idle, it spins briefly and then parks; a doorbell write unparks it.
+
+use super::Shared;
+use crate::regs::{self, ring};
+use crate::uring_iommu::{Direction, DmaError, DmaPort, Transfer, CHUNK};
+use crate::vram::Vram;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use userptr_ring::{
+    AccessKind, Completion, Consumer, Descriptor, FaultRecord, Geometry, Opcode, Producer, Status,
+    COMPLETION_SIZE, DESCRIPTOR_SIZE,
+};
+
+/// Most descriptors fetched and completed per batch.
+pub const BATCH: u32 = 64;
+const FETCH_OFF: u64 = 0;
+const CQE_OFF: u64 = FETCH_OFF + BATCH as u64 * DESCRIPTOR_SIZE as u64;
+const FENCE_OFF: u64 = CQE_OFF + BATCH as u64 * COMPLETION_SIZE as u64;
+const SCRATCH_OFF: u64 = FENCE_OFF + 64;
+const FILL_OFF: u64 = 1 << 20;
+/// Where data staging starts in VRAM; everything above is staging.
+pub const STAGING_OFF: u64 = FILL_OFF + CHUNK;
+/// How long the engine spins on the doorbells before parking.
+const SPIN: Duration = Duration::from_micros(50);
+
+struct RingState {
+    generation: u32,
+    geo: Geometry,
+    sq_base: u64,
+    cq_base: u64,
+    fence: u64,
+    sq: Consumer,
+    cq: Producer,
+}
+
+pub(super) struct Engine {
+    shared: Arc<Shared>,
+    port: DmaPort,
+    vram: Vram,
+    rings: Vec<Option<RingState>>,
+    transfers: Vec<Transfer>,
+    fill_byte: Option<u8>,
+    staging: u64,
+}
+
+impl Engine {
+    pub(super) fn new(shared: Arc<Shared>, port: DmaPort, vram: Vram) -> Engine {
+        let staging = vram.len() as u64 - STAGING_OFF;
+        Engine {
+            rings: (0..shared.rings).map(|_| None).collect(),
+            shared,
+            port,
+            vram,
+            transfers: Vec::with_capacity(256),
+            fill_byte: None,
+            staging,
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut idle_since = Instant::now();
+        loop {
+            // Acquire: pairs with the Release stores of the device's owner / register
+            // writers; nothing else is published through these flags.
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            if self.shared.reset_requested.load(Ordering::Acquire) {
+                self.reset();
+            }
+            let enabled = self.shared.control.load(Ordering::Acquire) & regs::CONTROL_ENABLE != 0;
+            let mut busy = false;
+            if enabled {
+                for r in 0..self.shared.rings {
+                    busy |= self.service(r, false);
+                }
+            }
+            if busy {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() < SPIN {
+                std::hint::spin_loop();
+            } else {
+                std::thread::park_timeout(Duration::from_millis(20));
+            }
+        }
+        let status = &self.shared.status;
+        status.fetch_and(!regs::STATUS_ALIVE, Ordering::AcqRel);
+    }
+
+    /// Abort every queued command of every ring (status `Aborted`), then clear the
+    /// reset request.
+    fn reset(&mut self) {
+        for r in 0..self.shared.rings {
+            while self.service(r, true) {}
+        }
+        self.shared.reset_requested.store(false, Ordering::Release);
+        self.shared
+            .status
+            .fetch_and(!regs::STATUS_RESETTING, Ordering::AcqRel);
+    }
+
+    /// The engine's view of ring `r`, rebuilt when the driver re-enabled it.
+    fn ring_state(&mut self, r: u32) -> Option<&mut RingState> {
+        let rr = &self.shared.ring[r as usize];
+        if rr.control.load(Ordering::Acquire) & ring::CONTROL_ENABLE == 0 {
+            return None;
+        }
+        // Acquire: pairs with the Release increment in ring_control, after which the
+        // configuration registers and the zeroed indices are visible.
+        let generation = rr.generation.load(Ordering::Acquire);
+        let stale = match &self.rings[r as usize] {
+            Some(st) => st.generation != generation,
+            None => true,
+        };
+        if stale {
+            let addr = |p: &[std::sync::atomic::AtomicU32; 2]| {
+                p[0].load(Ordering::Acquire) as u64 | (p[1].load(Ordering::Acquire) as u64) << 32
+            };
+            let geo = Geometry::new(1 << rr.size_log2.load(Ordering::Acquire)).ok()?;
+            self.rings[r as usize] = Some(RingState {
+                generation,
+                geo,
+                sq_base: addr(&rr.sq_base),
+                cq_base: addr(&rr.cq_base),
+                fence: addr(&rr.fence),
+                sq: Consumer::new(geo, &rr.sq),
+                cq: Producer::new(geo, &rr.cq),
+            });
+        }
+        self.rings[r as usize].as_mut()
+    }
+
+    fn ring_error(&mut self, r: u32, code: u32) {
+        let rr = &self.shared.ring[r as usize];
+        rr.error.store(code, Ordering::Release);
+        rr.control.store(0, Ordering::Release);
+        self.rings[r as usize] = None;
+        tracing::warn!(
+            ring = r,
+            code,
+            "reference device stopped a ring: {}",
+            regs::ring_error_name(code)
+        );
+        self.interrupt(r);
+    }
+
+    fn interrupt(&self, r: u32) {
+        self.shared.irq_status.fetch_or(1 << r, Ordering::AcqRel);
+        let fd = self.shared.irq.lock().expect("irq table lock poisoned")[r as usize].clone();
+        if let Some(fd) = fd {
+            // An eventfd write only fails if the counter would overflow, in which case
+            // the waiter is already due to wake.
+            let _ = rustix::io::write(&*fd, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Process one batch on ring `r`. Returns whether there was work.
+    fn service(&mut self, r: u32, abort: bool) -> bool {
+        let shared = self.shared.clone();
+        let rr = &shared.ring[r as usize];
+        // SeqCst: see ring_control; after this the driver's disable waits for us.
+        rr.busy.store(true, Ordering::SeqCst);
+        let worked = rr.control.load(Ordering::SeqCst) & ring::CONTROL_ENABLE != 0
+            && self.service_batch(r, abort);
+        // Release: our DMA to the ring's memory is done before the disable returns.
+        rr.busy.store(false, Ordering::Release);
+        worked
+    }
+
+    fn service_batch(&mut self, r: u32, abort: bool) -> bool {
+        let shared = self.shared.clone();
+        let rr = &shared.ring[r as usize];
+        let Some(st) = self.ring_state(r) else {
+            return false;
+        };
+        let avail = match st.sq.available(&rr.sq) {
+            Ok(n) => n,
+            Err(_) => {
+                self.ring_error(r, ring::ERROR_INDEX);
+                return true;
+            }
+        };
+        let n = avail.min(BATCH).min(st.cq.free(&rr.cq));
+        if n == 0 {
+            return false;
+        }
+        // 1. Fetch: the descriptors, possibly in two pieces around the wrap.
+        let (geo, sq_base, cq_base, fence) = (st.geo, st.sq_base, st.cq_base, st.fence);
+        let first = st.sq.slot(0) as u64;
+        let k1 = (n as u64).min(geo.size() as u64 - first);
+        self.transfers.clear();
+        self.transfers.push(Transfer {
+            dir: Direction::ToDevice,
+            iova: sq_base + first * DESCRIPTOR_SIZE as u64,
+            len: k1 * DESCRIPTOR_SIZE as u64,
+            vram_off: FETCH_OFF,
+            then: false,
+        });
+        if (n as u64) > k1 {
+            self.transfers.push(Transfer {
+                dir: Direction::ToDevice,
+                iova: sq_base,
+                len: (n as u64 - k1) * DESCRIPTOR_SIZE as u64,
+                vram_off: FETCH_OFF + k1 * DESCRIPTOR_SIZE as u64,
+                then: false,
+            });
+        }
+        if let Err(e) = self.dma() {
+            self.ring_error(r, dma_ring_error(&e, ring::ERROR_SQ_FAULT));
+            return true;
+        }
+        // 2. Execute.
+        let mut want_irq = shared.irq_mask.load(Ordering::Acquire) & (1 << r) != 0;
+        let mut last_seqno = 0;
+        for i in 0..n as u64 {
+            let mut raw = [0u8; DESCRIPTOR_SIZE];
+            raw.copy_from_slice(self.vram.bytes(
+                FETCH_OFF + i * DESCRIPTOR_SIZE as u64,
+                DESCRIPTOR_SIZE as u64,
+            ));
+            let seqno = Descriptor::raw_seqno(&raw);
+            let aborting = abort || shared.reset_requested.load(Ordering::Acquire);
+            let c = match Descriptor::decode(&raw) {
+                Err(e) => Completion::error(seqno, Status::BadDescriptor, e.code()),
+                Ok(_) if aborting => Completion::error(seqno, Status::Aborted, 0),
+                Ok(d) => {
+                    want_irq |= d.flags.contains(userptr_ring::Flags::INTERRUPT);
+                    self.execute(&d)
+                }
+            };
+            if let Some(f) = c.fault {
+                self.record_fault(r, f);
+            }
+            self.vram
+                .bytes_mut(CQE_OFF + i * COMPLETION_SIZE as u64, COMPLETION_SIZE as u64)
+                .copy_from_slice(&c.encode());
+            last_seqno = seqno;
+        }
+        // 3. Completions, then the fence, in one ordered chain.
+        self.vram
+            .bytes_mut(FENCE_OFF, 8)
+            .copy_from_slice(&last_seqno.to_le_bytes());
+        let Some(st) = self.rings[r as usize].as_mut() else {
+            return true;
+        };
+        let mut slots = Vec::with_capacity(2);
+        for _ in 0..n {
+            let s = st.cq.next_slot(&rr.cq).expect("CQ space was checked") as u64;
+            match slots.last_mut() {
+                Some((start, len)) if *start + *len == s => *len += 1,
+                _ => slots.push((s, 1u64)),
+            }
+        }
+        self.transfers.clear();
+        let mut off = CQE_OFF;
+        for (s, k) in slots {
+            self.transfers.push(Transfer {
+                dir: Direction::FromDevice,
+                iova: cq_base + s * COMPLETION_SIZE as u64,
+                len: k * COMPLETION_SIZE as u64,
+                vram_off: off,
+                then: true,
+            });
+            off += k * COMPLETION_SIZE as u64;
+        }
+        self.transfers.push(Transfer {
+            dir: Direction::FromDevice,
+            iova: fence,
+            len: 8,
+            vram_off: FENCE_OFF,
+            then: false,
+        });
+        if let Err(e) = self.dma() {
+            self.ring_error(r, dma_ring_error(&e, ring::ERROR_CQ_FAULT));
+            return true;
+        }
+        // 4. Publish (Release, inside SharedIndices) and interrupt.
+        let st = self.rings[r as usize].as_mut().expect("ring state present");
+        st.sq.release(&rr.sq, n);
+        st.cq.publish(&rr.cq);
+        shared.completed.fetch_add(n, Ordering::AcqRel);
+        if want_irq {
+            self.interrupt(r);
+        }
+        true
+    }
+
+    fn record_fault(&self, r: u32, f: FaultRecord) {
+        let s = &self.shared;
+        s.fault_iova[0].store(f.iova as u32, Ordering::Release);
+        s.fault_iova[1].store((f.iova >> 32) as u32, Ordering::Release);
+        s.fault_info
+            .store(f.access as u32 | r << 8, Ordering::Release);
+        s.fault_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn dma(&mut self) -> Result<(), DmaError> {
+        self.port.run(self.vram.fd(), &self.transfers)
+    }
+
+    fn execute(&mut self, d: &Descriptor) -> Completion {
+        let r = match d.opcode {
+            Opcode::Nop => Ok(0),
+            Opcode::WriteFence => self.write_fence(d),
+            Opcode::Fill => self.fill(d),
+            Opcode::Copy => self.copy(d),
+            Opcode::Saxpy => self.saxpy(d),
+            Opcode::Crc32c => self.crc32c(d),
+        };
+        match r {
+            Ok(result) => Completion::ok(d.seqno, result),
+            Err(DmaError::Fault(f)) => Completion::fault(d.seqno, f),
+            Err(DmaError::Io(e)) => Completion::error(
+                d.seqno,
+                Status::DeviceError,
+                e.raw_os_error().unwrap_or(0) as u32,
+            ),
+        }
+    }
+
+    fn write_fence(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+        self.vram
+            .bytes_mut(SCRATCH_OFF, 8)
+            .copy_from_slice(&d.arg0.to_le_bytes());
+        self.transfers.clear();
+        self.transfers.push(Transfer {
+            dir: Direction::FromDevice,
+            iova: d.dst_iova,
+            len: 8,
+            vram_off: SCRATCH_OFF,
+            then: false,
+        });
+        self.dma().map(|_| 0)
+    }
+
+    /// Check a whole operand range before touching any of it, so a command that
+    /// faults writes nothing.
+    fn precheck(&self, iova: u64, len: u64, access: AccessKind) -> Result<(), DmaError> {
+        self.port.check(iova, len, access).map_err(DmaError::Fault)
+    }
+
+    fn fill(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+        self.precheck(d.dst_iova, d.len, AccessKind::Write)?;
+        let byte = d.arg0 as u8;
+        if self.fill_byte != Some(byte) {
+            self.vram.bytes_mut(FILL_OFF, CHUNK).fill(byte);
+            self.fill_byte = Some(byte);
+        }
+        let mut done = 0;
+        while done < d.len {
+            self.transfers.clear();
+            // Up to 64 chunks in flight per round.
+            while done < d.len && self.transfers.len() < 64 {
+                let n = (d.len - done).min(CHUNK);
+                self.transfers.push(Transfer {
+                    dir: Direction::FromDevice,
+                    iova: d.dst_iova + done,
+                    len: n,
+                    vram_off: FILL_OFF,
+                    then: false,
+                });
+                done += n;
+            }
+            self.dma()?;
+        }
+        Ok(0)
+    }
+
+    fn copy(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+        self.precheck(d.src_iova, d.len, AccessKind::Read)?;
+        self.precheck(d.dst_iova, d.len, AccessKind::Write)?;
+        let mut done = 0;
+        while done < d.len {
+            self.transfers.clear();
+            let mut staged = 0;
+            // One window of staging: each chunk is read in and written out as an
+            // ordered pair; pairs run in parallel.
+            while done < d.len && staged + CHUNK <= self.staging {
+                let n = (d.len - done).min(CHUNK);
+                let v = STAGING_OFF + staged;
+                self.transfers.push(Transfer {
+                    dir: Direction::ToDevice,
+                    iova: d.src_iova + done,
+                    len: n,
+                    vram_off: v,
+                    then: true,
+                });
+                self.transfers.push(Transfer {
+                    dir: Direction::FromDevice,
+                    iova: d.dst_iova + done,
+                    len: n,
+                    vram_off: v,
+                    then: false,
+                });
+                done += n;
+                staged += CHUNK;
+            }
+            self.dma()?;
+        }
+        Ok(0)
+    }
+
+    fn saxpy(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+        let bytes = d.len * 4;
+        self.precheck(d.src_iova, bytes, AccessKind::Read)?;
+        self.precheck(d.dst_iova, bytes, AccessKind::Read)?;
+        self.precheck(d.dst_iova, bytes, AccessKind::Write)?;
+        let a = f32::from_bits(d.arg0 as u32);
+        let half = (self.staging / 2) & !(CHUNK - 1);
+        let (x_off, y_off) = (STAGING_OFF, STAGING_OFF + half);
+        let mut done = 0;
+        while done < bytes {
+            let n = (bytes - done).min(half);
+            self.transfers.clear();
+            self.push_chunks(Direction::ToDevice, d.src_iova + done, n, x_off);
+            self.push_chunks(Direction::ToDevice, d.dst_iova + done, n, y_off);
+            self.dma()?;
+            let (x, y) = self.vram.f32_pair_mut(x_off, y_off, n / 4);
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = a * *x + *y;
+            }
+            self.transfers.clear();
+            self.push_chunks(Direction::FromDevice, d.dst_iova + done, n, y_off);
+            self.dma()?;
+            done += n;
+        }
+        Ok(0)
+    }
+
+    fn crc32c(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+        self.precheck(d.src_iova, d.len, AccessKind::Read)?;
+        let mut crc = d.arg0 as u32;
+        let window = self.staging & !(CHUNK - 1);
+        let mut done = 0;
+        while done < d.len {
+            let n = (d.len - done).min(window);
+            self.transfers.clear();
+            self.push_chunks(Direction::ToDevice, d.src_iova + done, n, STAGING_OFF);
+            self.dma()?;
+            crc = crc32c::crc32c_append(crc, self.vram.bytes(STAGING_OFF, n));
+            done += n;
+        }
+        Ok(crc as u64)
+    }
+
+    fn push_chunks(&mut self, dir: Direction, iova: u64, len: u64, vram_off: u64) {
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(CHUNK);
+            self.transfers.push(Transfer {
+                dir,
+                iova: iova + off,
+                len: n,
+                vram_off: vram_off + off,
+                then: false,
+            });
+            off += n;
+        }
+    }
+}
+
+fn dma_ring_error(e: &DmaError, fault_code: u32) -> u32 {
+    match e {
+        DmaError::Fault(_) => fault_code,
+        DmaError::Io(_) => ring::ERROR_IO,
+    }
+}

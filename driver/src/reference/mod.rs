@@ -1,0 +1,322 @@
+//! The reference device: a software device with a documented BAR0 (see
+//! [`crate::regs`] and `docs/reference-device.md`), an IOMMU built on io_uring fixed
+//! buffers ([`crate::uring_iommu`]), device-local memory in a memfd
+//! ([`crate::vram`]), and an engine thread ([`engine`]) that executes the ring
+//! protocol. It is the embedded default device: everything the driver does against a
+//! real device it does against this one, with real kernel pins.
+//!
+//! Its BAR0 is process memory (atomics) rather than MMIO; a register write's side
+//! effect, such as waking the engine on a doorbell, happens in the writing thread, the
+//! way a trapped MMIO write would be handled.
+
+mod engine;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::iommu::IommuDomain;
+use crate::regs::{self, ring};
+use crate::uring_iommu::{UringIommu, UringIommuConfig};
+use crate::vram::Vram;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{JoinHandle, Thread};
+use userptr_ring::{RingIndices, SharedIndices};
+
+/// How to build a reference device.
+#[derive(Clone, Debug)]
+pub struct ReferenceConfig {
+    /// The IOMMU: mapping-count limit, IOVA ranges, requests in flight.
+    pub iommu: UringIommuConfig,
+    /// Number of rings (1..=8).
+    pub rings: u32,
+    /// Bytes of device memory used to stage data (at least 4 MiB).
+    pub staging_bytes: usize,
+}
+
+impl Default for ReferenceConfig {
+    fn default() -> Self {
+        ReferenceConfig {
+            iommu: UringIommuConfig::default(),
+            rings: 4,
+            staging_bytes: 32 << 20,
+        }
+    }
+}
+
+/// One ring's registers.
+#[derive(Default)]
+struct RingRegs {
+    sq_base: [AtomicU32; 2],
+    cq_base: [AtomicU32; 2],
+    fence: [AtomicU32; 2],
+    size_log2: AtomicU32,
+    control: AtomicU32,
+    sq: RingIndices,
+    cq: RingIndices,
+    error: AtomicU32,
+    /// Bumped on every enable, so the engine rebuilds its view of the ring.
+    generation: AtomicU32,
+    /// Set by the engine while it works on a batch of this ring; a disable waits for
+    /// it to clear, so a disabled ring's memory is never touched again.
+    busy: AtomicBool,
+}
+
+/// The register file and the device state shared with the engine thread.
+struct Shared {
+    rings: u32,
+    control: AtomicU32,
+    status: AtomicU32,
+    irq_status: AtomicU32,
+    irq_mask: AtomicU32,
+    fault_count: AtomicU32,
+    fault_iova: [AtomicU32; 2],
+    fault_info: AtomicU32,
+    completed: AtomicU32,
+    ring: [RingRegs; regs::MAX_RINGS as usize],
+    reset_requested: AtomicBool,
+    shutdown: AtomicBool,
+    irq: Mutex<Vec<Option<Arc<OwnedFd>>>>,
+    engine: OnceLock<Thread>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Some(t) = self.engine.get() {
+            t.unpark();
+        }
+    }
+
+    fn caps(&self) -> u32 {
+        let ops: u32 = userptr_ring::Opcode::ALL
+            .iter()
+            .fold(0, |m, op| m | 1 << (*op as u32));
+        self.rings | regs::MAX_RING_LOG2 << 8 | ops << 16
+    }
+
+    fn read(&self, off: u32) -> u32 {
+        // Acquire on every register read: the Device contract.
+        let ld = |a: &AtomicU32| a.load(Ordering::Acquire);
+        if (regs::RING_BASE..regs::RING_BASE + regs::MAX_RINGS * regs::RING_STRIDE).contains(&off) {
+            let r = ((off - regs::RING_BASE) / regs::RING_STRIDE) as usize;
+            let rr = &self.ring[r];
+            return match (off - regs::RING_BASE) % regs::RING_STRIDE {
+                ring::SQ_BASE_LO => ld(&rr.sq_base[0]),
+                ring::SQ_BASE_HI => ld(&rr.sq_base[1]),
+                ring::CQ_BASE_LO => ld(&rr.cq_base[0]),
+                ring::CQ_BASE_HI => ld(&rr.cq_base[1]),
+                ring::FENCE_LO => ld(&rr.fence[0]),
+                ring::FENCE_HI => ld(&rr.fence[1]),
+                ring::SIZE_LOG2 => ld(&rr.size_log2),
+                ring::CONTROL => ld(&rr.control),
+                ring::SQ_TAIL => rr.sq.load_tail(),
+                ring::SQ_HEAD => rr.sq.load_head(),
+                ring::CQ_TAIL => rr.cq.load_tail(),
+                ring::CQ_HEAD => rr.cq.load_head(),
+                ring::ERROR => ld(&rr.error),
+                _ => 0,
+            };
+        }
+        match off {
+            regs::ID => regs::ID_VALUE,
+            regs::VERSION => regs::VERSION_VALUE,
+            regs::CAPS => self.caps(),
+            regs::CONTROL => ld(&self.control),
+            regs::STATUS => ld(&self.status),
+            regs::IRQ_STATUS => ld(&self.irq_status),
+            regs::IRQ_MASK => ld(&self.irq_mask),
+            regs::FAULT_COUNT => ld(&self.fault_count),
+            regs::FAULT_IOVA_LO => ld(&self.fault_iova[0]),
+            regs::FAULT_IOVA_HI => ld(&self.fault_iova[1]),
+            regs::FAULT_INFO => ld(&self.fault_info),
+            regs::COMPLETED => ld(&self.completed),
+            _ => 0,
+        }
+    }
+
+    fn write(&self, off: u32, v: u32) {
+        // Release on every register write: the Device contract.
+        let st = |a: &AtomicU32| a.store(v, Ordering::Release);
+        if (regs::RING_BASE..regs::RING_BASE + regs::MAX_RINGS * regs::RING_STRIDE).contains(&off) {
+            let r = ((off - regs::RING_BASE) / regs::RING_STRIDE) as usize;
+            if r as u32 >= self.rings {
+                return;
+            }
+            let rr = &self.ring[r];
+            match (off - regs::RING_BASE) % regs::RING_STRIDE {
+                ring::SQ_BASE_LO => st(&rr.sq_base[0]),
+                ring::SQ_BASE_HI => st(&rr.sq_base[1]),
+                ring::CQ_BASE_LO => st(&rr.cq_base[0]),
+                ring::CQ_BASE_HI => st(&rr.cq_base[1]),
+                ring::FENCE_LO => st(&rr.fence[0]),
+                ring::FENCE_HI => st(&rr.fence[1]),
+                ring::SIZE_LOG2 => st(&rr.size_log2),
+                ring::CONTROL => self.ring_control(rr, v),
+                ring::SQ_TAIL => {
+                    rr.sq.store_tail(v);
+                    self.wake();
+                }
+                ring::CQ_HEAD => {
+                    rr.cq.store_head(v);
+                    self.wake();
+                }
+                _ => {}
+            }
+            return;
+        }
+        match off {
+            regs::CONTROL => {
+                if v & regs::CONTROL_RESET != 0 {
+                    // Relaxed on the bits: STATUS and the flag are re-read by the
+                    // engine after the Release store of reset_requested below.
+                    self.status
+                        .fetch_or(regs::STATUS_RESETTING, Ordering::Relaxed);
+                    self.reset_requested.store(true, Ordering::Release);
+                }
+                self.control
+                    .store(v & regs::CONTROL_ENABLE, Ordering::Release);
+                self.wake();
+            }
+            // AcqRel: a read-modify-write on a register other writers also change.
+            regs::IRQ_STATUS => {
+                self.irq_status.fetch_and(!v, Ordering::AcqRel);
+            }
+            regs::IRQ_MASK => st(&self.irq_mask),
+            _ => {}
+        }
+    }
+
+    fn ring_control(&self, rr: &RingRegs, v: u32) {
+        let was = rr.control.load(Ordering::Acquire) & ring::CONTROL_ENABLE;
+        let now = v & ring::CONTROL_ENABLE;
+        if now == 0 {
+            // SeqCst pairs with the engine's SeqCst busy-store / control-load (a
+            // Dekker handshake): either the engine sees the ring disabled before it
+            // starts a batch, or we see it busy and wait for the batch to finish.
+            rr.control.store(0, Ordering::SeqCst);
+            while rr.busy.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            return;
+        }
+        if was != 0 {
+            return;
+        }
+        let log2 = rr.size_log2.load(Ordering::Acquire);
+        let addr = |p: &[AtomicU32; 2]| {
+            p[0].load(Ordering::Acquire) as u64 | (p[1].load(Ordering::Acquire) as u64) << 32
+        };
+        let (sq, cq, fence) = (addr(&rr.sq_base), addr(&rr.cq_base), addr(&rr.fence));
+        let ok = (1..=regs::MAX_RING_LOG2).contains(&log2)
+            && sq != 0
+            && cq != 0
+            && fence != 0
+            && sq % 64 == 0
+            && cq % 32 == 0
+            && fence % 8 == 0;
+        if !ok {
+            rr.error.store(ring::ERROR_CONFIG, Ordering::Release);
+            return;
+        }
+        rr.sq.reset();
+        rr.cq.reset();
+        rr.error.store(0, Ordering::Relaxed);
+        // Release: the configuration and zeroed indices above are visible to the engine
+        // once it sees the new generation (it loads it with Acquire).
+        rr.generation.fetch_add(1, Ordering::Release);
+        rr.control.store(ring::CONTROL_ENABLE, Ordering::Release);
+        self.wake();
+    }
+}
+
+/// The reference device.
+pub struct ReferenceDevice {
+    shared: Arc<Shared>,
+    iommu: Arc<UringIommu>,
+    engine: Option<JoinHandle<()>>,
+}
+
+impl ReferenceDevice {
+    /// Create the device and start its engine. Fails with
+    /// [`Error::IoUringUnavailable`] where io_uring is not allowed.
+    pub fn new(cfg: ReferenceConfig) -> Result<Arc<ReferenceDevice>> {
+        let rings = cfg.rings.clamp(1, regs::MAX_RINGS);
+        let iommu = UringIommu::new(cfg.iommu.clone())?;
+        let port = iommu.take_port().expect("fresh IOMMU has its port");
+        let vram = Vram::new(engine::STAGING_OFF as usize + cfg.staging_bytes.max(4 << 20))?;
+        let shared = Arc::new(Shared {
+            rings,
+            control: AtomicU32::new(regs::CONTROL_ENABLE),
+            status: AtomicU32::new(regs::STATUS_ALIVE),
+            irq_status: AtomicU32::new(0),
+            irq_mask: AtomicU32::new(0),
+            fault_count: AtomicU32::new(0),
+            fault_iova: Default::default(),
+            fault_info: AtomicU32::new(0),
+            completed: AtomicU32::new(0),
+            ring: Default::default(),
+            reset_requested: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            irq: Mutex::new(vec![None; rings as usize]),
+            engine: OnceLock::new(),
+        });
+        let s2 = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("userptr-ref-engine".into())
+            .spawn(move || engine::Engine::new(s2, port, vram).run())
+            .map_err(|e| Error::sys("spawn(engine thread)", e))?;
+        let _ = shared.engine.set(handle.thread().clone());
+        Ok(Arc::new(ReferenceDevice {
+            shared,
+            iommu,
+            engine: Some(handle),
+        }))
+    }
+
+    /// The io_uring IOMMU (for tests and the bench harness).
+    pub fn iommu(&self) -> &Arc<UringIommu> {
+        &self.iommu
+    }
+}
+
+impl Device for ReferenceDevice {
+    fn name(&self) -> String {
+        format!(
+            "reference device ({} rings, io_uring IOMMU)",
+            self.shared.rings
+        )
+    }
+
+    fn domain(&self) -> Arc<dyn IommuDomain> {
+        self.iommu.clone()
+    }
+
+    fn read32(&self, offset: u32) -> u32 {
+        self.shared.read(offset)
+    }
+
+    fn write32(&self, offset: u32, value: u32) {
+        self.shared.write(offset, value)
+    }
+
+    fn set_irq_eventfd(&self, ring: u32, eventfd: Option<Arc<OwnedFd>>) -> Result<()> {
+        let mut irq = self.shared.irq.lock().expect("irq table lock poisoned");
+        let slot = irq.get_mut(ring as usize).ok_or(Error::NoSuchRing {
+            ring,
+            count: self.shared.rings,
+        })?;
+        *slot = eventfd;
+        Ok(())
+    }
+}
+
+impl Drop for ReferenceDevice {
+    fn drop(&mut self) {
+        // Release: the engine loads shutdown with Acquire before exiting.
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.wake();
+        if let Some(h) = self.engine.take() {
+            let _ = h.join();
+        }
+    }
+}
