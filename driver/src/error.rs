@@ -77,6 +77,11 @@ pub enum Error {
         status: Status,
         fault: Option<userptr_ring::FaultRecord>,
     },
+    #[error(
+        "no completion for seqno {seqno} on ring {ring}: never submitted, already claimed, \
+         or dropped unclaimed"
+    )]
+    NoCompletion { ring: u32, seqno: u64 },
     #[error("ring {ring} stopped: {reason}")]
     RingStopped { ring: u32, reason: String },
 }

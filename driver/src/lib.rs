@@ -18,6 +18,9 @@
 //!
 //! `unsafe` lives only in `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap).
 
+// IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod device;
 pub mod dma_memory;
 pub mod driver;

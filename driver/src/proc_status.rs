@@ -29,8 +29,7 @@ fn status_kib(key: &str) -> io::Result<u64> {
 
 /// The soft `RLIMIT_MEMLOCK`, in bytes (`u64::MAX` when unlimited).
 pub fn memlock_limit() -> u64 {
-    match rustix::process::getrlimit(rustix::process::Resource::Memlock).current {
-        Some(v) => v,
-        None => u64::MAX,
-    }
+    rustix::process::getrlimit(rustix::process::Resource::Memlock)
+        .current
+        .unwrap_or(u64::MAX)
 }

@@ -93,6 +93,8 @@ struct State {
     done: BTreeMap<u64, Completion>,
     /// Completions with seqno below this were dropped unclaimed.
     dropped_below: u64,
+    /// Highest seqno reaped; the ring completes in order, so every lower one was too.
+    max_reaped: u64,
 }
 
 /// One command ring of a device, owned by the driver.
@@ -153,6 +155,7 @@ impl CommandQueue {
                 in_flight: 0,
                 done: BTreeMap::new(),
                 dropped_below: 0,
+                max_reaped: 0,
             }),
             eventfd: Arc::new(
                 rustix::event::eventfd(
@@ -254,6 +257,17 @@ impl CommandQueue {
         Ok(fences.end)
     }
 
+    /// Submit raw descriptor bytes as they are, apart from the seqno field (bytes
+    /// 8..16), which the queue assigns. For bring-up and tests of the device's own
+    /// validation: a malformed descriptor completes with `BadDescriptor`.
+    pub fn submit_raw(&self, mut raw: [u8; DESCRIPTOR_SIZE], bp: Backpressure) -> Result<Fence> {
+        self.submit_encoded(1, bp, |seq, out| {
+            raw[8..16].copy_from_slice(&seq.to_le_bytes());
+            out.copy_from_slice(&raw);
+        })
+        .map(|f| f.end)
+    }
+
     /// Submit several commands with one doorbell. Returns the fences of the first and
     /// the last (seqnos are consecutive). With `WouldBlock`, either all are submitted or
     /// none (`RingFull`) when they do not fit now.
@@ -261,10 +275,23 @@ impl CommandQueue {
         for d in descs {
             d.validate()?;
         }
-        if descs.is_empty() {
+        let mut i = 0;
+        self.submit_encoded(descs.len(), bp, |seq, out| {
+            out.copy_from_slice(&descs[i].with_seqno(seq).encode());
+            i += 1;
+        })
+    }
+
+    fn submit_encoded(
+        &self,
+        count: usize,
+        bp: Backpressure,
+        mut encode: impl FnMut(u64, &mut [u8; DESCRIPTOR_SIZE]),
+    ) -> Result<BatchFences> {
+        if count == 0 {
             return Err(Error::ZeroLength { addr: 0 });
         }
-        if bp == Backpressure::WouldBlock && descs.len() > self.geo.size() as usize {
+        if bp == Backpressure::WouldBlock && count > self.geo.size() as usize {
             return Err(Error::RingFull {
                 ring: self.ring,
                 size: self.geo.size(),
@@ -273,27 +300,28 @@ impl CommandQueue {
         let deadline = Instant::now() + self.timeout;
         let mut first = None;
         let mut last = 0;
-        let mut rest = descs;
+        let mut rest = count;
         let mut spins = 0u32;
-        while !rest.is_empty() {
+        let mut bytes = [0u8; DESCRIPTOR_SIZE];
+        while rest > 0 {
             let mut st = self.lock();
             self.reap(&mut st)?;
             let room = (self.geo.size() - st.in_flight) as usize;
             let fits = match bp {
-                Backpressure::WouldBlock => room >= rest.len(),
+                Backpressure::WouldBlock => room >= rest,
                 Backpressure::Wait => room > 0,
             };
             if fits {
-                let n = room.min(rest.len());
+                let n = room.min(rest);
                 let sq = SqRegs(self.dev(), self.ring);
-                for d in &rest[..n] {
+                for _ in 0..n {
                     let slot = st
                         .prod
                         .next_slot(&sq)
                         .expect("in-flight bound implies room");
                     let seq = st.next_seqno;
                     st.next_seqno += 1;
-                    let bytes = d.with_seqno(seq).encode();
+                    encode(seq, &mut bytes);
                     self.mem.write(slot * DESCRIPTOR_SIZE, &bytes);
                     first.get_or_insert(seq);
                     last = seq;
@@ -301,7 +329,7 @@ impl CommandQueue {
                 st.in_flight += n as u32;
                 // The doorbell: Release store of SQ_TAIL after the descriptors above.
                 st.prod.publish(&sq);
-                rest = &rest[n..];
+                rest -= n;
                 continue;
             }
             drop(st);
@@ -351,6 +379,7 @@ impl CommandQueue {
             self.mem
                 .read(self.cq_off + st.cons.slot(i) * COMPLETION_SIZE, &mut raw);
             let c = Completion::decode(&raw);
+            st.max_reaped = st.max_reaped.max(c.seqno);
             st.done.insert(c.seqno, c);
         }
         st.cons.release(&cq, n);
@@ -380,10 +409,10 @@ impl CommandQueue {
         if let Some(c) = st.done.remove(&seqno) {
             return Ok(Some(c));
         }
-        if seqno < st.dropped_below || seqno >= st.next_seqno {
-            return Err(Error::RingStopped {
+        if seqno <= st.max_reaped || seqno >= st.next_seqno || seqno < st.dropped_below {
+            return Err(Error::NoCompletion {
                 ring: self.ring,
-                reason: format!("no completion for seqno {seqno} will arrive (never submitted, or already claimed)"),
+                seqno,
             });
         }
         Ok(None)

@@ -431,7 +431,7 @@ impl Engine {
             self.dma()?;
             let (x, y) = self.vram.f32_pair_mut(x_off, y_off, n / 4);
             for (y, x) in y.iter_mut().zip(x) {
-                *y = a * *x + *y;
+                *y += a * *x;
             }
             self.transfers.clear();
             self.push_chunks(Direction::FromDevice, d.dst_iova + done, n, y_off);

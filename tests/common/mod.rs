@@ -1,0 +1,172 @@
+//! Shared test support: serialisation of tests that read process-wide pin counters,
+//! the pin-leak check, anonymous memory regions, and child-process re-execution for
+//! tests that change process-wide state (rlimits, credentials, seccomp filters).
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+use userptr::proc_status::pinned_bytes;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Tests in one binary run on parallel threads of one process, but `VmPin` is
+/// per process: every test that checks it holds this lock.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Records `VmPin` at creation; `check` asserts it is back there.
+pub struct PinCheck {
+    start: u64,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl PinCheck {
+    pub fn start() -> PinCheck {
+        let g = serial();
+        PinCheck {
+            start: pinned_bytes().expect("VmPin readable"),
+            _serial: g,
+        }
+    }
+
+    pub fn check(self) {
+        let now = pinned_bytes().expect("VmPin readable");
+        assert_eq!(
+            now, self.start,
+            "pinned memory leaked: VmPin {} -> {now}",
+            self.start
+        );
+    }
+}
+
+/// An anonymous private mapping, every page touched, unmapped on drop (unless
+/// `forget`-ed by a test that unmaps it itself).
+pub struct Anon {
+    pub addr: usize,
+    pub len: usize,
+    live: bool,
+}
+
+impl Anon {
+    pub fn new(len: usize) -> Anon {
+        Anon::with_prot(len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    pub fn with_prot(len: usize, prot: i32) -> Anon {
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+        let a = Anon {
+            addr: p as usize,
+            len,
+            live: true,
+        };
+        if prot & libc::PROT_WRITE != 0 {
+            a.fill(0x11);
+        }
+        a
+    }
+
+    pub fn fill(&self, b: u8) {
+        // SAFETY: the region is mapped read-write for `len` bytes while `live`.
+        unsafe { std::ptr::write_bytes(self.addr as *mut u8, b, self.len) }
+    }
+
+    /// A copy of the bytes as the process sees them now.
+    pub fn read(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: mapped and readable for `len` bytes; copied out so no reference is held
+        // while a device may write.
+        unsafe { std::ptr::copy_nonoverlapping(self.addr as *const u8, v.as_mut_ptr(), self.len) };
+        v
+    }
+
+    pub fn madvise(&self, advice: i32) {
+        // SAFETY: advising our own mapping.
+        let r = unsafe { libc::madvise(self.addr as *mut _, self.len, advice) };
+        assert_eq!(r, 0, "madvise failed: {}", std::io::Error::last_os_error());
+    }
+
+    pub fn mprotect(&self, prot: i32) {
+        // SAFETY: changing protection of our own mapping.
+        let r = unsafe { libc::mprotect(self.addr as *mut _, self.len, prot) };
+        assert_eq!(r, 0, "mprotect failed");
+    }
+
+    /// Unmap now and keep the address (for tests that need a hole).
+    pub fn unmap(&mut self) {
+        if self.live {
+            // SAFETY: our mapping; nothing references it.
+            unsafe { libc::munmap(self.addr as *mut _, self.len) };
+            self.live = false;
+        }
+    }
+
+    /// Map fresh anonymous memory at the same address (MAP_FIXED), touched with `b`.
+    pub fn remap_fixed(&mut self, b: u8) {
+        // SAFETY: replaces our own mapping at our own address.
+        let p = unsafe {
+            libc::mmap(
+                self.addr as *mut _,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, self.addr);
+        self.live = true;
+        self.fill(b);
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}
+
+/// Environment variable that marks a re-executed child.
+pub const CHILD_ENV: &str = "USERPTR_TEST_CHILD";
+
+/// Re-run this test binary with only the (ignored) test `name`, as a child process,
+/// and return its combined output; panics if it failed.
+pub fn run_child(name: &str) -> String {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            name,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("spawn child test");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "child {name} failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "child {name} did not run:\n{text}"
+    );
+    text
+}
+
+/// Whether this process is a re-executed child.
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}

@@ -1,0 +1,178 @@
+//! Command rings on the reference device: every opcode against a CPU model, several
+//! rings and several submitting threads at once, both completion-wait modes.
+
+mod common;
+
+use common::{Anon, PinCheck};
+use std::time::Duration;
+use userptr::{Backpressure, Descriptor, Driver, Flags, Perm, Status, WaitMode};
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn every_opcode_matches_the_cpu() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let q = drv.queue(0, 32).unwrap();
+    // Sizes chosen to cross the device's 1 MiB chunking and page boundaries.
+    let n = (3 << 20) / 4 + 123;
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.25).collect();
+    let mut y: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut x_dev = x.clone();
+    let mut y_dev = y.clone();
+    let mx = drv.map_slice(&mut x_dev).unwrap();
+    let my = drv.map_slice(&mut y_dev).unwrap();
+    q.run(Descriptor::saxpy(1.5, mx.iova(), my.iova(), n as u64))
+        .unwrap();
+    for (y, x) in y.iter_mut().zip(&x) {
+        *y += 1.5 * *x;
+    }
+    drop((mx, my));
+    assert_eq!(y_dev, y, "SAXPY must match the CPU bit for bit");
+
+    let mut bytes: Vec<u8> = (0..(5 << 20) + 17).map(|i| (i * 31 % 251) as u8).collect();
+    let mut copy = vec![0u8; bytes.len()];
+    let mb = drv.map_slice(&mut bytes).unwrap();
+    let mc = drv.map_slice(&mut copy).unwrap();
+    let c = q.run(Descriptor::crc32c(mb.iova(), mb.len(), 0)).unwrap();
+    q.run(Descriptor::copy(mb.iova(), mc.iova(), mb.len()))
+        .unwrap();
+    let c2 = q.run(Descriptor::crc32c(mb.iova_at(7), 1000, 0)).unwrap();
+    q.run(Descriptor::fill(mc.iova_at(10), 20, 0xee)).unwrap();
+    q.run(Descriptor::write_fence(
+        mc.iova_at(40),
+        0x0123_4567_89ab_cdef,
+    ))
+    .unwrap();
+    drop((mb, mc));
+    assert_eq!(c.result as u32, crc32c::crc32c(&bytes));
+    assert_eq!(c2.result as u32, crc32c::crc32c(&bytes[7..1007]));
+    let mut expect = bytes.clone();
+    expect[10..30].fill(0xee);
+    expect[40..48].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    assert!(
+        copy == expect,
+        "COPY, FILL and WRITE_FENCE must match the CPU model"
+    );
+    drop((q, drv));
+    pins.check();
+}
+
+#[test]
+fn completions_arrive_in_order_with_monotonic_fences_in_both_wait_modes() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let q = drv.queue(0, 16).unwrap();
+    let mut last = 0;
+    for i in 0..200u64 {
+        let f = q.submit(Descriptor::nop(), Backpressure::Wait).unwrap();
+        assert!(f.seqno > last);
+        last = f.seqno;
+        let mode = if i % 2 == 0 {
+            WaitMode::Poll
+        } else {
+            WaitMode::Block
+        };
+        let c = q.wait(f, mode, T).unwrap();
+        assert_eq!((c.seqno, c.status), (f.seqno, Status::Ok));
+        assert!(q.completed_seqno() >= f.seqno);
+    }
+    // Batches: one doorbell, many commands; waiting on the last covers the rest.
+    let f = q
+        .submit_batch(&[Descriptor::nop(); 64], Backpressure::Wait)
+        .unwrap();
+    q.wait(f.end, WaitMode::Poll, T).unwrap();
+    assert!(q.completed_seqno() >= f.end.seqno);
+    for s in f.start.seqno..f.end.seqno {
+        let c = q
+            .wait(userptr::Fence { ring: 0, seqno: s }, WaitMode::Poll, T)
+            .unwrap();
+        assert_eq!(c.seqno, s);
+    }
+    // A completion can be claimed once.
+    let e = q.wait(f.end, WaitMode::Poll, T).unwrap_err();
+    assert!(matches!(e, userptr::Error::NoCompletion { .. }), "{e}");
+    drop((q, drv));
+    pins.check();
+}
+
+#[test]
+fn blocking_wait_sleeps_on_the_ring_eventfd() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let q = drv.queue(2, 8).unwrap();
+    let buf = Anon::new(64 << 20);
+    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    // A long command, so the waiter really sleeps.
+    let f = q
+        .submit(
+            Descriptor::fill(m.iova(), m.len(), 3).with_flags(Flags::INTERRUPT),
+            Backpressure::Wait,
+        )
+        .unwrap();
+    let c = q.wait(f, WaitMode::Block, T).unwrap();
+    assert_eq!(c.status, Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 3));
+    drop((m, q, drv));
+    pins.check();
+}
+
+#[test]
+fn several_rings_and_threads_run_at_once() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let rings = drv.rings();
+    assert!(rings >= 4);
+    std::thread::scope(|s| {
+        for r in 0..4 {
+            let drv = drv.clone();
+            s.spawn(move || {
+                let q = drv.queue(r, 8).unwrap();
+                let mut data = vec![0u8; 256 << 10];
+                let m = drv.map_slice(&mut data).unwrap();
+                for i in 0..50u8 {
+                    let b = i.wrapping_mul(7).wrapping_add(r as u8);
+                    q.run(Descriptor::fill(m.iova(), m.len(), b)).unwrap();
+                    let c = q.run(Descriptor::crc32c(m.iova(), m.len(), 0)).unwrap();
+                    assert_eq!(c.result as u32, crc32c::crc32c(&vec![b; 256 << 10]));
+                }
+                drop(m);
+                assert!(data
+                    .iter()
+                    .all(|&x| x == 49u8.wrapping_mul(7).wrapping_add(r as u8)));
+            });
+        }
+    });
+    // Several threads sharing one queue.
+    let q = drv.queue(0, 8).unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for _ in 0..100 {
+                    q.run(Descriptor::nop()).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(q.in_flight(), 0);
+    drop((q, drv));
+    pins.check();
+}
+
+#[test]
+fn dropping_a_queue_with_work_in_flight_leaks_nothing() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let buf = Anon::new(16 << 20);
+    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    for _ in 0..5 {
+        let q = drv.queue(0, 8).unwrap();
+        for _ in 0..8 {
+            q.submit(Descriptor::fill(m.iova(), m.len(), 1), Backpressure::Wait)
+                .unwrap();
+        }
+        drop(q);
+    }
+    drop((m, drv));
+    pins.check();
+}
