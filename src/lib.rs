@@ -25,9 +25,9 @@ pub use userptr_driver as driver;
 pub use userptr_ring as ring;
 
 pub use userptr_driver::{
-    proc_status, Backpressure, BatchFences, CommandQueue, CompletionExt, Device, Driver, Error,
-    IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Result, UringIommuConfig, UserMapping,
-    WaitMode,
+    proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device, Driver,
+    Error, Invalidation, IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Registry,
+    RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr, WaitMode,
 };
 pub use userptr_ring::{
     AccessKind, Completion, Descriptor, FaultRecord, Fence, Flags, Opcode, Status,

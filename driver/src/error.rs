@@ -82,6 +82,22 @@ pub enum Error {
          or dropped unclaimed"
     )]
     NoCompletion { ring: u32, seqno: u64 },
+    #[error(
+        "this is a fork child: it has no device mappings and must not touch the \
+         parent's device (open a new Driver after exec)"
+    )]
+    ForkedChild,
+    #[error(
+        "pinning {len:#x} bytes would exceed the pin budget ({budget:#x} bytes) even after \
+         evicting every idle mapping; raise the budget (RLIMIT_MEMLOCK) or register less"
+    )]
+    PinBudget { len: u64, budget: u64 },
+    #[error("invalidation of {start:#x}..{end:#x} gave up waiting for the device: {reason}")]
+    InvalidationFailed {
+        start: u64,
+        end: u64,
+        reason: String,
+    },
     #[error("ring {ring} stopped: {reason}")]
     RingStopped { ring: u32, reason: String },
 }

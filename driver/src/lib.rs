@@ -14,9 +14,12 @@
 //! * [`vram`]: device-local memory (memfd);
 //! * [`dma_memory`]: driver-owned DMA memory for ring structures;
 //! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
+//! * [`registry`]: the userptr registry: epochs, invalidation, pin cache;
+//! * [`fork`]: the fork policy and its atfork handler;
 //! * [`error`]: the [`Error`] type.
 //!
-//! `unsafe` lives only in `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap).
+//! `unsafe` lives only in `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap) and
+//! `fork` (pthread_atfork).
 
 // IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
@@ -25,12 +28,14 @@ pub mod device;
 pub mod dma_memory;
 pub mod driver;
 pub mod error;
+pub mod fork;
 pub mod iommu;
 pub mod iova;
 pub mod mapping;
 pub mod proc_status;
 pub mod queue;
 pub mod reference;
+pub mod registry;
 pub mod regs;
 pub mod uring_iommu;
 pub mod vram;
@@ -40,6 +45,7 @@ pub use driver::Driver;
 pub use error::{Error, Result};
 pub use iommu::{IommuDomain, Perm};
 pub use mapping::UserMapping;
-pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, WaitMode};
+pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};
 pub use reference::{ReferenceConfig, ReferenceDevice};
+pub use registry::{Cause, Invalidation, Registry, RegistryConfig, StatsSnapshot, Userptr};
 pub use uring_iommu::UringIommuConfig;

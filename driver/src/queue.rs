@@ -23,6 +23,7 @@ use crate::iommu::Perm;
 use crate::regs::{self, ring, ring_reg};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use userptr_ring::{
@@ -97,8 +98,22 @@ struct State {
     max_reaped: u64,
 }
 
-/// One command ring of a device, owned by the driver.
+/// One command ring of a device, owned by the driver. Closed (ring disabled, its
+/// memory unmapped) on drop. Derefs to [`QueueCore`], where the methods are.
 pub struct CommandQueue {
+    core: Arc<QueueCore>,
+}
+
+impl std::ops::Deref for CommandQueue {
+    type Target = QueueCore;
+    fn deref(&self) -> &QueueCore {
+        &self.core
+    }
+}
+
+/// The part of a queue that waiters share: the registry keeps a weak reference to it
+/// for every in-flight submission, to wait for the device during invalidation.
+pub struct QueueCore {
     driver: Driver,
     ring: u32,
     geo: Geometry,
@@ -108,20 +123,35 @@ pub struct CommandQueue {
     fence_off: usize,
     state: Mutex<State>,
     eventfd: Arc<OwnedFd>,
-    timeout: Duration,
+    /// Back-pressure / `run` timeout in milliseconds.
+    timeout_ms: AtomicU64,
+    /// Set when the owning CommandQueue is dropped (the ring is disabled).
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for CommandQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CommandQueue")
-            .field("ring", &self.ring)
-            .field("size", &self.geo.size())
-            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("ring", &self.core.ring)
+            .field("size", &self.core.geo.size())
+            .field("iova", &format_args!("{:#x}", self.core.iova))
             .finish_non_exhaustive()
     }
 }
 
 impl CommandQueue {
+    /// The shared core, for waiters that must not keep the ring open.
+    pub(crate) fn core(&self) -> &Arc<QueueCore> {
+        &self.core
+    }
+
+    /// Set how long `Backpressure::Wait` and `run` wait before [`Error::Timeout`].
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.core
+            .timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn new(driver: Driver, ring_idx: u32, size: u32) -> Result<CommandQueue> {
         let dev = driver.device().clone();
         let caps = dev.read32(regs::CAPS);
@@ -140,7 +170,7 @@ impl CommandQueue {
         let fence_off = cq_off + size as usize * COMPLETION_SIZE;
         let mem = DmaMemory::new(fence_off + 8)?;
         let iova = driver.map_raw(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
-        let q = CommandQueue {
+        let q = QueueCore {
             driver,
             ring: ring_idx,
             geo,
@@ -164,11 +194,20 @@ impl CommandQueue {
                 )
                 .map_err(|e| Error::sys("eventfd", e.into()))?,
             ),
-            timeout: Duration::from_secs(30),
+            timeout_ms: AtomicU64::new(30_000),
+            closed: AtomicBool::new(false),
         };
         // From here on, Drop undoes whatever was done.
+        let q = CommandQueue { core: Arc::new(q) };
         q.program()?;
         Ok(q)
+    }
+}
+
+impl QueueCore {
+    fn timeout(&self) -> Duration {
+        // Relaxed: a setting, not a synchronisation point.
+        Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed))
     }
 
     fn dev(&self) -> &dyn Device {
@@ -241,11 +280,6 @@ impl CommandQueue {
         st.in_flight
     }
 
-    /// Set how long `Backpressure::Wait` and `run` wait before [`Error::Timeout`].
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
-    }
-
     /// The last seqno the device wrote into the fence word (a hint: see module doc).
     pub fn completed_seqno(&self) -> u64 {
         self.mem.load_u64(self.fence_off)
@@ -297,7 +331,7 @@ impl CommandQueue {
                 size: self.geo.size(),
             });
         }
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout();
         let mut first = None;
         let mut last = 0;
         let mut rest = count;
@@ -344,7 +378,7 @@ impl CommandQueue {
                 return Err(Error::Timeout {
                     ring: self.ring,
                     seqno: last,
-                    waited_ms: self.timeout.as_millis() as u64,
+                    waited_ms: self.timeout().as_millis() as u64,
                 });
             }
             spins += 1;
@@ -468,10 +502,93 @@ impl CommandQueue {
         }
     }
 
+    /// Wait until the command with `seqno` has completed (its entry was reaped), without
+    /// claiming its completion; or until the queue was closed (its ring disabled, so
+    /// the device no longer works on it). For invalidation, which must know the device
+    /// stopped using memory but must not steal the submitter's completion.
+    pub fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            // Acquire: pairs with the Release in CommandQueue::drop.
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            {
+                let mut st = self.lock();
+                self.reap(&mut st)?;
+                if st.max_reaped >= seqno {
+                    return Ok(());
+                }
+            }
+            self.check_ring()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno,
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 256 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Wait until `n` more commands fit (the device reaped enough), up to the queue's
+    /// timeout.
+    pub fn wait_for_room(&self, n: u32) -> Result<()> {
+        let deadline = Instant::now() + self.timeout();
+        let mut spins = 0u32;
+        loop {
+            {
+                let mut st = self.lock();
+                self.reap(&mut st)?;
+                if st.in_flight + n <= self.geo.size() {
+                    return Ok(());
+                }
+            }
+            self.check_ring()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno: 0,
+                    waited_ms: self.timeout().as_millis() as u64,
+                });
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Whether `seqno` is known complete without waiting (cheap: the fence word, then
+    /// the reaped entries).
+    pub fn is_done(&self, seqno: u64) -> bool {
+        // Acquire: see wait_done.
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.completed_seqno() < seqno {
+            return false;
+        }
+        let mut st = self.lock();
+        let _ = self.reap(&mut st);
+        st.max_reaped >= seqno
+    }
+
     /// Submit `desc`, wait for it (blocking), and turn a non-OK status into an error.
     pub fn run(&self, desc: Descriptor) -> Result<Completion> {
         let fence = self.submit(desc, Backpressure::Wait)?;
-        let c = self.wait(fence, WaitMode::Block, self.timeout)?;
+        let c = self.wait(fence, WaitMode::Block, self.timeout())?;
         c.into_result(self.ring)
     }
 }
@@ -506,15 +623,19 @@ impl CompletionExt for Completion {
 
 impl Drop for CommandQueue {
     fn drop(&mut self) {
-        let dev = self.driver.device().clone();
-        dev.write32(self.reg(ring::CONTROL), 0);
-        self.driver.irq_enable(self.ring, false);
-        let _ = dev.set_irq_eventfd(self.ring, None);
+        let q = &*self.core;
+        let dev = q.driver.device().clone();
+        // The disable returns once the device finished any batch of this ring.
+        dev.write32(q.reg(ring::CONTROL), 0);
+        // Release: a waiter that sees `closed` also sees the ring disabled.
+        q.closed.store(true, Ordering::Release);
+        q.driver.irq_enable(q.ring, false);
+        let _ = dev.set_irq_eventfd(q.ring, None);
         // Commands still queued are abandoned with the ring; the device may be in the
         // middle of one, and unmapping waits for nothing: its pin is released when the
         // in-flight transfer completes (io_uring holds its own reference).
-        if let Err(e) = self.driver.unmap_raw(self.iova, self.mem.len() as u64) {
-            tracing::error!("unmapping ring {} memory: {e}", self.ring);
+        if let Err(e) = q.driver.unmap_raw(q.iova, q.mem.len() as u64) {
+            tracing::error!("unmapping ring {} memory: {e}", q.ring);
         }
     }
 }

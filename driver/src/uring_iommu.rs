@@ -127,6 +127,10 @@ fn unavailable(source: io::Error) -> Error {
 impl UringIommu {
     /// Create the io_uring instance and its empty (sparse) buffer table.
     pub fn new(cfg: UringIommuConfig) -> Result<Arc<UringIommu>> {
+        crate::fork::install();
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
         let slots = cfg.slots.clamp(1, MAX_SLOTS);
         let uring = IoUring::builder()
             .build(cfg.sq_entries.max(8))
@@ -227,6 +231,9 @@ impl UringIommu {
 
 impl IommuDomain for UringIommu {
     fn map(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<()> {
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
         self.check_range(iova, host, len)?;
         let slot = {
             let mut t = self.table.write().expect("iommu table lock poisoned");
@@ -267,6 +274,9 @@ impl IommuDomain for UringIommu {
     }
 
     fn unmap(&self, iova: u64, len: u64) -> Result<()> {
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
         let slot = {
             let mut t = self.table.write().expect("iommu table lock poisoned");
             match t.entries.get(&iova) {
@@ -297,6 +307,9 @@ impl IommuDomain for UringIommu {
     }
 
     fn set_perm(&self, iova: u64, len: u64, perm: Perm) -> Result<()> {
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
         let mut t = self.table.write().expect("iommu table lock poisoned");
         match t.entries.get_mut(&iova) {
             Some(e) if e.len == len && e.ready => {

@@ -312,6 +312,11 @@ impl Device for ReferenceDevice {
 
 impl Drop for ReferenceDevice {
     fn drop(&mut self) {
+        if crate::fork::in_forked_child() {
+            // The engine thread exists only in the parent: nothing to stop or join.
+            std::mem::forget(self.engine.take());
+            return;
+        }
         // Release: the engine loads shutdown with Acquire before exiting.
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.wake();

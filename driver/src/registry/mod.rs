@@ -1,0 +1,906 @@
+//! The userptr registry: the userspace equivalent of the kernel's
+//! `mmu_interval_notifier` plus a registration (pin) cache.
+//!
+//! * A [`Userptr`] is a registration: a virtual range and the device permissions the
+//!   application asked for. It is resolved, on every submission, to a **region**: a
+//!   pinned, IOVA-mapped range of one permission. Regions of one permission never
+//!   overlap; a registration over, next to, or partly over existing regions pins their
+//!   union and retires them (*merge*), so the mapping count stays low.
+//! * Regions outlive submissions (lazy unpin) until an invalidation or an eviction
+//!   (clock/LRU under a pinned-bytes budget and the domain's mapping-count limit;
+//!   regions with device work in flight are never evicted).
+//! * Submission and invalidation follow the protocol written down in [`notifier`]:
+//!   `read_begin` → pin outside every lock → shared lock → `read_retry` → write the
+//!   descriptors and attach the fence. Invalidation opens a window (no new mapping of
+//!   the range until it closes), bumps epochs under the exclusive lock, waits for the
+//!   fences of in-flight work (bounded: on timeout the device is reset, so that work
+//!   completes with `Aborted`), then unmaps.
+//! * A fresh pin is checked against the invalidations that *started* while it was
+//!   being taken (a short log of their ranges, under the same lock), so a pin that
+//!   raced an invalidation is dropped and retaken, never installed stale.
+//! * Causes carry context and the policy uses it (see [`Cause`]).
+
+pub mod interval;
+pub mod notifier;
+mod stats;
+pub mod validate;
+
+pub use stats::{Stats, StatsSnapshot, CAUSE_NAMES};
+
+use crate::driver::Driver;
+use crate::error::{Error, Result};
+use crate::iommu::Perm;
+use crate::queue::{Backpressure, BatchFences, CommandQueue, QueueCore};
+use interval::IntervalMap;
+use notifier::{Epoch, Notifier, WindowId};
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use userptr_ring::Descriptor;
+
+const PAGE: u64 = 4096;
+/// Invalidation starts remembered for checking fresh pins against.
+const LOG_LEN: usize = 4096;
+
+/// Why a range is being invalidated. The policy depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// `munmap` (or `mmap(MAP_FIXED)`, `brk` shrink, `shmdt`): the pages go away.
+    Unmap,
+    /// A destructive `madvise`: `MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`.
+    Discard,
+    /// `mremap` moved the range to `to`.
+    Remap { to: u64 },
+    /// `mprotect` to `new_prot` (`PROT_*` bits). Write removed: the device mapping
+    /// becomes read-only before the call returns. `PROT_NONE`: invalidated. Write
+    /// added: downgraded regions get write back, nothing is unpinned.
+    Protect { new_prot: i32 },
+    /// The process forked. The parent keeps its pages (see [`crate::fork`]): nothing
+    /// to do.
+    Fork,
+    /// Teardown: the application or the registry releases the range.
+    Release,
+}
+
+impl Cause {
+    /// Index into [`CAUSE_NAMES`] and the per-cause counters.
+    pub fn index(&self) -> usize {
+        match self {
+            Cause::Unmap => 0,
+            Cause::Discard => 1,
+            Cause::Remap { .. } => 2,
+            Cause::Protect { .. } => 3,
+            Cause::Fork => 4,
+            Cause::Release => 5,
+        }
+    }
+}
+
+/// What an invalidation does to the regions it overlaps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    /// Nothing (fork in the parent).
+    Nothing,
+    /// Give downgraded regions their write permission back (protection upgrade).
+    Restore,
+    /// Make writable regions device-read-only (protection downgrade).
+    Downgrade,
+    /// Unmap and unpin; the parts outside the range are re-mapped (split).
+    Drop,
+}
+
+fn policy(cause: Cause) -> Action {
+    match cause {
+        Cause::Fork => Action::Nothing,
+        Cause::Protect { new_prot } if new_prot & (libc::PROT_READ | libc::PROT_WRITE) == 0 => {
+            Action::Drop
+        }
+        Cause::Protect { new_prot } if new_prot & libc::PROT_WRITE == 0 => Action::Downgrade,
+        Cause::Protect { .. } => Action::Restore,
+        Cause::Unmap | Cause::Discard | Cause::Remap { .. } | Cause::Release => Action::Drop,
+    }
+}
+
+/// Registry settings.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Most bytes pinned at once (soft: concurrent pins may overshoot by one region).
+    /// Default: RLIMIT_MEMLOCK, or a quarter of RAM with CAP_IPC_LOCK / no limit.
+    pub pin_budget: Option<u64>,
+    /// Most regions mapped at once. Default: the domain's limit less 64 (kept for
+    /// ring memory and direct mappings).
+    pub max_mappings: Option<usize>,
+    /// How long an invalidation waits for in-flight work before resetting the device.
+    pub fence_timeout: Duration,
+    /// Split partially invalidated regions (re-map the surviving parts) instead of
+    /// dropping them whole.
+    pub split: bool,
+    /// Validation mode: on every cache hit, check via `/proc/self/pagemap` that the
+    /// pinned pages are still the ones the process maps (root only; a debugging aid).
+    pub validate: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            pin_budget: None,
+            max_mappings: None,
+            fence_timeout: Duration::from_secs(5),
+            split: true,
+            validate: false,
+        }
+    }
+}
+
+fn default_budget() -> u64 {
+    let limit = crate::proc_status::memlock_limit();
+    let cap_ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 14/* CAP_IPC_LOCK */) != 0);
+    if limit == u64::MAX || cap_ipc_lock {
+        let ram = rustix::system::sysinfo().totalram as u64;
+        (ram / 4).max(limit.min(ram))
+    } else {
+        limit
+    }
+}
+
+/// A submission the device may still be working on.
+#[derive(Debug)]
+struct InFlight {
+    queue: Weak<QueueCore>,
+    seqno: u64,
+}
+
+impl InFlight {
+    fn done(&self) -> bool {
+        self.queue.upgrade().is_none_or(|q| q.is_done(self.seqno))
+    }
+}
+
+/// A pinned, mapped range of one permission.
+#[derive(Debug)]
+struct Region {
+    range: Range<u64>,
+    perm: Perm,
+    iova: u64,
+    epoch: Epoch,
+    downgraded: AtomicBool,
+    accessed: AtomicBool,
+    inflight: Mutex<Vec<InFlight>>,
+    pfns: Option<Vec<u64>>,
+}
+
+impl Region {
+    fn len(&self) -> u64 {
+        self.range.end - self.range.start
+    }
+
+    fn idle(&self) -> bool {
+        let mut f = self.inflight.lock().expect("inflight lock poisoned");
+        f.retain(|x| !x.done());
+        f.is_empty()
+    }
+
+    fn take_inflight(&self) -> Vec<InFlight> {
+        std::mem::take(&mut *self.inflight.lock().expect("inflight lock poisoned"))
+    }
+}
+
+fn perm_slot(p: Perm) -> usize {
+    match (p.read(), p.write()) {
+        (true, false) => 0,
+        (false, true) => 1,
+        _ => 2,
+    }
+}
+
+/// What the notifier lock protects.
+#[derive(Default)]
+struct Index {
+    maps: [IntervalMap<Arc<Region>>; 3],
+    /// Retired by a merge: out of the maps, unmapped once their work is done.
+    draining: Vec<Arc<Region>>,
+    /// Invalidations started so far, and the ranges of the most recent ones.
+    inval_seq: u64,
+    log: VecDeque<(u64, Range<u64>)>,
+    /// Clock hands for eviction, per map.
+    hands: [u64; 3],
+}
+
+impl Index {
+    /// Whether an invalidation that started after `gen` overlaps `r`.
+    fn invalidated_since(&self, gen: u64, r: &Range<u64>) -> bool {
+        if gen < self.inval_seq.saturating_sub(self.log.len() as u64) {
+            return true; // too old to tell: assume the worst
+        }
+        self.log
+            .iter()
+            .rev()
+            .take_while(|(s, _)| *s > gen)
+            .any(|(_, x)| x.start < r.end && r.start < x.end)
+    }
+}
+
+struct Inner {
+    driver: Driver,
+    notifier: Notifier<Index>,
+    cfg: RegistryConfig,
+    budget: u64,
+    max_mappings: usize,
+    pinned: AtomicU64,
+    mappings: AtomicUsize,
+    stats: Stats,
+}
+
+/// The userptr registry of one driver. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("pinned", &self.pinned_bytes())
+            .field("mappings", &self.mappings())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A registration: a range of process memory the device may access with `perm`.
+/// Resolved to a pinned mapping at each submission; cheap to keep around.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Userptr {
+    addr: u64,
+    len: u64,
+    perm: Perm,
+    pages: Range<u64>,
+}
+
+impl Userptr {
+    /// Host address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Always false: zero-length registrations are refused.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    /// Device permissions.
+    pub fn perm(&self) -> Perm {
+        self.perm
+    }
+}
+
+/// An open invalidation (between `invalidate_start` and `invalidate_end`).
+#[derive(Debug)]
+#[must_use = "call invalidate_end once the address-space change is done"]
+pub struct Invalidation {
+    window: Option<WindowId>,
+    range: Range<u64>,
+}
+
+impl Invalidation {
+    /// The page-aligned range being invalidated.
+    pub fn range(&self) -> Range<u64> {
+        self.range.clone()
+    }
+}
+
+fn page_range(addr: u64, len: u64) -> Result<Range<u64>> {
+    if len == 0 {
+        return Err(Error::ZeroLength { addr });
+    }
+    let end = addr
+        .checked_add(len)
+        .and_then(|e| e.checked_next_multiple_of(PAGE))
+        .ok_or(Error::Overflow { addr, len })?;
+    Ok(addr & !(PAGE - 1)..end)
+}
+
+impl Registry {
+    /// A registry over `driver`'s device.
+    pub fn new(driver: Driver, cfg: RegistryConfig) -> Registry {
+        let budget = cfg.pin_budget.unwrap_or_else(default_budget);
+        let max_mappings = cfg
+            .max_mappings
+            .unwrap_or_else(|| driver.domain().max_mappings().saturating_sub(64).max(1));
+        Registry {
+            inner: Arc::new(Inner {
+                driver,
+                notifier: Notifier::new(Index::default()),
+                cfg,
+                budget,
+                max_mappings,
+                pinned: AtomicU64::new(0),
+                mappings: AtomicUsize::new(0),
+                stats: Stats::default(),
+            }),
+        }
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &Driver {
+        &self.inner.driver
+    }
+
+    /// The pin budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.inner.budget
+    }
+
+    /// Bytes pinned by the registry now.
+    pub fn pinned_bytes(&self) -> u64 {
+        // Relaxed: a reading for display and tests.
+        self.inner.pinned.load(Ordering::Relaxed)
+    }
+
+    /// Regions mapped now.
+    pub fn mappings(&self) -> usize {
+        self.inner.mappings.load(Ordering::Relaxed)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Register `len` bytes at `addr` for device access with `perm`, pinning them now
+    /// (so errors surface here) or reusing / merging cached mappings.
+    pub fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr> {
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
+        let pages = page_range(addr as u64, len as u64)?;
+        let u = Userptr {
+            addr: addr as u64,
+            len: len as u64,
+            perm,
+            pages,
+        };
+        self.resolve(&u)?;
+        Stats::add(&self.inner.stats.registrations, 1);
+        Ok(u)
+    }
+
+    /// Register a slice for device reads and writes.
+    pub fn register_slice<T: Copy>(&self, s: &mut [T]) -> Result<Userptr> {
+        self.register(
+            s.as_mut_ptr() as usize,
+            std::mem::size_of_val(s),
+            Perm::READ_WRITE,
+        )
+    }
+
+    /// The device address of `u`'s first byte now (pinning if needed). Only meaningful
+    /// until the next invalidation: submit through [`Registry::submit`], which
+    /// validates it.
+    pub fn iova(&self, u: &Userptr) -> Result<u64> {
+        let (r, _) = self.resolve(u)?;
+        Ok(r.iova + (u.addr - r.range.start))
+    }
+
+    /// Resolve `u` to a live region covering it, and that region's epoch.
+    fn resolve(&self, u: &Userptr) -> Result<(Arc<Region>, u64)> {
+        let slot = perm_slot(u.perm);
+        let hit = {
+            let g = self.inner.notifier.read();
+            g.maps[slot]
+                .covering(u.pages.clone())
+                .map(|(_, r)| (r.clone(), r.epoch.get()))
+        };
+        if let Some((r, seq)) = hit {
+            // Relaxed: the clock bit is a hint for eviction.
+            r.accessed.store(true, Ordering::Relaxed);
+            if self.inner.cfg.validate && !self.still_current(&r, &u.pages) {
+                Stats::add(&self.inner.stats.validation_failures, 1);
+                let inv = self.invalidate_start(u.pages.clone(), Cause::Release)?;
+                self.invalidate_end(inv);
+            } else {
+                Stats::add(&self.inner.stats.hits, 1);
+                return Ok((r, seq));
+            }
+        }
+        Stats::add(&self.inner.stats.misses, 1);
+        self.pin(u.pages.clone(), u.perm, true)
+    }
+
+    fn still_current(&self, r: &Region, pages: &Range<u64>) -> bool {
+        let Some(pinned) = &r.pfns else { return true };
+        let off = ((pages.start - r.range.start) / PAGE) as usize;
+        let n = ((pages.end - pages.start) / PAGE) as usize;
+        match validate::pfns(pages.start, pages.end) {
+            Ok(now) => now == pinned[off..off + n],
+            Err(_) => true,
+        }
+    }
+
+    /// Pin `want` (merged with same-permission neighbours if `merge`) as a new region
+    /// and install it, unless an invalidation raced the pin (then retry).
+    fn pin(&self, want: Range<u64>, perm: Perm, merge: bool) -> Result<(Arc<Region>, u64)> {
+        let inner = &*self.inner;
+        let slot = perm_slot(perm);
+        let max_len = inner.driver.domain().max_mapping_len();
+        loop {
+            // The generation first, then the window wait: see Index::invalidated_since.
+            let gen = inner.notifier.read().inval_seq;
+            if inner.notifier.wait_no_window(&want) {
+                Stats::add(&inner.stats.window_waits, 1);
+            }
+            let mut range = want.clone();
+            if merge {
+                let g = inner.notifier.read();
+                let probe = want.start.saturating_sub(1)..want.end.saturating_add(1);
+                for (r, _) in g.maps[slot].overlapping(probe) {
+                    let u = r.start.min(range.start)..r.end.max(range.end);
+                    if u.end - u.start <= max_len {
+                        range = u;
+                    }
+                }
+                // Merge only what fits beside what is pinned now: a merge must not
+                // force evictions (or a budget error) that `want` alone would not.
+                let grown = (range.end - range.start) - (want.end - want.start);
+                if inner.pinned.load(Ordering::Relaxed) + grown + (want.end - want.start)
+                    > inner.budget
+                {
+                    range = want.clone();
+                }
+            }
+            let len = range.end - range.start;
+            if len > inner.budget {
+                return Err(Error::PinBudget {
+                    len,
+                    budget: inner.budget,
+                });
+            }
+            self.make_room(len)?;
+            let iova = match inner.driver.map_raw(range.start, len, perm) {
+                Ok(iova) => iova,
+                // A merged neighbour may cover memory that is gone: pin just the range.
+                Err(Error::BadAddress { .. }) if range != want => {
+                    range = want.clone();
+                    inner
+                        .driver
+                        .map_raw(range.start, range.end - range.start, perm)?
+                }
+                Err(e) => return Err(e),
+            };
+            let len = range.end - range.start;
+            let pfns = if inner.cfg.validate {
+                validate::pfns(range.start, range.end).ok()
+            } else {
+                None
+            };
+            let region = Arc::new(Region {
+                range: range.clone(),
+                perm,
+                iova,
+                epoch: Epoch::new(),
+                downgraded: AtomicBool::new(false),
+                accessed: AtomicBool::new(true),
+                inflight: Mutex::new(Vec::new()),
+                pfns,
+            });
+            let mut g = inner.notifier.write();
+            if g.invalidated_since(gen, &range) {
+                drop(g);
+                let _ = inner.driver.unmap_raw(iova, len);
+                Stats::add(&inner.stats.retries, 1);
+                continue;
+            }
+            // Retire whatever overlaps (the regions merged in, or one another thread
+            // installed meanwhile): out of the index, unmapped once idle.
+            let olds: Vec<u64> = g.maps[slot]
+                .overlapping(range.clone())
+                .map(|(r, _)| r.start)
+                .collect();
+            for s in olds {
+                if let Some((_, old)) = g.maps[slot].remove(s) {
+                    old.epoch.bump(&g);
+                    Stats::add(&inner.stats.merges, 1);
+                    g.draining.push(old);
+                }
+            }
+            let seq = region.epoch.get();
+            g.maps[slot]
+                .insert(range.clone(), region.clone())
+                .expect("overlaps were removed");
+            drop(g);
+            inner.pinned.fetch_add(len, Ordering::Relaxed);
+            inner.mappings.fetch_add(1, Ordering::Relaxed);
+            Stats::add(&inner.stats.pins, 1);
+            Stats::add(&inner.stats.pinned_bytes, len);
+            self.reclaim_draining();
+            return Ok((region, seq));
+        }
+    }
+
+    fn unmap_region(&self, r: &Region) {
+        let inner = &*self.inner;
+        if let Err(e) = inner.driver.unmap_raw(r.iova, r.len()) {
+            if !crate::fork::in_forked_child() {
+                tracing::error!(
+                    "unmapping region {:#x}..{:#x}: {e}",
+                    r.range.start,
+                    r.range.end
+                );
+            }
+            return;
+        }
+        inner.pinned.fetch_sub(r.len(), Ordering::Relaxed);
+        inner.mappings.fetch_sub(1, Ordering::Relaxed);
+        Stats::add(&inner.stats.unpins, 1);
+        Stats::add(&inner.stats.unpinned_bytes, r.len());
+    }
+
+    /// Unmap retired regions whose device work is done.
+    fn reclaim_draining(&self) {
+        let done: Vec<Arc<Region>> = {
+            let mut g = self.inner.notifier.write();
+            if g.draining.is_empty() {
+                return;
+            }
+            let (done, keep): (Vec<_>, Vec<_>) = g.draining.drain(..).partition(|r| r.idle());
+            g.draining = keep;
+            done
+        };
+        for r in done {
+            self.unmap_region(&r);
+        }
+    }
+
+    /// Evict idle regions (clock order) until `len` more bytes and one more mapping fit.
+    fn make_room(&self, len: u64) -> Result<()> {
+        let inner = &*self.inner;
+        let fits = || {
+            inner.pinned.load(Ordering::Relaxed) + len <= inner.budget
+                && inner.mappings.load(Ordering::Relaxed) < inner.max_mappings
+        };
+        if fits() {
+            return Ok(());
+        }
+        self.reclaim_draining();
+        let mut need_bytes =
+            (inner.pinned.load(Ordering::Relaxed) + len).saturating_sub(inner.budget);
+        let mut need_maps =
+            (inner.mappings.load(Ordering::Relaxed) + 1).saturating_sub(inner.max_mappings);
+        let mut victims = Vec::new();
+        {
+            let mut g = inner.notifier.write();
+            // Two sweeps of the clock: the first clears accessed bits.
+            for _sweep in 0..2 {
+                for slot in 0..3 {
+                    let mut hand = g.hands[slot];
+                    let n = g.maps[slot].len();
+                    for _ in 0..n {
+                        if need_bytes == 0 && need_maps == 0 {
+                            break;
+                        }
+                        let next = g.maps[slot]
+                            .first_from(hand)
+                            .or_else(|| g.maps[slot].first_from(0))
+                            .map(|(r, v)| (r, v.clone()));
+                        let Some((r, region)) = next else { break };
+                        hand = r.end;
+                        // Relaxed: see resolve.
+                        if region.accessed.swap(false, Ordering::Relaxed) || !region.idle() {
+                            continue;
+                        }
+                        g.maps[slot].remove(r.start);
+                        region.epoch.bump(&g);
+                        need_bytes = need_bytes.saturating_sub(region.len());
+                        need_maps = need_maps.saturating_sub(1);
+                        victims.push(region);
+                    }
+                    g.hands[slot] = hand;
+                }
+            }
+        }
+        Stats::add(&inner.stats.evictions, victims.len() as u64);
+        for v in &victims {
+            self.unmap_region(v);
+        }
+        if fits() {
+            Ok(())
+        } else {
+            Err(Error::PinBudget {
+                len,
+                budget: inner.budget,
+            })
+        }
+    }
+
+    /// Submit the commands `build` makes from the device addresses of `refs` (in
+    /// order), as one batch, on `q`. Follows the read side of the notifier protocol:
+    /// it never submits with a stale pin, retrying when an invalidation hits a
+    /// referenced region between its lookup and the commit.
+    pub fn submit<F>(&self, q: &CommandQueue, refs: &[&Userptr], build: F) -> Result<BatchFences>
+    where
+        F: Fn(&[u64]) -> Vec<Descriptor>,
+    {
+        if crate::fork::in_forked_child() {
+            return Err(Error::ForkedChild);
+        }
+        let inner = &*self.inner;
+        let mut resolved = Vec::with_capacity(refs.len());
+        let mut iovas = Vec::with_capacity(refs.len());
+        loop {
+            resolved.clear();
+            iovas.clear();
+            for u in refs {
+                let (r, seq) = self.resolve(u)?;
+                iovas.push(r.iova + (u.addr - r.range.start));
+                resolved.push((r, seq));
+            }
+            let descs = build(&iovas);
+            if descs.len() > q.size() as usize {
+                return Err(Error::RingFull {
+                    ring: q.ring(),
+                    size: q.size(),
+                });
+            }
+            let full = {
+                let g = inner.notifier.read();
+                let stale = resolved
+                    .iter()
+                    .any(|(r, seq)| inner.notifier.read_retry(&g, &r.epoch, *seq));
+                if stale {
+                    None
+                } else {
+                    match q.submit_batch(&descs, Backpressure::WouldBlock) {
+                        Ok(f) => {
+                            for (r, _) in &resolved {
+                                let mut fl = r.inflight.lock().expect("inflight lock poisoned");
+                                fl.retain(|x| !x.done());
+                                fl.push(InFlight {
+                                    queue: Arc::downgrade(q.core()),
+                                    seqno: f.end.seqno,
+                                });
+                            }
+                            return Ok(f);
+                        }
+                        Err(Error::RingFull { .. }) => Some(descs.len() as u32),
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            match full {
+                // Wait for room outside the lock, then start over (the pins may have
+                // been invalidated meanwhile).
+                Some(n) => q.wait_for_room(n)?,
+                None => Stats::add(&inner.stats.retries, 1),
+            }
+        }
+    }
+
+    /// Begin invalidating `[start, end)` for `cause`. When this returns, the device no
+    /// longer uses the range (or its work failed after a device reset), and no new
+    /// mapping of it can be established until [`Registry::invalidate_end`].
+    pub fn invalidate_start(&self, range: Range<u64>, cause: Cause) -> Result<Invalidation> {
+        let inner = &*self.inner;
+        Stats::add(&inner.stats.invalidations[cause.index()], 1);
+        let range = if range.start >= range.end {
+            range.start..range.start
+        } else {
+            page_range(range.start, range.end - range.start)?
+        };
+        let none = Invalidation {
+            window: None,
+            range: range.clone(),
+        };
+        if range.is_empty() || crate::fork::in_forked_child() {
+            return Ok(none);
+        }
+        let action = policy(cause);
+        match action {
+            Action::Nothing => return Ok(none),
+            Action::Restore => {
+                self.restore(&range);
+                return Ok(none);
+            }
+            Action::Downgrade | Action::Drop => {}
+        }
+        let window = inner.notifier.open_window(range.clone());
+        let mut victims = Vec::new();
+        let mut downgrades = Vec::new();
+        let mut fences = Vec::new();
+        let mut survivors = Vec::new();
+        {
+            let mut g = inner.notifier.write();
+            g.inval_seq += 1;
+            let seq = g.inval_seq;
+            g.log.push_back((seq, range.clone()));
+            if g.log.len() > LOG_LEN {
+                g.log.pop_front();
+            }
+            for slot in 0..3 {
+                let hits: Vec<u64> = g.maps[slot]
+                    .overlapping(range.clone())
+                    .map(|(r, _)| r.start)
+                    .collect();
+                for s in hits {
+                    if action == Action::Downgrade {
+                        let (_, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
+                        let r = r.clone();
+                        // Relaxed: downgraded is written only under the exclusive lock.
+                        if r.perm.write() && !r.downgraded.swap(true, Ordering::Relaxed) {
+                            fences.extend(r.take_inflight());
+                            downgrades.push(r);
+                        }
+                        continue;
+                    }
+                    let (_, r) = g.maps[slot].remove(s).expect("hit is present");
+                    r.epoch.bump(&g);
+                    fences.extend(r.take_inflight());
+                    if inner.cfg.split {
+                        if r.range.start < range.start {
+                            survivors.push((r.range.start..range.start, r.perm));
+                        }
+                        if range.end < r.range.end {
+                            survivors.push((range.end..r.range.end, r.perm));
+                        }
+                    }
+                    victims.push(r);
+                }
+            }
+            if action == Action::Drop {
+                let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut g.draining)
+                    .into_iter()
+                    .partition(|r| r.range.start < range.end && range.start < r.range.end);
+                g.draining = keep;
+                for r in hit {
+                    fences.extend(r.take_inflight());
+                    victims.push(r);
+                }
+            }
+        }
+        let waited = self.wait_fences(&fences, &range);
+        for r in &victims {
+            self.unmap_region(r);
+        }
+        for r in &downgrades {
+            match inner.driver.domain().set_perm(r.iova, r.len(), Perm::READ) {
+                Ok(()) => Stats::add(&inner.stats.downgrades, 1),
+                Err(e) => tracing::error!("downgrading region: {e}"),
+            }
+        }
+        for (s, perm) in survivors {
+            // Best effort: the pages outside the range are untouched; if re-pinning
+            // fails they are re-pinned on next use instead.
+            if self.pin(s, perm, false).is_ok() {
+                Stats::add(&inner.stats.splits, 1);
+            }
+        }
+        waited?;
+        Ok(Invalidation {
+            window: Some(window),
+            range,
+        })
+    }
+
+    /// End an invalidation: new mappings of the range may be established again.
+    pub fn invalidate_end(&self, inv: Invalidation) {
+        if let Some(w) = inv.window {
+            self.inner.notifier.close_window(w);
+        }
+    }
+
+    /// `invalidate_start` + `invalidate_end`, for a change that already happened or
+    /// is being made by the caller with nothing to do in between.
+    pub fn invalidate(&self, range: Range<u64>, cause: Cause) -> Result<()> {
+        let inv = self.invalidate_start(range, cause)?;
+        self.invalidate_end(inv);
+        Ok(())
+    }
+
+    /// Unmap everything (teardown). Waits for in-flight work like any invalidation.
+    pub fn clear(&self) -> Result<()> {
+        self.invalidate(0..!(PAGE - 1), Cause::Release)
+    }
+
+    fn restore(&self, range: &Range<u64>) {
+        let inner = &*self.inner;
+        let g = inner.notifier.read();
+        for slot in 0..3 {
+            for (_, r) in g.maps[slot].overlapping(range.clone()) {
+                // Relaxed: a flag; set_perm's own lock orders the device update.
+                if r.downgraded.swap(false, Ordering::Relaxed) {
+                    if let Err(e) = inner.driver.domain().set_perm(r.iova, r.len(), r.perm) {
+                        tracing::error!("restoring region permissions: {e}");
+                    } else {
+                        Stats::add(&inner.stats.restores, 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait for `fences`; on timeout reset the device (queued work completes with
+    /// `Aborted`) and wait again.
+    fn wait_fences(&self, fences: &[InFlight], range: &Range<u64>) -> Result<()> {
+        let inner = &*self.inner;
+        let pending: Vec<&InFlight> = fences.iter().filter(|f| !f.done()).collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let _span = tracing::debug_span!(
+            "invalidate_wait",
+            start = range.start,
+            end = range.end,
+            fences = pending.len()
+        )
+        .entered();
+        Stats::add(&inner.stats.fence_waits, 1);
+        let t0 = Instant::now();
+        let deadline = t0 + inner.cfg.fence_timeout;
+        let mut reset = false;
+        let mut result = Ok(());
+        for f in pending {
+            let Some(q) = f.queue.upgrade() else { continue };
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match q.wait_done(f.seqno, left) {
+                    Ok(()) => break,
+                    Err(Error::Timeout { .. }) if !reset => {
+                        tracing::warn!(
+                            "invalidation timed out waiting for the device: resetting it"
+                        );
+                        Stats::add(&inner.stats.device_resets, 1);
+                        reset = true;
+                        if let Err(e) = inner.driver.reset(inner.cfg.fence_timeout) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(Error::InvalidationFailed {
+                            start: range.start,
+                            end: range.end,
+                            reason: e.to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        Stats::add(&inner.stats.wait_ns, t0.elapsed().as_nanos() as u64);
+        result
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if crate::fork::in_forked_child() {
+            return; // the parent owns the pins
+        }
+        let g = self.notifier.write();
+        let mut all: Vec<Arc<Region>> = g.draining.clone();
+        for m in &g.maps {
+            all.extend(m.iter().map(|(_, r)| r.clone()));
+        }
+        drop(g);
+        for r in all {
+            for f in r.take_inflight() {
+                if let Some(q) = f.queue.upgrade() {
+                    let _ = q.wait_done(f.seqno, self.cfg.fence_timeout);
+                }
+            }
+            let _ = self.driver.unmap_raw(r.iova, r.len());
+        }
+    }
+}

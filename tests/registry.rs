@@ -1,0 +1,486 @@
+//! The registry's policies, one cause at a time, on the reference device, with the
+//! application telling the registry about each change through the explicit API (what
+//! the monitors will do automatically). Each test would fail with the protection off:
+//! `tests/hazard.rs` shows what the device does without it.
+
+mod common;
+
+use common::{Anon, PinCheck};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use userptr::{
+    Cause, CommandQueue, Descriptor, Driver, Error, Perm, Registry, RegistryConfig, Status,
+    Userptr, WaitMode,
+};
+
+const MIB: usize = 1 << 20;
+const T: Duration = Duration::from_secs(30);
+
+fn setup(cfg: RegistryConfig) -> (Driver, CommandQueue, Registry) {
+    let drv = Driver::reference().unwrap();
+    let q = drv.queue(0, 16).unwrap();
+    let reg = Registry::new(drv.clone(), cfg);
+    (drv, q, reg)
+}
+
+/// FILL `u` with `b` through the registry and wait; returns the completion status.
+fn fill(reg: &Registry, q: &CommandQueue, u: &Userptr, b: u8) -> Status {
+    let len = u.len();
+    let f = reg
+        .submit(q, &[u], |iova| vec![Descriptor::fill(iova[0], len, b)])
+        .unwrap();
+    q.wait(f.end, WaitMode::Block, T).unwrap().status
+}
+
+#[test]
+fn registrations_hit_the_cache_and_adjacent_ones_merge() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(4 * MIB);
+    let a = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!((reg.mappings(), reg.stats().pins), (1, 1));
+    // Inside: a hit, no pin.
+    let inside = reg
+        .register(buf.addr + 4096, 8192, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(reg.stats().pins, 1);
+    // Adjacent and overlapping: merged into one mapping.
+    let b = reg.register(buf.addr + MIB, MIB, Perm::READ_WRITE).unwrap();
+    let c = reg
+        .register(buf.addr + MIB / 2, 2 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    let s = reg.stats();
+    assert!(s.merges >= 2, "{s}");
+    // Retired regions are unmapped once idle; one live mapping covers everything.
+    assert_eq!(fill(&reg, &q, &c, 1), Status::Ok);
+    assert_eq!(reg.mappings(), 1, "{}", reg.stats());
+    assert_eq!(reg.pinned_bytes(), 5 * MIB as u64 / 2);
+    for (u, byte) in [(&a, 2u8), (&inside, 3), (&b, 4)] {
+        assert_eq!(fill(&reg, &q, u, byte), Status::Ok);
+    }
+    let seen = buf.read();
+    assert!(seen[..4096].iter().all(|&x| x == 2));
+    assert!(seen[4096..12288].iter().all(|&x| x == 3));
+    assert!(seen[MIB..2 * MIB].iter().all(|&x| x == 4));
+    // A read-only registration of the same range is a separate mapping: the device
+    // must not be able to write through it.
+    let ro = reg.register(buf.addr, MIB, Perm::READ).unwrap();
+    assert_eq!(fill(&reg, &q, &ro, 9), Status::DmaFault);
+    assert_eq!(reg.mappings(), 2);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn discard_invalidates_and_the_next_submission_repins() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(2 * MIB);
+    let u = reg.register(buf.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
+    let inv = reg
+        .invalidate_start(buf.addr as u64..(buf.addr + 2 * MIB) as u64, Cause::Discard)
+        .unwrap();
+    buf.madvise(libc::MADV_DONTNEED);
+    reg.invalidate_end(inv);
+    assert_eq!(reg.pinned_bytes(), 0);
+    assert_eq!(fill(&reg, &q, &u, 0xab), Status::Ok);
+    assert!(
+        buf.read().iter().all(|&b| b == 0xab),
+        "the process sees the device's write"
+    );
+    let s = reg.stats();
+    assert_eq!((s.invalidations[1], s.pins, s.unpins), (1, 2, 1), "{s}");
+    // Idempotent: the same invalidation again finds nothing more to do... after the
+    // re-pin above, it unpins once; a third finds nothing.
+    reg.invalidate(buf.addr as u64..(buf.addr + 2 * MIB) as u64, Cause::Discard)
+        .unwrap();
+    reg.invalidate(buf.addr as u64..(buf.addr + 2 * MIB) as u64, Cause::Discard)
+        .unwrap();
+    assert_eq!(reg.stats().unpins, 2);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn unmap_and_reuse_of_the_address_repins_the_new_memory() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let mut buf = Anon::new(MIB);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let inv = reg
+        .invalidate_start(buf.addr as u64..(buf.addr + MIB) as u64, Cause::Unmap)
+        .unwrap();
+    buf.unmap();
+    buf.remap_fixed(0x22);
+    reg.invalidate_end(inv);
+    assert_eq!(fill(&reg, &q, &u, 0xcd), Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 0xcd));
+    assert_eq!(reg.stats().invalidations[0], 1);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn protection_downgrade_makes_the_device_mapping_read_only_and_upgrade_restores_it() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(MIB);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
+    let before = reg.stats();
+
+    let inv = reg
+        .invalidate_start(
+            range.clone(),
+            Cause::Protect {
+                new_prot: libc::PROT_READ,
+            },
+        )
+        .unwrap();
+    buf.mprotect(libc::PROT_READ);
+    reg.invalidate_end(inv);
+    // The device can still read, but a write faults instead of landing silently.
+    assert_eq!(fill(&reg, &q, &u, 2), Status::DmaFault);
+    assert!(buf.read().iter().all(|&b| b == 1));
+    let other = Anon::new(MIB);
+    let o = reg.register(other.addr, MIB, Perm::READ_WRITE).unwrap();
+    let f = reg
+        .submit(&q, &[&u, &o], |i| {
+            vec![Descriptor::copy(i[0], i[1], MIB as u64)]
+        })
+        .unwrap();
+    assert_eq!(
+        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
+    assert!(other.read().iter().all(|&b| b == 1));
+
+    // Upgrade: write back, and nothing was unpinned or re-pinned for either change.
+    buf.mprotect(libc::PROT_READ | libc::PROT_WRITE);
+    reg.invalidate(
+        range.clone(),
+        Cause::Protect {
+            new_prot: libc::PROT_READ | libc::PROT_WRITE,
+        },
+    )
+    .unwrap();
+    assert_eq!(fill(&reg, &q, &u, 3), Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 3));
+    let after = reg.stats();
+    assert_eq!(after.unpins, before.unpins, "{after}");
+    assert_eq!(
+        after.pins,
+        before.pins + 1,
+        "only `other` was pinned: {after}"
+    );
+    assert_eq!((after.downgrades, after.restores), (1, 1));
+
+    // PROT_NONE invalidates.
+    reg.invalidate(
+        range,
+        Cause::Protect {
+            new_prot: libc::PROT_NONE,
+        },
+    )
+    .unwrap();
+    assert_eq!(reg.stats().unpins, before.unpins + 1);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn a_partial_invalidation_splits_the_region() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(4 * MIB);
+    let whole = reg.register(buf.addr, 4 * MIB, Perm::READ_WRITE).unwrap();
+    let head = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let tail = reg
+        .register(buf.addr + 3 * MIB, MIB, Perm::READ_WRITE)
+        .unwrap();
+    let mid = (buf.addr + MIB) as u64..(buf.addr + 3 * MIB) as u64;
+    reg.invalidate(mid, Cause::Discard).unwrap();
+    let s = reg.stats();
+    assert_eq!(s.splits, 2, "{s}");
+    assert_eq!(reg.pinned_bytes(), 2 * MIB as u64);
+    assert_eq!(reg.mappings(), 2);
+    let pins_before = s.pins;
+    assert_eq!(fill(&reg, &q, &head, 5), Status::Ok);
+    assert_eq!(fill(&reg, &q, &tail, 6), Status::Ok);
+    assert_eq!(
+        reg.stats().pins,
+        pins_before,
+        "the surviving parts were hits"
+    );
+    // The whole range re-pins (and merges) on its next use.
+    assert_eq!(fill(&reg, &q, &whole, 7), Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 7));
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn fork_and_remap_causes_follow_their_policy() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(MIB);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    reg.invalidate(range.clone(), Cause::Fork).unwrap();
+    assert_eq!(reg.stats().unpins, 0, "fork costs the parent nothing");
+    reg.invalidate(range, Cause::Remap { to: 0x7000_0000 })
+        .unwrap();
+    assert_eq!(reg.stats().unpins, 1);
+    assert_eq!(fill(&reg, &q, &u, 8), Status::Ok);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn invalidation_waits_for_in_flight_device_work() {
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(8 * MIB);
+    let u = reg.register(buf.addr, 8 * MIB, Perm::READ_WRITE).unwrap();
+    drv.set_enabled(false);
+    let f = reg
+        .submit(&q, &[&u], |i| {
+            vec![Descriptor::fill(i[0], 8 * MIB as u64, 0x44)]
+        })
+        .unwrap();
+    let returned = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            reg.invalidate(buf.addr as u64..(buf.addr + 8 * MIB) as u64, Cause::Discard)
+                .unwrap();
+            returned.store(true, Ordering::SeqCst);
+            q.is_done(f.end.seqno)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !returned.load(Ordering::SeqCst),
+            "invalidation returned while the device was still busy"
+        );
+        drv.set_enabled(true);
+        assert!(
+            h.join().unwrap(),
+            "the command was complete when invalidation returned"
+        );
+    });
+    assert_eq!(
+        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
+    assert!(reg.stats().fence_waits >= 1);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn a_hung_device_is_reset_and_its_work_fails_loudly() {
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig {
+        fence_timeout: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let buf = Anon::new(MIB);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    drv.set_enabled(false); // the device stops making progress
+    let f = reg
+        .submit(&q, &[&u], |i| {
+            vec![Descriptor::fill(i[0], MIB as u64, 0x55)]
+        })
+        .unwrap();
+    reg.invalidate(buf.addr as u64..(buf.addr + MIB) as u64, Cause::Unmap)
+        .unwrap();
+    assert_eq!(reg.stats().device_resets, 1);
+    let c = q.wait(f.end, WaitMode::Block, T).unwrap();
+    assert_eq!(
+        c.status,
+        Status::Aborted,
+        "the work completed with an error, not silently"
+    );
+    assert!(buf.read().iter().all(|&b| b == 0x11), "nothing was written");
+    drv.set_enabled(true);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn no_new_mapping_is_established_inside_an_invalidation_window() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(MIB);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let inv = reg.invalidate_start(range, Cause::Discard).unwrap();
+    let ended = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+            (ended.load(Ordering::SeqCst), u)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        buf.madvise(libc::MADV_DONTNEED);
+        ended.store(true, Ordering::SeqCst);
+        reg.invalidate_end(inv);
+        let (after_end, u) = h.join().unwrap();
+        assert!(after_end, "registration completed inside the window");
+        assert_eq!(fill(&reg, &q, &u, 0x66), Status::Ok);
+    });
+    assert!(buf.read().iter().all(|&b| b == 0x66));
+    assert!(reg.stats().window_waits >= 1);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn the_pin_budget_evicts_idle_regions_and_refuses_what_cannot_fit() {
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig {
+        pin_budget: Some(4 * MIB as u64),
+        ..Default::default()
+    });
+    let bufs: Vec<Anon> = (0..3).map(|_| Anon::new(2 * MIB)).collect();
+    let us: Vec<Userptr> = bufs
+        .iter()
+        .map(|b| reg.register(b.addr, 2 * MIB, Perm::READ_WRITE).unwrap())
+        .collect();
+    assert!(reg.pinned_bytes() <= 4 * MIB as u64);
+    assert!(reg.stats().evictions >= 1);
+    for (i, u) in us.iter().enumerate() {
+        assert_eq!(fill(&reg, &q, u, i as u8 + 1), Status::Ok);
+        assert!(bufs[i].read().iter().all(|&b| b == i as u8 + 1));
+    }
+    let big = Anon::new(8 * MIB);
+    let e = reg
+        .register(big.addr, 8 * MIB, Perm::READ_WRITE)
+        .unwrap_err();
+    assert!(matches!(e, Error::PinBudget { .. }), "{e}");
+    // Regions with work in flight are never evicted: with the device paused and
+    // both budget slots busy, a third registration fails instead.
+    drv.set_enabled(false);
+    let f0 = reg
+        .submit(&q, &[&us[0]], |i| {
+            vec![Descriptor::fill(i[0], 2 * MIB as u64, 9)]
+        })
+        .unwrap();
+    let f1 = reg
+        .submit(&q, &[&us[1]], |i| {
+            vec![Descriptor::fill(i[0], 2 * MIB as u64, 9)]
+        })
+        .unwrap();
+    let e = reg
+        .register(bufs[2].addr, 2 * MIB, Perm::READ_WRITE)
+        .unwrap_err();
+    assert!(matches!(e, Error::PinBudget { .. }), "{e}");
+    drv.set_enabled(true);
+    for f in [f0, f1] {
+        assert_eq!(
+            q.wait(f.end, WaitMode::Block, T).unwrap().status,
+            Status::Ok
+        );
+    }
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn the_mapping_count_limit_evicts() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig {
+        max_mappings: Some(4),
+        ..Default::default()
+    });
+    let buf = Anon::new(64 * 4096);
+    // Every other page, so nothing merges.
+    let us: Vec<Userptr> = (0..16)
+        .map(|i| {
+            reg.register(buf.addr + 2 * i * 4096, 4096, Perm::READ_WRITE)
+                .unwrap()
+        })
+        .collect();
+    assert!(reg.mappings() <= 4);
+    assert!(reg.stats().evictions >= 12);
+    for u in &us {
+        assert_eq!(fill(&reg, &q, u, 0x77), Status::Ok);
+    }
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn validation_mode_catches_a_missed_invalidation() {
+    let pins = PinCheck::start();
+    if !userptr::driver::registry::validate::available() {
+        eprintln!("SKIP: /proc/self/pagemap PFNs need CAP_SYS_ADMIN");
+        return;
+    }
+    let (_drv, q, reg) = setup(RegistryConfig {
+        validate: true,
+        ..Default::default()
+    });
+    let buf = Anon::new(MIB);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    buf.madvise(libc::MADV_DONTNEED); // nobody tells the registry
+    buf.fill(0x12); // fault in new pages
+    assert_eq!(fill(&reg, &q, &u, 0x34), Status::Ok);
+    assert!(
+        buf.read().iter().all(|&b| b == 0x34),
+        "validation re-pinned the new pages"
+    );
+    assert_eq!(reg.stats().validation_failures, 1);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn a_fork_child_gets_no_device_and_the_parent_keeps_working() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(MIB);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    // SAFETY: the child only calls register (which checks an atomic and returns an
+    // error without allocating or locking) and then _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        let code = match reg.register(buf.addr, 4096, Perm::READ) {
+            Err(Error::ForkedChild) => 0,
+            _ => 1,
+        };
+        // SAFETY: leave the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child saw a usable device"
+    );
+    reg.invalidate(buf.addr as u64..(buf.addr + MIB) as u64, Cause::Fork)
+        .unwrap();
+    assert_eq!(fill(&reg, &q, &u, 0x99), Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 0x99));
+    assert_eq!(reg.stats().unpins, 0);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn bad_registrations_are_typed_errors() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let e = reg.register(0x1000, 0, Perm::READ).unwrap_err();
+    assert!(matches!(e, Error::ZeroLength { .. }), "{e}");
+    let e = reg.register(usize::MAX - 10, 100, Perm::READ).unwrap_err();
+    assert!(matches!(e, Error::Overflow { .. }), "{e}");
+    let none = Anon::with_prot(MIB, libc::PROT_NONE);
+    let e = reg.register(none.addr, MIB, Perm::READ).unwrap_err();
+    assert!(matches!(e, Error::BadAddress { .. }), "{e}");
+    assert_eq!(reg.mappings(), 0);
+    drop((q, reg));
+    pins.check();
+}
