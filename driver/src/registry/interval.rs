@@ -62,8 +62,10 @@ impl<V> IntervalMap<V> {
     /// The ranges overlapping `[a, b)`, in descending order of start.
     pub fn overlapping(&self, r: Range<u64>) -> impl Iterator<Item = (Range<u64>, &V)> {
         let a = r.start;
+        // An empty query overlaps nothing.
+        let end = if r.start < r.end { r.end } else { 0 };
         self.map
-            .range(..r.end.max(r.start))
+            .range(..end)
             .rev()
             .take_while(move |(_, (end, _))| *end > a)
             .map(|(&s, (e, v))| (s..*e, v))
