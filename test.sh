@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
-RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom \
-    cargo test -p userptr-ring --test loom --release
+export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom
+cargo test -p userptr-ring --test loom --release
+cargo test -p userptr-driver --test loom_notifier --release

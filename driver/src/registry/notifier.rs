@@ -4,8 +4,8 @@
 //! counts (*epochs*):
 //!
 //! **Read side (submission).** For each userptr object a command references:
-//! 1. `read_begin(range, epoch)`: wait until no invalidation window overlaps the range,
-//!    then snapshot the object's epoch;
+//! 1. `read_begin(range, epoch)`: snapshot the object's epoch, then wait until no
+//!    invalidation window overlaps the range (in this order: see `read_begin`);
 //! 2. make sure the object is pinned and mapped, **outside every lock** (pinning faults
 //!    pages in, allocates and can block);
 //! 3. take the **shared** side of the notifier lock;
@@ -64,9 +64,9 @@ impl Epoch {
 
     /// Invalidate: bump. Caller holds the exclusive guard (the parameter proves it).
     pub fn bump<T>(&self, _held: &WriteGuard<'_, T>) {
-        // Relaxed: ordered by the exclusive lock, whose release pairs with the shared
-        // lock's acquire in read_retry.
-        self.0.fetch_add(1, Ordering::Relaxed);
+        // Release: pairs with read_begin's Acquire snapshot (which runs unlocked). In
+        // read_retry the locks order it anyway.
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -116,11 +116,17 @@ impl<T> Notifier<T> {
         }
     }
 
-    /// Step 1 of the read side: wait until no window overlaps `range`, then snapshot
-    /// `epoch`. Returns the snapshot and whether it had to wait.
+    /// Step 1 of the read side: snapshot `epoch`, then wait until no window overlaps
+    /// `range`. Returns the snapshot and whether it had to wait.
     pub fn read_begin(&self, range: &Range<u64>, epoch: &Epoch) -> (u64, bool) {
+        // Snapshot first, then wait: the other order lets a whole exclusive section
+        // (window opened, epoch bumped) slip between the window check and the
+        // snapshot, and the stale pin would then pass read_retry. Found by the loom
+        // model. Acquire: a snapshot that sees a bump also sees the window opened
+        // before it.
+        let seq = epoch.0.load(Ordering::Acquire);
         let waited = self.wait_no_window(range);
-        (epoch.get(), waited)
+        (seq, waited)
     }
 
     /// Wait until no window overlaps `range`. Returns whether it waited.
