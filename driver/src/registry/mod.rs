@@ -520,9 +520,11 @@ impl Registry {
             g.maps[slot]
                 .insert(range.clone(), region.clone())
                 .expect("overlaps were removed");
-            drop(g);
+            // Counted before the lock is released: once it is, an invalidation may
+            // unmap the region and uncount it.
             inner.pinned.fetch_add(len, Ordering::Relaxed);
             inner.mappings.fetch_add(1, Ordering::Relaxed);
+            drop(g);
             Stats::add(&inner.stats.pins, 1);
             Stats::add(&inner.stats.pinned_bytes, len);
             self.reclaim_draining();
@@ -568,7 +570,7 @@ impl Registry {
     fn make_room(&self, len: u64) -> Result<()> {
         let inner = &*self.inner;
         let fits = || {
-            inner.pinned.load(Ordering::Relaxed) + len <= inner.budget
+            inner.pinned.load(Ordering::Relaxed).saturating_add(len) <= inner.budget
                 && inner.mappings.load(Ordering::Relaxed) < inner.max_mappings
         };
         if fits() {
