@@ -47,5 +47,7 @@ pub use iommu::{IommuDomain, Perm};
 pub use mapping::UserMapping;
 pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};
 pub use reference::{ReferenceConfig, ReferenceDevice};
-pub use registry::{Cause, Invalidation, Registry, RegistryConfig, StatsSnapshot, Userptr};
+pub use registry::{
+    Cause, Invalidation, RegionInfo, Registry, RegistryConfig, StatsSnapshot, Userptr,
+};
 pub use uring_iommu::UringIommuConfig;

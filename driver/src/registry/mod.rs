@@ -287,6 +287,19 @@ impl Userptr {
     }
 }
 
+/// A live region as [`Registry::regions`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    /// Host virtual range (whole pages).
+    pub range: Range<u64>,
+    /// The permission registrations asked for.
+    pub perm: Perm,
+    /// Device address of `range.start`.
+    pub iova: u64,
+    /// Made device-read-only by a protection downgrade.
+    pub device_read_only: bool,
+}
+
 /// An open invalidation (between `invalidate_start` and `invalidate_end`).
 #[derive(Debug)]
 #[must_use = "call invalidate_end once the address-space change is done"]
@@ -353,6 +366,23 @@ impl Registry {
     /// Regions mapped now.
     pub fn mappings(&self) -> usize {
         self.inner.mappings.load(Ordering::Relaxed)
+    }
+
+    /// The live regions (pinned mappings), ascending by address within each
+    /// permission: for inspection, tests and the tool.
+    pub fn regions(&self) -> Vec<RegionInfo> {
+        let g = self.inner.notifier.read();
+        g.maps
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(range, r)| RegionInfo {
+                range,
+                perm: r.perm,
+                iova: r.iova,
+                // Relaxed: a reading for display.
+                device_read_only: r.downgraded.load(Ordering::Relaxed),
+            })
+            .collect()
     }
 
     /// The counters.
