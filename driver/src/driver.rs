@@ -98,8 +98,19 @@ impl Driver {
 
     /// Map whole pages at a freshly allocated IOVA; returns the IOVA.
     pub(crate) fn map_raw(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
-        let align = if len >= PAGE_2M { PAGE_2M } else { PAGE_4K };
-        let iova = self.alloc_iova(len, align)?;
+        // Large ranges get an IOVA congruent to the host address modulo 2 MiB, so
+        // that huge-page-backed memory can be mapped with 2 MiB IOMMU pages.
+        let (align, phase) = if len >= PAGE_2M {
+            (PAGE_2M, host % PAGE_2M)
+        } else {
+            (PAGE_4K, 0)
+        };
+        let iova = self
+            .inner
+            .iova
+            .lock()
+            .expect("iova lock poisoned")
+            .alloc_congruent(len, align, phase)?;
         if let Err(e) = self.inner.domain.map(iova, host, len, perm) {
             self.free_iova(iova, len);
             return Err(e);
@@ -112,14 +123,6 @@ impl Driver {
         self.inner.domain.unmap(iova, len)?;
         self.free_iova(iova, len);
         Ok(())
-    }
-
-    fn alloc_iova(&self, len: u64, align: u64) -> Result<u64> {
-        self.inner
-            .iova
-            .lock()
-            .expect("iova lock poisoned")
-            .alloc(len, align)
     }
 
     fn free_iova(&self, iova: u64, len: u64) {

@@ -32,12 +32,25 @@ impl IovaAllocator {
 
     /// Allocate `len` bytes aligned to `align` (a power of two).
     pub fn alloc(&mut self, len: u64, align: u64) -> Result<u64> {
-        debug_assert!(align.is_power_of_two());
+        self.alloc_congruent(len, align, 0)
+    }
+
+    /// Allocate `len` bytes at an address `a` with `a % align == phase`: a host range
+    /// backed by huge pages that starts `phase` bytes into a huge page gets an IOVA
+    /// with the same offset, so the IOMMU can map it with large pages too.
+    pub fn alloc_congruent(&mut self, len: u64, align: u64, phase: u64) -> Result<u64> {
+        debug_assert!(align.is_power_of_two() && phase < align);
         if len == 0 {
             return Err(Error::ZeroLength { addr: 0 });
         }
         let found = self.free.iter().find_map(|(&start, &end)| {
-            let a = start.checked_add(align - 1)? & !(align - 1);
+            // The first aligned address at or after start, then the lowest address
+            // with the right phase at or after start (possibly in the block before).
+            let base = start.checked_add(align - 1)? & !(align - 1);
+            let a = match base.checked_sub(align) {
+                Some(prev) if prev + phase >= start => prev + phase,
+                _ => base.checked_add(phase)?,
+            };
             let e = a.checked_add(len)?;
             (e <= end).then_some((start, end, a, e))
         });
@@ -114,8 +127,9 @@ mod tests {
                 }
                 let len = pages * 0x1000;
                 let align = 0x1000u64 << align_log;
-                if let Ok(s) = a.alloc(len, align) {
-                    prop_assert_eq!(s % align, 0);
+                let phase = (pages * 0x1000) % align;
+                if let Ok(s) = a.alloc_congruent(len, align, phase) {
+                    prop_assert_eq!(s % align, phase);
                     prop_assert!(s >= 0x1000 && s + len <= 0x1000 + total);
                     for &(o, ol) in &live {
                         prop_assert!(s + len <= o || o + ol <= s, "overlap");
