@@ -48,6 +48,7 @@ pub use mapping::UserMapping;
 pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};
 pub use reference::{ReferenceConfig, ReferenceDevice};
 pub use registry::{
-    Cause, Invalidation, RegionInfo, Registry, RegistryConfig, StatsSnapshot, Userptr,
+    Cause, Invalidation, RegionInfo, RegionObserver, Registry, RegistryConfig, StatsSnapshot,
+    Userptr,
 };
 pub use uring_iommu::UringIommuConfig;

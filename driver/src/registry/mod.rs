@@ -241,6 +241,11 @@ struct Inner {
     pinned: AtomicU64,
     mappings: AtomicUsize,
     stats: Stats,
+    /// Lowest start and highest end of any range ever pinned (never shrinks until
+    /// `clear`): the lock-free "could this touch a registered range" pre-check.
+    lo: AtomicU64,
+    hi: AtomicU64,
+    observers: Mutex<Vec<Arc<dyn RegionObserver>>>,
 }
 
 /// The userptr registry of one driver. Cheap to clone (shared).
@@ -285,6 +290,14 @@ impl Userptr {
     pub fn perm(&self) -> Perm {
         self.perm
     }
+}
+
+/// Told about every region the registry pins (after it is installed), so that a
+/// monitor can start watching its range (userfaultfd registers it, for example).
+/// Called outside every registry lock, on the thread that pinned.
+pub trait RegionObserver: Send + Sync {
+    /// `range` (whole pages) was pinned and mapped.
+    fn pinned(&self, range: Range<u64>);
 }
 
 /// A live region as [`Registry::regions`] reports it.
@@ -343,6 +356,9 @@ impl Registry {
                 pinned: AtomicU64::new(0),
                 mappings: AtomicUsize::new(0),
                 stats: Stats::default(),
+                lo: AtomicU64::new(u64::MAX),
+                hi: AtomicU64::new(0),
+                observers: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -366,6 +382,26 @@ impl Registry {
     /// Regions mapped now.
     pub fn mappings(&self) -> usize {
         self.inner.mappings.load(Ordering::Relaxed)
+    }
+
+    /// Add an observer of newly pinned regions (see [`RegionObserver`]).
+    pub fn add_observer(&self, o: Arc<dyn RegionObserver>) {
+        self.inner
+            .observers
+            .lock()
+            .expect("observers lock poisoned")
+            .push(o);
+    }
+
+    /// Whether `range` may overlap a registered range. Lock-free and allocation-free
+    /// (safe to call from a signal handler); false positives are possible, false
+    /// negatives are not.
+    pub fn may_overlap(&self, range: &Range<u64>) -> bool {
+        // Acquire: pairs with the Release updates in `pin`, which happen before the
+        // region is installed; a check that misses them also misses the region.
+        let lo = self.inner.lo.load(Ordering::Acquire);
+        let hi = self.inner.hi.load(Ordering::Acquire);
+        range.start < hi && lo < range.end
     }
 
     /// The live regions (pinned mappings), ascending by address within each
@@ -526,6 +562,10 @@ impl Registry {
                 inflight: Mutex::new(Vec::new()),
                 pfns,
             });
+            // Widen the pre-check bounds before the region becomes visible.
+            // Release: see may_overlap.
+            inner.lo.fetch_min(range.start, Ordering::Release);
+            inner.hi.fetch_max(range.end, Ordering::Release);
             let mut g = inner.notifier.write();
             if g.invalidated_since(gen, &range) {
                 drop(g);
@@ -557,6 +597,14 @@ impl Registry {
             drop(g);
             Stats::add(&inner.stats.pins, 1);
             Stats::add(&inner.stats.pinned_bytes, len);
+            let observers = inner
+                .observers
+                .lock()
+                .expect("observers lock poisoned")
+                .clone();
+            for o in observers {
+                o.pinned(range.clone());
+            }
             self.reclaim_draining();
             return Ok((region, seq));
         }
