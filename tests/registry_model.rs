@@ -18,8 +18,16 @@ const PAGE: usize = 4096;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Register { page: usize, pages: usize, write: bool },
-    Invalidate { page: usize, pages: usize, cause: u8 },
+    Register {
+        page: usize,
+        pages: usize,
+        write: bool,
+    },
+    Invalidate {
+        page: usize,
+        pages: usize,
+        cause: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {

@@ -98,6 +98,13 @@ pub enum Error {
         end: u64,
         reason: String,
     },
+    #[error("the {monitor} monitor is unavailable: {reason}")]
+    MonitorUnavailable {
+        monitor: &'static str,
+        reason: String,
+    },
+    #[error("cannot install the monitor: {what}")]
+    MonitorConflict { what: &'static str },
     #[error("ring {ring} stopped: {reason}")]
     RingStopped { ring: u32, reason: String },
 }

@@ -15,6 +15,7 @@
 //! * [`dma_memory`]: driver-owned DMA memory for ring structures;
 //! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
 //! * [`registry`]: the userptr registry: epochs, invalidation, pin cache;
+//! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd) feeding the registry;
 //! * [`fork`]: the fork policy and its atfork handler;
 //! * [`error`]: the [`Error`] type.
 //!
@@ -32,6 +33,7 @@ pub mod fork;
 pub mod iommu;
 pub mod iova;
 pub mod mapping;
+pub mod monitor;
 pub mod proc_status;
 pub mod queue;
 pub mod reference;

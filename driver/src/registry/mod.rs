@@ -407,6 +407,7 @@ impl Registry {
     /// The live regions (pinned mappings), ascending by address within each
     /// permission: for inspection, tests and the tool.
     pub fn regions(&self) -> Vec<RegionInfo> {
+        let _section = crate::monitor::driver_section();
         let g = self.inner.notifier.read();
         g.maps
             .iter()
@@ -429,6 +430,7 @@ impl Registry {
     /// Register `len` bytes at `addr` for device access with `perm`, pinning them now
     /// (so errors surface here) or reusing / merging cached mappings.
     pub fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr> {
+        let _section = crate::monitor::driver_section();
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
@@ -457,6 +459,7 @@ impl Registry {
     /// until the next invalidation: submit through [`Registry::submit`], which
     /// validates it.
     pub fn iova(&self, u: &Userptr) -> Result<u64> {
+        let _section = crate::monitor::driver_section();
         let (r, _) = self.resolve(u)?;
         Ok(r.iova + (u.addr - r.range.start))
     }
@@ -713,6 +716,7 @@ impl Registry {
     where
         F: Fn(&[u64]) -> Vec<Descriptor>,
     {
+        let _section = crate::monitor::driver_section();
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
@@ -772,6 +776,7 @@ impl Registry {
     /// longer uses the range (or its work failed after a device reset), and no new
     /// mapping of it can be established until [`Registry::invalidate_end`].
     pub fn invalidate_start(&self, range: Range<u64>, cause: Cause) -> Result<Invalidation> {
+        let _section = crate::monitor::driver_section();
         let inner = &*self.inner;
         Stats::add(&inner.stats.invalidations[cause.index()], 1);
         let range = if range.start >= range.end {
@@ -875,6 +880,7 @@ impl Registry {
 
     /// End an invalidation: new mappings of the range may be established again.
     pub fn invalidate_end(&self, inv: Invalidation) {
+        let _section = crate::monitor::driver_section();
         if let Some(w) = inv.window {
             self.inner.notifier.close_window(w);
         }
@@ -965,6 +971,7 @@ impl Registry {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        let _section = crate::monitor::driver_section();
         if crate::fork::in_forked_child() {
             return; // the parent owns the pins
         }

@@ -1,0 +1,47 @@
+//! Address-space monitors: every `munmap`, `madvise`, `mprotect`, `mremap`, ... must
+//! reach the registry's `invalidate_start` / `invalidate_end` before it takes effect.
+//!
+//! Sources, all feeding [`crate::Registry::invalidate_start`] /
+//! [`crate::Registry::invalidate_end`] with a [`crate::Cause`]:
+//! * [`seccomp`]: a seccomp filter traps the calls (unless they come from the driver's
+//!   own syscall trampoline) and a SIGSYS handler in the calling thread runs the
+//!   invalidation before performing the call: a complete pre-notifier, for libc
+//!   wrappers, glibc-internal calls and raw `syscall()` alike;
+//! * [`uffd`]: userfaultfd non-cooperative events, a kernel-sourced second opinion
+//!   (asynchronous: see its module doc for what it cannot guarantee);
+//! * explicit: the application calls the registry itself around its own changes.
+//!
+//! Re-entrancy: while a thread runs driver code ([`driver_section`]), the calls it
+//! makes (freeing its own buffers, say) pass through unmonitored: the driver never
+//! changes memory the application registered, and monitoring its own calls while it
+//! holds its locks would deadlock.
+
+pub mod seccomp;
+pub mod uffd;
+
+use std::cell::Cell;
+
+thread_local! {
+    // const-initialised, no destructor: safe to touch from a signal handler.
+    static IN_DRIVER: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Marks the current thread as running driver code until dropped.
+pub struct DriverSection(());
+
+/// Enter a driver section (nests).
+pub fn driver_section() -> DriverSection {
+    IN_DRIVER.with(|c| c.set(c.get() + 1));
+    DriverSection(())
+}
+
+impl Drop for DriverSection {
+    fn drop(&mut self) {
+        IN_DRIVER.with(|c| c.set(c.get() - 1));
+    }
+}
+
+/// Whether the current thread is inside a driver section.
+pub fn in_driver() -> bool {
+    IN_DRIVER.with(|c| c.get() > 0)
+}

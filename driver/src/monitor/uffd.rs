@@ -1,0 +1,1 @@
+//! The userfaultfd monitor (in progress).
