@@ -294,7 +294,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
         "mremap_move" => {
             let buf = Anon::new(LEN);
             let dest = Anon::new(LEN);
-            let r = ctx.visible(buf.addr, LEN, Perm::READ_WRITE, |c, a| {
+            ctx.visible(buf.addr, LEN, Perm::READ_WRITE, |c, a| {
                 c.change(
                     a..a + LEN,
                     Cause::Remap {
@@ -314,8 +314,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                 );
                 mmap_fixed(a, LEN);
                 a
-            });
-            r
+            })
         }
         "brk_shrink" => {
             // SAFETY: grows the heap by a page-aligned block, registers it, shrinks the
