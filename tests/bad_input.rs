@@ -432,3 +432,78 @@ fn io_uring_blocked_child() {
     assert!(msg.contains("seccomp") && msg.contains("io_uring"), "{msg}");
     println!("unavailable ok: {msg}");
 }
+
+#[test]
+fn shared_file_mappings_are_unsupported_memory() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let path = std::env::temp_dir().join(format!("userptr-file-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    f.set_len(1 << 20).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a shared mapping of our own temporary file, unmapped below.
+    let a = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            1 << 20,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(a, libc::MAP_FAILED);
+    let e = drv
+        .map_user(a as usize, 1 << 20, Perm::READ_WRITE)
+        .unwrap_err();
+    // SAFETY: our mapping.
+    unsafe { libc::munmap(a, 1 << 20) };
+    let _ = std::fs::remove_file(&path);
+    assert!(matches!(e, Error::UnsupportedMemory { .. }), "{e}");
+    drop(drv);
+    pins.check();
+}
+
+#[test]
+fn a_corrupt_completion_head_stops_the_ring_with_an_error() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let q = drv.queue(0, 8).unwrap();
+    q.run(Descriptor::nop()).unwrap();
+    use userptr::driver::regs::{ring, ring_reg};
+    drv.device().write32(ring_reg(0, ring::CQ_HEAD), 1000);
+    let e = q.run(Descriptor::nop()).unwrap_err();
+    assert!(matches!(e, Error::RingStopped { .. }), "{e}");
+    assert_eq!(
+        drv.device().read32(ring_reg(0, ring::ERROR)),
+        ring::ERROR_INDEX
+    );
+    drop((q, drv));
+    pins.check();
+}
+
+#[test]
+fn back_to_back_resets_abort_everything() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let qa = drv.queue(0, 8).unwrap();
+    let qb = drv.queue(1, 8).unwrap();
+    drv.set_enabled(false);
+    let fa = qa.submit(Descriptor::nop(), Backpressure::Wait).unwrap();
+    drv.reset(Duration::from_secs(10)).unwrap();
+    let fb = qb.submit(Descriptor::nop(), Backpressure::Wait).unwrap();
+    drv.reset(Duration::from_secs(10)).unwrap();
+    for (q, f) in [(&qa, fa), (&qb, fb)] {
+        let c = q.wait(f, WaitMode::Block, Duration::from_secs(10)).unwrap();
+        assert_eq!(c.status, Status::Aborted);
+    }
+    drv.set_enabled(true);
+    drop((qa, qb, drv));
+    pins.check();
+}

@@ -142,7 +142,9 @@ impl Driver {
     }
 
     /// Pause (`false`) or resume (`true`) the device's command processing
-    /// (CONTROL.ENABLE). Paused, submissions queue up until the ring is full.
+    /// (CONTROL.ENABLE). Paused, submissions queue up until the ring is full. Pausing
+    /// does not wait for the batch in progress: it stops the engine from starting the
+    /// next one.
     pub fn set_enabled(&self, on: bool) {
         let dev = &self.inner.device;
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
@@ -157,9 +159,9 @@ impl Driver {
         let deadline = std::time::Instant::now() + timeout;
         while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
             if std::time::Instant::now() > deadline {
-                return Err(crate::error::Error::RingStopped {
-                    ring: u32::MAX,
-                    reason: "device did not finish its reset".into(),
+                return Err(crate::error::Error::DeviceTimeout {
+                    what: "its reset",
+                    waited_ms: timeout.as_millis() as u64,
                 });
             }
             std::thread::yield_now();

@@ -105,6 +105,8 @@ pub enum Error {
     },
     #[error("cannot install the monitor: {what}")]
     MonitorConflict { what: &'static str },
+    #[error("the device did not finish {what} within {waited_ms} ms")]
+    DeviceTimeout { what: &'static str, waited_ms: u64 },
     #[error("ring {ring} stopped: {reason}")]
     RingStopped { ring: u32, reason: String },
 }

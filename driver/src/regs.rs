@@ -8,7 +8,8 @@
 /// Size of BAR0.
 pub const BAR0_SIZE: u32 = 0x1000;
 
-/// RO: identity, `0x5550_5452` (ASCII "RTPU", i.e. "UPTR" read as little-endian bytes).
+/// RO: identity, `0x5550_5452`: "UPTR" read most-significant byte first (the bytes
+/// in memory, little-endian, are "RTPU").
 pub const ID: u32 = 0x000;
 /// The value of [`ID`].
 pub const ID_VALUE: u32 = 0x5550_5452;

@@ -217,6 +217,9 @@ impl UringIommu {
 
     fn pin_error(e: io::Error, host: u64, len: u64) -> Error {
         match e.raw_os_error() {
+            Some(libc::EFAULT) if is_file_mapping(host, len) => {
+                Error::UnsupportedMemory { addr: host, len }
+            }
             Some(libc::EFAULT) => Error::BadAddress { addr: host, len },
             Some(libc::EOPNOTSUPP) => Error::UnsupportedMemory { addr: host, len },
             Some(libc::ENOMEM) => Error::PinLimit {
@@ -227,6 +230,31 @@ impl UringIommu {
             _ => Error::sys("io_uring_register(IORING_REGISTER_BUFFERS_UPDATE)", e),
         }
     }
+}
+
+/// Whether any of `[host, host + len)` is a regular-file mapping (io_uring refuses
+/// those with EFAULT on current kernels, which would otherwise read as "unmapped").
+/// Error path only: reads /proc/self/maps.
+fn is_file_mapping(host: u64, len: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    maps.lines().any(|line| {
+        let mut f = line.split_whitespace();
+        let Some((a, b)) = f.next().and_then(|r| r.split_once('-')) else {
+            return false;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            return false;
+        };
+        let path = f.nth(4).unwrap_or("");
+        a < host + len
+            && host < b
+            && path.starts_with('/')
+            && !path.starts_with("/memfd:")
+            && !path.starts_with("/dev/shm/")
+            && !path.starts_with("/SYSV")
+    })
 }
 
 impl IommuDomain for UringIommu {

@@ -6,7 +6,8 @@
 //!  8      2   status       Status
 //! 10      1   fault_access AccessKind of a DMA fault (0 when none)
 //! 11      1   reserved
-//! 12      4   detail       DescriptorError::code() for BadDescriptor, else 0
+//! 12      4   detail       DescriptorError::code() for BadDescriptor, the errno for
+//!                          DeviceError, else 0
 //! 16      8   fault_iova   first IOVA that faulted (DMA fault only)
 //! 24      8   result       opcode result (CRC32C: the checksum)
 //! ```
@@ -67,7 +68,8 @@ pub struct Completion {
     pub seqno: u64,
     pub status: Status,
     pub fault: Option<FaultRecord>,
-    /// `DescriptorError::code()` for `BadDescriptor`, otherwise 0.
+    /// `DescriptorError::code()` for `BadDescriptor`, the errno for `DeviceError`,
+    /// otherwise 0.
     pub detail: u32,
     /// The opcode's result (CRC32C: the checksum), otherwise 0.
     pub result: u64,

@@ -104,10 +104,14 @@ impl Engine {
     /// Abort every queued command of every ring (status `Aborted`), then clear the
     /// reset request.
     fn reset(&mut self) {
-        for r in 0..self.shared.rings {
-            while self.service(r, true) {}
+        // Take the request first: a reset written while this pass runs sets it again
+        // and gets a pass of its own instead of being lost.
+        // AcqRel: pairs with the Release store in the CONTROL write handler.
+        while self.shared.reset_requested.swap(false, Ordering::AcqRel) {
+            for r in 0..self.shared.rings {
+                while self.service(r, true) {}
+            }
         }
-        self.shared.reset_requested.store(false, Ordering::Release);
         self.shared
             .status
             .fetch_and(!regs::STATUS_RESETTING, Ordering::AcqRel);
@@ -194,6 +198,11 @@ impl Engine {
                 return true;
             }
         };
+        // A CQ_HEAD written past CQ_TAIL would read as "no room" forever: an error.
+        if rr.cq.tail().wrapping_sub(rr.cq.head()) > st.geo.size() {
+            self.ring_error(r, ring::ERROR_INDEX);
+            return true;
+        }
         let n = avail.min(BATCH).min(st.cq.free(&rr.cq));
         if n == 0 {
             return false;
