@@ -13,10 +13,12 @@
 //! numbers for 2 MiB and up but not which side pays for what: both pin the same pages.
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
-use io_uring::IoUring;
 use std::hint::black_box;
 use std::time::Duration;
 use userptr::{Driver, Perm};
+
+mod support;
+use support::{Anon, RawRing};
 
 const SIZES: [(usize, &str); 4] = [
     (4 << 10, "4KiB"),
@@ -24,83 +26,6 @@ const SIZES: [(usize, &str); 4] = [
     (2 << 20, "2MiB"),
     (64 << 20, "64MiB"),
 ];
-
-/// An anonymous private read-write mapping, every page touched, unmapped on drop.
-struct Anon {
-    addr: usize,
-    len: usize,
-}
-
-impl Anon {
-    fn new(len: usize) -> Anon {
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap of {len} bytes failed");
-        let addr = p as usize;
-        for off in (0..len).step_by(4096) {
-            // SAFETY: in bounds of the read-write mapping created above, which nothing
-            // else references.
-            unsafe { ((addr + off) as *mut u8).write_volatile(1) };
-        }
-        Anon { addr, len }
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: we own the mapping; every pin of it was released before the drop.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
-/// A private io_uring with a one-slot sparse buffer table.
-struct RawRing {
-    ring: IoUring,
-}
-
-impl RawRing {
-    fn new() -> RawRing {
-        let ring = IoUring::new(8).expect("io_uring_setup");
-        ring.submitter()
-            .register_buffers_sparse(1)
-            .expect("IORING_REGISTER_BUFFERS2 (sparse)");
-        RawRing { ring }
-    }
-
-    fn update(&self, iov: libc::iovec) {
-        // SAFETY: the iovec is either a live anonymous mapping owned by the caller
-        // (pinned by the kernel for as long as it stays registered, and unregistered
-        // before that mapping is dropped) or {null, 0}, which clears the slot. No
-        // request is ever submitted on this ring, so the kernel never accesses the
-        // buffer through it; registration only pins it.
-        unsafe {
-            self.ring
-                .submitter()
-                .register_buffers_update(0, &[iov], None)
-        }
-        .expect("IORING_REGISTER_BUFFERS_UPDATE");
-    }
-
-    fn register_unregister(&self, addr: usize, len: usize) {
-        self.update(libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: len,
-        });
-        self.update(libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        });
-    }
-}
 
 fn pin(c: &mut Criterion) {
     let drv = Driver::reference().expect("reference device (needs io_uring)");
