@@ -1,0 +1,141 @@
+//! `userptr bench`: the measurement harness.
+//!
+//! Every measurement takes a warm-up, then `samples` timed repetitions, and reports the
+//! median, p10 and p90. Where a raw kernel operation is the physical limit (an io_uring
+//! pin, a `memcpy`, a raw `madvise`), it is measured in the same run, *interleaved*
+//! sample by sample with ours, and the result carries `baseline`, `ratio` (ours /
+//! baseline) and `added_us` (ours − baseline). These machines are noisy: compare
+//! ratios, not absolute times.
+//!
+//! `--json FILE` writes (stable names, see the project's bench contract):
+//! ```text
+//! { "machine": { "kernel", "cpus", "cpu_model" },
+//!   "results": [ { "suite", "name", "unit", "median", "p10", "p90", "samples",
+//!                  "baseline": { "name", "median" }?, "ratio"?, "added_us"? } ] }
+//! ```
+
+mod e2e;
+pub mod intercept;
+mod measure;
+mod pin;
+mod registry;
+mod ring;
+
+pub use measure::Measurement;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+
+/// The suites, in run order.
+pub const SUITES: [&str; 7] = [
+    "pin",
+    "ring",
+    "e2e",
+    "cache",
+    "invalidate",
+    "intercept",
+    "all",
+];
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Suites to run (repeat or comma-separate): pin, ring, e2e, cache, invalidate,
+    /// intercept, all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    suite: Vec<String>,
+    /// A short run (under a minute on 2 cores): fewer samples, smaller sizes.
+    #[arg(long)]
+    quick: bool,
+    /// Write every figure as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// Samples per measurement (default 30, 10 with --quick).
+    #[arg(long)]
+    samples: Option<usize>,
+}
+
+/// What a suite needs.
+pub struct Ctx {
+    pub quick: bool,
+    pub samples: usize,
+    pub progress: ProgressBar,
+}
+
+pub fn run(a: Args) -> Result<(), String> {
+    let mut suites: Vec<String> = a.suite.iter().map(|s| s.trim().to_lowercase()).collect();
+    for s in &suites {
+        if !SUITES.contains(&s.as_str()) {
+            return Err(format!(
+                "unknown suite `{s}`\nhint: choose from {}",
+                SUITES.join(", ")
+            ));
+        }
+    }
+    if suites.iter().any(|s| s == "all") {
+        suites = SUITES[..6].iter().map(|s| s.to_string()).collect();
+    }
+    let samples = a.samples.unwrap_or(if a.quick { 10 } else { 30 }).max(3);
+    let progress = ProgressBar::new(suites.len() as u64);
+    if !std::io::stderr().is_terminal() {
+        progress.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    progress.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let ctx = Ctx {
+        quick: a.quick,
+        samples,
+        progress,
+    };
+    let mut results = Vec::new();
+    for s in &suites {
+        ctx.progress.set_message(s.clone());
+        let r = match s.as_str() {
+            "pin" => pin::run(&ctx),
+            "ring" => ring::run(&ctx),
+            "e2e" => e2e::run(&ctx),
+            "cache" => registry::cache(&ctx),
+            "invalidate" => registry::invalidate(&ctx),
+            "intercept" => intercept::run(&ctx),
+            _ => unreachable!(),
+        }?;
+        for m in &r {
+            println!("{}", m.row());
+        }
+        results.extend(r);
+        ctx.progress.inc(1);
+    }
+    ctx.progress.finish_and_clear();
+    if let Some(path) = a.json {
+        let doc = serde_json::json!({
+            "machine": machine(),
+            "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&doc).unwrap_or_default(),
+        )
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        println!("wrote {} results to {}", results.len(), path.display());
+    }
+    Ok(())
+}
+
+fn machine() -> serde_json::Value {
+    let u = rustix::system::uname();
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "kernel": format!("{} {}", u.sysname().to_string_lossy(), u.release().to_string_lossy()),
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": cpu_model,
+    })
+}

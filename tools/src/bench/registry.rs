@@ -1,0 +1,177 @@
+//! cache and invalidate: the registry's costs.
+
+use super::measure::{interleaved, repeat, time_us, Mem, Sample};
+use super::{Ctx, Measurement};
+use crate::raw_pin::RawPin;
+use std::time::{Duration, Instant};
+use userptr::driver::registry::interval::IntervalMap;
+use userptr::{Cause, Descriptor, Driver, Perm, Registry, RegistryConfig, WaitMode};
+
+const T: Duration = Duration::from_secs(30);
+
+pub fn cache(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
+    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
+    let mem = Mem::new(128 * (64 << 10));
+    let us = (0..64)
+        .map(|i| reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| crate::explain(&e))?;
+    let mut out = Vec::new();
+    // Submissions of one NOP referencing n cached buffers, 32 per wait.
+    let (reg_r, q_r, us_r) = (&reg, &q, &us);
+    let per_submit = |n: usize| {
+        let refs: Vec<_> = us_r.iter().take(n).collect();
+        let (reg, q) = (reg_r, q_r);
+        move || {
+            let t = Instant::now();
+            let mut last = None;
+            for _ in 0..32 {
+                last = Some(
+                    reg.submit(q, &refs, |_| vec![Descriptor::nop()])
+                        .expect("submit"),
+                );
+            }
+            let el = t.elapsed();
+            q.wait(last.expect("one submitted").end, WaitMode::Poll, T)
+                .expect("wait");
+            el.as_secs_f64() * 1e6 / 32.0
+        }
+    };
+    let (s64, s1) = interleaved(ctx.samples, 3, per_submit(64), per_submit(1));
+    let per_ref = Sample {
+        values: s64
+            .values
+            .iter()
+            .zip(&s1.values)
+            .map(|(a, b)| (a - b).max(0.0) * 1000.0 / 63.0)
+            .collect(),
+    };
+    out.push(Measurement::new("cache", "hit_per_ref", "ns", per_ref));
+    for (n, s) in [(1, s1), (64, s64)] {
+        out.push(Measurement::new(
+            "cache",
+            format!("submit_{n}_refs"),
+            "us",
+            s,
+        ));
+    }
+    let s8 = repeat(ctx.samples, 3, per_submit(8));
+    out.push(Measurement::new("cache", "submit_8_refs", "us", s8));
+    let lookups = repeat(ctx.samples, 3, || {
+        let t = Instant::now();
+        for u in us.iter().cycle().take(10_000) {
+            std::hint::black_box(reg.iova(u).expect("hit"));
+        }
+        t.elapsed().as_secs_f64() * 1e9 / 10_000.0
+    });
+    out.push(Measurement::new("cache", "hit_lookup", "ns", lookups));
+
+    // The registry's index with 100 000 entries (more regions than the reference
+    // IOMMU can map: it holds 16384 mappings).
+    let mut index = IntervalMap::new();
+    for i in 0..100_000u64 {
+        let _ = index.insert(i * 8192..i * 8192 + 4096, i);
+    }
+    let mut k = 0u64;
+    let l100k = repeat(ctx.samples, 3, || {
+        let t = Instant::now();
+        for _ in 0..10_000 {
+            k = (k + 7919) % 100_000;
+            std::hint::black_box(index.covering(k * 8192 + 100..k * 8192 + 200));
+        }
+        t.elapsed().as_secs_f64() * 1e9 / 10_000.0
+    });
+    out.push(Measurement::new("cache", "lookup_100k", "ns", l100k));
+    Ok(out)
+}
+
+pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
+    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    let q = drv.queue(0, 64).map_err(|e| crate::explain(&e))?;
+    let raw = RawPin::new().map_err(|e| format!("io_uring for the raw baseline: {e}"))?;
+    let len = 2usize << 20;
+    let mem = Mem::new(len);
+    let range = mem.addr as u64..(mem.addr + len) as u64;
+    let madvise = |m: &Mem| {
+        // SAFETY: discarding our own buffer's pages.
+        unsafe { libc::madvise(m.addr as *mut _, m.len, libc::MADV_DONTNEED) };
+    };
+    let mut out = Vec::new();
+    let mut err = None;
+    let (ours, base) = interleaved(
+        ctx.samples,
+        2,
+        || {
+            if let Err(e) = reg.register(mem.addr, len, Perm::READ_WRITE) {
+                err = Some(crate::explain(&e));
+            }
+            time_us(|| {
+                let inv = reg
+                    .invalidate_start(range.clone(), Cause::Discard)
+                    .expect("invalidate");
+                madvise(&mem);
+                reg.invalidate_end(inv);
+            })
+        },
+        || {
+            let _ = raw.pin(mem.addr, len);
+            time_us(|| {
+                madvise(&mem);
+                let _ = raw.unpin();
+            })
+        },
+    );
+    if let Some(e) = err {
+        return Err(e);
+    }
+    out.push(
+        Measurement::new("invalidate", "idle_2MiB_discard", "us", ours)
+            .with_baseline("raw_madvise_unpin_2MiB", base),
+    );
+    let busy = repeat(ctx.samples, 1, || {
+        let u = reg
+            .register(mem.addr, len, Perm::READ_WRITE)
+            .expect("register");
+        let f = reg
+            .submit(&q, &[&u], |i| vec![Descriptor::fill(i[0], len as u64, 7)])
+            .expect("submit");
+        let t = time_us(|| {
+            let inv = reg
+                .invalidate_start(range.clone(), Cause::Discard)
+                .expect("invalidate");
+            madvise(&mem);
+            reg.invalidate_end(inv);
+        });
+        let _ = q.wait(f.end, WaitMode::Block, T);
+        t
+    });
+    out.push(Measurement::new(
+        "invalidate",
+        "busy_2MiB_discard",
+        "us",
+        busy,
+    ));
+    for (name, cause) in [
+        ("idle_2MiB_unmap", Cause::Unmap),
+        (
+            "idle_2MiB_protect_downgrade",
+            Cause::Protect {
+                new_prot: libc::PROT_READ,
+            },
+        ),
+    ] {
+        let s = repeat(ctx.samples, 2, || {
+            reg.invalidate(range.clone(), Cause::Discard)
+                .expect("reset");
+            reg.register(mem.addr, len, Perm::READ_WRITE)
+                .expect("register");
+            time_us(|| reg.invalidate(range.clone(), cause).expect("invalidate"))
+        });
+        out.push(Measurement::new("invalidate", name, "us", s));
+    }
+    reg.clear().map_err(|e| crate::explain(&e))?;
+    Ok(out)
+}

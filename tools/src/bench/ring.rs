@@ -1,0 +1,89 @@
+//! ring: NOP submit + complete throughput by batch size and by ring count, and the
+//! fence round trip (one command, polling).
+
+use super::measure::{repeat, time_us, Sample};
+use super::{Ctx, Measurement};
+use std::time::{Duration, Instant};
+use userptr::{Backpressure, Descriptor, Driver, WaitMode};
+
+const T: Duration = Duration::from_secs(30);
+
+pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
+    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
+    let mut out = Vec::new();
+    let rounds = if ctx.quick { 20 } else { 100 };
+    for batch in [1usize, 8, 64] {
+        let descs = vec![Descriptor::nop(); batch];
+        let mut err = None;
+        let s = repeat(ctx.samples, 2, || {
+            let t = Instant::now();
+            for _ in 0..rounds {
+                match q
+                    .submit_batch(&descs, Backpressure::Wait)
+                    .and_then(|f| q.wait(f.end, WaitMode::Poll, T))
+                {
+                    Ok(_) => {}
+                    Err(e) => err = Some(crate::explain(&e)),
+                }
+            }
+            (rounds * batch) as f64 / t.elapsed().as_secs_f64() / 1e6
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let name = if batch == 64 {
+            "nop_batched".to_string()
+        } else {
+            format!("nop_batch_{batch}")
+        };
+        out.push(Measurement::new("ring", name, "Mops/s", s));
+    }
+    let mut err = None;
+    let rt = repeat(ctx.samples * 5, 5, || {
+        time_us(|| {
+            if let Err(e) = q
+                .submit(Descriptor::nop(), Backpressure::Wait)
+                .and_then(|f| q.wait(f, WaitMode::Poll, T))
+            {
+                err = Some(crate::explain(&e));
+            }
+        })
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    out.push(Measurement::new("ring", "fence_roundtrip", "us", rt));
+    drop(q);
+    // Several rings, one submitting thread each, batches of 64.
+    for rings in [1u32, 2, 4] {
+        let qs: Vec<_> = (0..rings)
+            .map(|r| drv.queue(r, 256))
+            .collect::<Result<_, _>>()
+            .map_err(|e| crate::explain(&e))?;
+        let mut values = Vec::new();
+        for _ in 0..ctx.samples.min(10) {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                for q in &qs {
+                    s.spawn(move || {
+                        let descs = vec![Descriptor::nop(); 64];
+                        for _ in 0..rounds / 2 {
+                            let f = q.submit_batch(&descs, Backpressure::Wait).expect("submit");
+                            q.wait(f.end, WaitMode::Poll, T).expect("wait");
+                        }
+                    });
+                }
+            });
+            values
+                .push((rounds / 2 * 64 * rings as usize) as f64 / t.elapsed().as_secs_f64() / 1e6);
+        }
+        out.push(Measurement::new(
+            "ring",
+            format!("nop_batched_{rings}_rings"),
+            "Mops/s",
+            Sample { values },
+        ));
+    }
+    Ok(out)
+}

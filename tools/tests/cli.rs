@@ -1,0 +1,104 @@
+//! The `userptr` tool as a user runs it.
+
+use std::process::Command;
+
+fn userptr(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_userptr"))
+        .args(args)
+        .output()
+        .expect("run userptr");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn demo_verifies_and_says_so_on_its_last_line() {
+    let (ok, out, err) = userptr(&["demo", "--elements", "262144"]);
+    assert!(ok, "demo failed:\n{out}\n{err}");
+    let last = out.lines().last().unwrap_or("");
+    let rest = last.strip_prefix("demo: verified ").expect(last);
+    let (n, mib) = rest.split_once(" commands, ").expect(last);
+    assert!(n.parse::<u64>().unwrap() >= 12, "{last}");
+    assert!(
+        mib.trim_end_matches(" MiB").parse::<f64>().unwrap() > 0.0,
+        "{last}"
+    );
+    assert!(out.contains("VmPin back to"), "{out}");
+}
+
+#[test]
+fn bench_writes_the_contract_names_as_json() {
+    let path = std::env::temp_dir().join(format!("userptr-bench-{}.json", std::process::id()));
+    let p = path.to_str().unwrap();
+    let (ok, out, err) = userptr(&[
+        "bench",
+        "--suite",
+        "pin,ring,cache,invalidate,intercept",
+        "--quick",
+        "--samples",
+        "3",
+        "--json",
+        p,
+    ]);
+    assert!(ok, "bench failed:\n{out}\n{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(v["machine"]["kernel"]
+        .as_str()
+        .is_some_and(|k| !k.is_empty()));
+    assert!(v["machine"]["cpus"].as_u64().is_some_and(|n| n >= 1));
+    let results = v["results"].as_array().unwrap();
+    let find = |suite: &str, name: &str| {
+        results
+            .iter()
+            .find(|r| r["suite"] == suite && r["name"] == name)
+            .unwrap_or_else(|| panic!("{suite}/{name} missing from {v}"))
+    };
+    for (suite, name, baseline) in [
+        ("pin", "map_unmap_4KiB", true),
+        ("pin", "map_unmap_2MiB", true),
+        ("pin", "map_unmap_64MiB", true),
+        ("ring", "nop_batched", false),
+        ("ring", "fence_roundtrip", false),
+        ("cache", "hit_per_ref", false),
+        ("cache", "lookup_100k", false),
+        ("invalidate", "idle_2MiB_discard", true),
+        ("invalidate", "busy_2MiB_discard", false),
+        ("intercept", "seccomp_unregistered_madvise", true),
+        ("intercept", "seccomp_getpid", true),
+    ] {
+        let r = find(suite, name);
+        assert!(r["median"].as_f64().is_some_and(|m| m >= 0.0), "{r}");
+        assert!(r["samples"].as_u64().is_some_and(|n| n >= 3), "{r}");
+        for k in ["unit", "p10", "p90"] {
+            assert!(!r[k].is_null(), "{k} missing in {r}");
+        }
+        if baseline {
+            assert!(r["baseline"]["median"].as_f64().is_some(), "{r}");
+            assert!(r["ratio"].as_f64().is_some(), "{r}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_gets_a_readable_error() {
+    let (ok, _out, err) = userptr(&["bench", "--suite", "nonsense"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown suite") && err.contains("hint:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn info_reports_the_device() {
+    let (ok, out, err) = userptr(&["info", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"], 0x5550_5452);
+    assert!(v["max_mappings"].as_u64().unwrap() > 0);
+}
