@@ -15,7 +15,8 @@
 mod common;
 
 use common::{is_child, Anon};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use userptr::driver::monitor::uffd::UffdMonitor;
 use userptr::{
     CommandQueue, Descriptor, Driver, Perm, Registry, RegistryConfig, Status, Userptr, WaitMode,
 };
@@ -36,7 +37,7 @@ const PATHS: &[&str] = &[
     "shmdt",
     "fork",
 ];
-const SOURCES: &[&str] = &["none", "explicit", "seccomp"];
+const SOURCES: &[&str] = &["none", "explicit", "seccomp", "uffd"];
 /// Paths where the `none` column must show the hazard.
 const HAZARDS: &[&str] = &[
     "munmap",
@@ -92,13 +93,12 @@ struct Ctx<'a> {
     reg: &'a Registry,
     q: &'a CommandQueue,
     explicit: bool,
-    uffd: bool,
+    uffd: Option<&'a UffdMonitor>,
 }
 
 impl Ctx<'_> {
     /// Run `change` on `range`, wrapped in invalidate_start/end if explicit.
     fn change(&self, range: std::ops::Range<usize>, cause: userptr::Cause, change: impl FnOnce()) {
-        let before: u64 = self.reg.stats().invalidations.iter().sum();
         let inv = self.explicit.then(|| {
             self.reg
                 .invalidate_start(range.start as u64..range.end as u64, cause)
@@ -108,14 +108,10 @@ impl Ctx<'_> {
         if let Some(inv) = inv {
             self.reg.invalidate_end(inv);
         }
-        if self.uffd {
-            // Events are asynchronous: give the monitor a bounded time to act.
-            let t0 = Instant::now();
-            while self.reg.stats().invalidations.iter().sum::<u64>() == before
-                && t0.elapsed() < Duration::from_millis(500)
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        if let Some(m) = self.uffd {
+            // Events are asynchronous: wait until every event delivered so far has
+            // been handled (bounded).
+            m.sync(Duration::from_secs(2));
         }
     }
 
@@ -399,11 +395,12 @@ fn matrix_child() {
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let _seccomp = (source == "seccomp")
         .then(|| userptr::driver::monitor::seccomp::SeccompMonitor::install(&reg).unwrap());
+    let uffd = (source == "uffd").then(|| UffdMonitor::start(&reg).unwrap());
     let ctx = Ctx {
         reg: &reg,
         q: &q,
         explicit: source == "explicit",
-        uffd: source == "uffd",
+        uffd: uffd.as_ref(),
     };
     eprintln!("START {source}");
     for path in PATHS {

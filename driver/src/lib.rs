@@ -19,8 +19,10 @@
 //! * [`fork`]: the fork policy and its atfork handler;
 //! * [`error`]: the [`Error`] type.
 //!
-//! `unsafe` lives only in `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap) and
-//! `fork` (pthread_atfork).
+//! `unsafe` lives only in the modules that own one kernel interface each:
+//! `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap), `fork` (pthread_atfork),
+//! `monitor::seccomp` (seccomp, signals, the syscall trampoline) and `monitor::uffd`
+//! (userfaultfd).
 
 // IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
 #![allow(clippy::single_range_in_vec_init)]

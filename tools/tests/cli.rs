@@ -70,6 +70,7 @@ fn bench_writes_the_contract_names_as_json() {
         ("invalidate", "busy_2MiB_discard", false),
         ("intercept", "seccomp_unregistered_madvise", true),
         ("intercept", "seccomp_getpid", true),
+        ("intercept", "uffd_registered_madvise", true),
     ] {
         let r = find(suite, name);
         assert!(r["median"].as_f64().is_some_and(|m| m >= 0.0), "{r}");

@@ -14,7 +14,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let samples = ctx.samples.min(if ctx.quick { 5 } else { 15 });
 
     let len = 64usize << 20;
-    let (src, dst) = (Mem::new(len), Mem::new(len));
+    let (src, dst) = (Mem::new(len)?, Mem::new(len)?);
     let ms = drv
         .map_user(src.addr, len, Perm::READ)
         .map_err(|e| crate::explain(&e))?;
@@ -91,7 +91,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     // related ranges (a storm of discards on a third buffer and on the destination).
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let clen = 16usize << 20;
-    let (a, b, c) = (Mem::new(clen), Mem::new(clen), Mem::new(clen));
+    let (a, b, c) = (Mem::new(clen)?, Mem::new(clen)?, Mem::new(clen)?);
     let ua = reg
         .register(a.addr, clen, Perm::READ)
         .map_err(|e| crate::explain(&e))?;

@@ -58,8 +58,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
 pub fn child(samples: usize) -> Result<(), String> {
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let page = Mem::new(4096);
-    let far = Mem::new(4096);
+    let page = Mem::new(4096)?;
+    let far = Mem::new(4096)?;
     let print = |name: &str, ours: &Sample, base: Option<(&str, &Sample)>| {
         let mut v = serde_json::json!({ "name": name, "ours": ours.values });
         if let Some((b, s)) = base {
@@ -68,9 +68,22 @@ pub fn child(samples: usize) -> Result<(), String> {
         }
         println!("{v}");
     };
+    // userfaultfd first: once the seccomp filter is in, madvise would pay its trap too.
+    let (mut uffd_on, mut uffd_raw) = (Vec::new(), Vec::new());
+    for _ in 0..samples.min(10) {
+        let (on, raw) =
+            userptr::driver::monitor::uffd::measure_madvise(50).map_err(|e| crate::explain(&e))?;
+        uffd_on.push(on);
+        uffd_raw.push(raw);
+    }
+    print(
+        "uffd_registered_madvise",
+        &Sample { values: uffd_on },
+        Some(("raw_madvise", &Sample { values: uffd_raw })),
+    );
     let monitor = SeccompMonitor::install(&reg).map_err(|e| crate::explain(&e))?;
     // A registered page somewhere, so the fast pre-check has bounds to test against.
-    let reg_page = Mem::new(4096);
+    let reg_page = Mem::new(4096)?;
     let _anchor = reg
         .register(reg_page.addr, 4096, Perm::READ_WRITE)
         .map_err(|e| crate::explain(&e))?;

@@ -87,7 +87,7 @@ impl Measurement {
 
     pub fn row(&self) -> String {
         let mut s = format!(
-            "{:<11} {:<32} {:>10.3} {:<6} [p10 {:.3}, p90 {:.3}]",
+            "{:<11} {:<30} {:>11.3} {:<6} [p10 {:.3}, p90 {:.3}]",
             self.suite,
             self.name,
             self.ours.median(),
@@ -97,7 +97,12 @@ impl Measurement {
         );
         if let Some((name, b)) = &self.baseline {
             let bm = b.median();
-            s += &format!("  vs {name} {bm:.3} (ratio {:.2})", self.ours.median() / bm);
+            let ratio = if bm != 0.0 {
+                self.ours.median() / bm
+            } else {
+                f64::NAN
+            };
+            s += &format!("  vs {name} {bm:.3} (ratio {ratio:.2})");
         }
         s
     }
@@ -146,7 +151,7 @@ pub struct Mem {
 }
 
 impl Mem {
-    pub fn new(len: usize) -> Mem {
+    pub fn new(len: usize) -> Result<Mem, String> {
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let p = unsafe {
             libc::mmap(
@@ -158,13 +163,18 @@ impl Mem {
                 0,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED, "mmap of {len} bytes failed");
+        if p == libc::MAP_FAILED {
+            return Err(format!(
+                "mmap of {len} bytes failed: {}\nhint: the benchmark needs that much free memory",
+                std::io::Error::last_os_error()
+            ));
+        }
         // SAFETY: the mapping above is ours and `len` bytes long.
         unsafe { std::ptr::write_bytes(p as *mut u8, 1, len) };
-        Mem {
+        Ok(Mem {
             addr: p as usize,
             len,
-        }
+        })
     }
 }
 

@@ -91,14 +91,30 @@ pub fn run(a: Args) -> Result<(), String> {
     let mut results = Vec::new();
     for s in &suites {
         ctx.progress.set_message(s.clone());
-        let r = match s.as_str() {
+        // A failed operation deep inside a measurement loop becomes this suite's
+        // error message, not a panic trace.
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match s.as_str() {
             "pin" => pin::run(&ctx),
             "ring" => ring::run(&ctx),
             "e2e" => e2e::run(&ctx),
             "cache" => registry::cache(&ctx),
             "invalidate" => registry::invalidate(&ctx),
             "intercept" => intercept::run(&ctx),
-            _ => unreachable!(),
+            _ => Err(format!("unknown suite {s}")),
+        }));
+        std::panic::set_hook(prev);
+        let r = match r {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Err(format!("the {s} suite failed: {msg}"))
+            }
         }?;
         for m in &r {
             println!("{}", m.row());

@@ -20,13 +20,14 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     }
     let mut out = Vec::new();
     for (len, label) in sizes {
-        let mem = Mem::new(len);
+        let mem = Mem::new(len)?;
         let n = if len >= 1 << 30 {
             3.max(ctx.samples / 5)
         } else {
             ctx.samples
         };
         let mut err = None;
+        let mut raw_err = None;
         let (ours, base) = interleaved(
             n,
             2,
@@ -38,13 +39,17 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
             },
             || {
                 time_us(|| {
-                    let _ = raw.pin(mem.addr, len);
-                    let _ = raw.unpin();
+                    if let Err(e) = raw.pin(mem.addr, len).and_then(|_| raw.unpin()) {
+                        raw_err = Some(e);
+                    }
                 })
             },
         );
         if let Some(e) = err {
             return Err(e);
+        }
+        if let Some(e) = raw_err {
+            return Err(format!("the raw io_uring baseline failed for {label}: {e}\nhint: raise `ulimit -l` or run with CAP_IPC_LOCK"));
         }
         out.push(
             Measurement::new("pin", format!("map_unmap_{label}"), "us", ours)

@@ -13,7 +13,7 @@ pub fn cache(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
-    let mem = Mem::new(128 * (64 << 10));
+    let mem = Mem::new(128 * (64 << 10))?;
     let us = (0..64)
         .map(|i| reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE))
         .collect::<Result<Vec<_>, _>>()
@@ -93,7 +93,7 @@ pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let q = drv.queue(0, 64).map_err(|e| crate::explain(&e))?;
     let raw = RawPin::new().map_err(|e| format!("io_uring for the raw baseline: {e}"))?;
     let len = 2usize << 20;
-    let mem = Mem::new(len);
+    let mem = Mem::new(len)?;
     let range = mem.addr as u64..(mem.addr + len) as u64;
     let madvise = |m: &Mem| {
         // SAFETY: discarding our own buffer's pages.
