@@ -510,6 +510,45 @@ impl std::fmt::Debug for SeccompMonitor {
 
 const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
 
+/// Wait (bounded) until no thread of the process has SIGSYS blocked. A thread that
+/// glibc is still creating blocks every signal until it restores its mask, and that
+/// restore would be trapped with SIGSYS blocked: fatal. Checked through
+/// `/proc/self/task/*/status` (`SigBlk`).
+fn wait_for_sigsys_unblocked() -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let mut blocked = None;
+        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+            for t in tasks.flatten() {
+                let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                let mask = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigBlk:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                    .unwrap_or(0);
+                if mask & SIGSYS_BIT != 0 {
+                    blocked = Some(t.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        match blocked {
+            None => return Ok(()),
+            Some(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1))
+            }
+            Some(tid) => {
+                return Err(Error::MonitorUnavailable {
+                    monitor: "seccomp",
+                    reason: format!(
+                        "thread {tid} keeps SIGSYS blocked; a trapped call on it would kill \
+                         the process (unblock SIGSYS, or install the monitor before it starts)"
+                    ),
+                })
+            }
+        }
+    }
+}
+
 /// The executable mappings of the process now (the code whose calls are monitored).
 fn text_ranges() -> Vec<Range<u64>> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
@@ -700,6 +739,7 @@ impl SeccompMonitor {
                     std::io::Error::last_os_error(),
                 ));
             }
+            wait_for_sigsys_unblocked()?;
             let filter = bpf_filter(trampoline_ip(), &text_ranges());
             if filter.len() > u16::MAX as usize {
                 return Err(Error::MonitorUnavailable {

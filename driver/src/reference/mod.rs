@@ -261,10 +261,17 @@ impl ReferenceDevice {
             engine: OnceLock::new(),
         });
         let s2 = shared.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("userptr-ref-engine".into())
-            .spawn(move || engine::Engine::new(s2, port, vram).run())
+            .spawn(move || {
+                let _ = ready_tx.send(());
+                engine::Engine::new(s2, port, vram).run()
+            })
             .map_err(|e| Error::sys("spawn(engine thread)", e))?;
+        // Return only once the engine runs: a thread still starting up has every
+        // signal blocked, which a seccomp monitor installed next must not meet.
+        let _ = ready_rx.recv();
         let _ = shared.engine.set(handle.thread().clone());
         Ok(Arc::new(ReferenceDevice {
             shared,

@@ -1,0 +1,135 @@
+//! The seccomp monitor beyond the coverage matrix: exec, a foreign SIGSYS user, errno
+//! semantics, signal masks, and many threads at once. Each test runs in a child process
+//! (a seccomp filter cannot be removed).
+
+mod common;
+
+use common::{is_child, run_child, Anon};
+use std::time::Duration;
+use userptr::driver::monitor::seccomp::SeccompMonitor;
+use userptr::{Descriptor, Driver, Error, Perm, Registry, RegistryConfig, Status, WaitMode};
+
+fn setup() -> (Driver, Registry) {
+    let drv = Driver::reference().unwrap();
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    (drv, reg)
+}
+
+#[test]
+fn exec_and_errno_and_masks_behave() {
+    let out = run_child("exec_child");
+    assert!(out.contains("exec ok"), "{out}");
+}
+
+#[test]
+#[ignore = "child process body of exec_and_errno_and_masks_behave"]
+fn exec_child() {
+    assert!(is_child());
+    let (_drv, reg) = setup();
+    let m = SeccompMonitor::install(&reg).unwrap();
+    // A new image maps its code elsewhere and runs unmonitored (no handler there).
+    let st = std::process::Command::new("/bin/sh")
+        .args(["-c", "exit 7"])
+        .status()
+        .unwrap();
+    assert_eq!(st.code(), Some(7), "the exec'd image must run normally");
+    // errno is exactly what the kernel would say.
+    // SAFETY: invalid arguments on purpose: nothing is unmapped.
+    let r = unsafe { libc::munmap(0x1001 as *mut _, 4096) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EINVAL)
+    );
+    // SIGSYS can never be blocked, and blocking other signals still works.
+    // SAFETY: plain sigprocmask calls on this thread.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old), 0);
+        let mut now: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut now);
+        assert_eq!(
+            libc::sigismember(&now, libc::SIGSYS),
+            0,
+            "SIGSYS got blocked"
+        );
+        assert_eq!(libc::sigismember(&now, libc::SIGUSR1), 1);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        // Another SIGSYS handler is refused.
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = libc::SIG_IGN;
+        assert_eq!(libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()), -1);
+    }
+    assert!(
+        m.counters()
+            .traps
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    println!("exec ok");
+}
+
+#[test]
+fn a_foreign_sigsys_handler_is_refused_at_install() {
+    let out = run_child("conflict_child");
+    assert!(out.contains("conflict ok"), "{out}");
+}
+
+extern "C" fn foreign(_: libc::c_int) {}
+
+#[test]
+#[ignore = "child process body of a_foreign_sigsys_handler_is_refused_at_install"]
+fn conflict_child() {
+    assert!(is_child());
+    // SAFETY: installs a handler in this child only.
+    unsafe { libc::signal(libc::SIGSYS, foreign as *const () as libc::sighandler_t) };
+    let (_drv, reg) = setup();
+    let e = SeccompMonitor::install(&reg).unwrap_err();
+    assert!(matches!(e, Error::MonitorConflict { .. }), "{e}");
+    println!("conflict ok: {e}");
+}
+
+#[test]
+fn many_threads_discarding_and_writing_at_once() {
+    let out = run_child("threads_child");
+    assert!(out.contains("threads ok"), "{out}");
+}
+
+#[test]
+#[ignore = "child process body of many_threads_discarding_and_writing_at_once"]
+fn threads_child() {
+    assert!(is_child());
+    let (drv, reg) = setup();
+    let queues: Vec<_> = (0..4).map(|r| drv.queue(r, 16).unwrap()).collect();
+    let _m = SeccompMonitor::install(&reg).unwrap();
+    std::thread::scope(|s| {
+        for (t, q) in queues.iter().enumerate() {
+            let reg = &reg;
+            s.spawn(move || {
+                let buf = Anon::new(256 << 10);
+                let u = reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+                for i in 0..50u8 {
+                    // Nobody tells the registry: the monitor must.
+                    buf.madvise(libc::MADV_DONTNEED);
+                    let b = i.wrapping_mul(3).wrapping_add(t as u8) | 1;
+                    let f = reg
+                        .submit(q, &[&u], |iova| {
+                            vec![Descriptor::fill(iova[0], buf.len as u64, b)]
+                        })
+                        .unwrap();
+                    let c = q
+                        .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+                        .unwrap();
+                    assert_eq!(c.status, Status::Ok);
+                    assert!(
+                        buf.read().iter().all(|&x| x == b),
+                        "thread {t} iteration {i}: stale pin"
+                    );
+                }
+            });
+        }
+    });
+    println!("threads ok: {}", reg.stats().invalidations[1]);
+}
