@@ -3,6 +3,7 @@
 # then the loom model checks (a separate build with --cfg loom, in its own target dir).
 set -euo pipefail
 cd "$(dirname "$0")"
+cargo build -p userptr-preload    # the LD_PRELOAD shim the monitor matrix loads
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom

@@ -37,7 +37,7 @@ const PATHS: &[&str] = &[
     "shmdt",
     "fork",
 ];
-const SOURCES: &[&str] = &["none", "explicit", "seccomp", "uffd"];
+const SOURCES: &[&str] = &["none", "explicit", "seccomp", "uffd", "preload"];
 /// Paths where the `none` column must show the hazard.
 const HAZARDS: &[&str] = &[
     "munmap",
@@ -71,6 +71,24 @@ fn read(addr: usize, len: usize) -> Vec<u8> {
     // SAFETY: the caller's mapping is live and readable for `len` bytes.
     unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, v.as_mut_ptr(), len) };
     v
+}
+
+/// `mmap(MAP_FIXED)` through a raw syscall: scaffolding that an LD_PRELOAD shim does
+/// not see (so a path's own change decides what that source catches).
+fn mmap_fixed_raw(addr: usize, len: usize) {
+    // SAFETY: maps fresh anonymous memory over the test's own range.
+    let p = unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            addr,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, addr);
 }
 
 fn mmap_fixed(addr: usize, len: usize) {
@@ -152,7 +170,11 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                             libc::munmap(a as *mut _, LEN);
                         }
                     }
-                    mmap_fixed(a, LEN);
+                    if raw {
+                        mmap_fixed_raw(a, LEN);
+                    } else {
+                        mmap_fixed(a, LEN);
+                    }
                 });
                 a
             })
@@ -202,7 +224,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             // The old address gets new memory (what a later malloc would do).
             let base = p & !4095;
             let len = ((p + n + 4095) & !4095) - base;
-            mmap_fixed(base, len);
+            mmap_fixed_raw(base, len);
             let r = if fill(ctx.reg, ctx.q, &u, 0xab) != Status::Ok {
                 "error"
             } else if read(p, n).iter().all(|&b| b == 0xab) {
@@ -396,6 +418,8 @@ fn matrix_child() {
     let _seccomp = (source == "seccomp")
         .then(|| userptr::driver::monitor::seccomp::SeccompMonitor::install(&reg).unwrap());
     let uffd = (source == "uffd").then(|| UffdMonitor::start(&reg).unwrap());
+    let _preload = (source == "preload")
+        .then(|| userptr::driver::monitor::preload::PreloadMonitor::install(&reg).unwrap());
     let ctx = Ctx {
         reg: &reg,
         q: &q,
@@ -413,22 +437,42 @@ fn matrix_child() {
     }
 }
 
+/// The shim, built next to this test's binary (`cargo build -p userptr-preload`;
+/// `test.sh` does it first).
+fn preload_so() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let so = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("libuserptr_preload.so");
+    assert!(
+        so.exists(),
+        "{} is missing: run `cargo build -p userptr-preload` first",
+        so.display()
+    );
+    so
+}
+
 #[test]
 fn coverage_matrix() {
     let mut rows: Vec<(String, String, String)> = Vec::new();
     for source in SOURCES {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "matrix_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(common::CHILD_ENV, "1")
-            .env("USERPTR_MATRIX_SOURCE", source)
-            .output()
-            .unwrap();
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--ignored",
+            "--exact",
+            "matrix_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(common::CHILD_ENV, "1")
+        .env("USERPTR_MATRIX_SOURCE", source);
+        if *source == "preload" {
+            cmd.env("LD_PRELOAD", preload_so());
+        }
+        let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(

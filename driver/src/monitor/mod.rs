@@ -9,6 +9,8 @@
 //!   wrappers, glibc-internal calls and raw `syscall()` alike;
 //! * [`uffd`]: userfaultfd non-cooperative events, a kernel-sourced second opinion
 //!   (asynchronous: see its module doc for what it cannot guarantee);
+//! * [`preload`]: an LD_PRELOAD shim interposing the libc wrappers, for processes that
+//!   cannot install a filter (blind to glibc-internal and raw calls);
 //! * explicit: the application calls the registry itself around its own changes.
 //!
 //! Re-entrancy: while a thread runs driver code ([`driver_section`]), the calls it
@@ -16,6 +18,7 @@
 //! changes memory the application registered, and monitoring its own calls while it
 //! holds its locks would deadlock.
 
+pub mod preload;
 pub mod seccomp;
 pub mod uffd;
 
