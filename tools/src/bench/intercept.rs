@@ -17,11 +17,54 @@ fn getpid_us(n: usize) -> f64 {
     }) / n as f64
 }
 
+/// The LD_PRELOAD shim, if it was built next to this binary (or in the other profile).
+fn preload_so() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    ["", "../debug", "../release"]
+        .iter()
+        .map(|sub| dir.join(sub).join("libuserptr_preload.so"))
+        .find(|p| p.exists())
+}
+
 pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let getpid_off = repeat(ctx.samples, 3, || getpid_us(1000));
+    let read_off = repeat(ctx.samples, 3, || read_us(1000));
+    let mut res = child_results(ctx, &getpid_off, &read_off, None)?;
+    match preload_so() {
+        Some(so) => res.extend(child_results(ctx, &getpid_off, &read_off, Some(&so))?),
+        None => eprintln!(
+            "intercept: the LD_PRELOAD shim is not built, skipping its figures \
+             (hint: cargo build --release -p userptr-preload)"
+        ),
+    }
+    Ok(res)
+}
+
+fn read_us(n: usize) -> f64 {
+    let f = std::fs::File::open("/dev/zero").expect("/dev/zero");
+    let mut b = [0u8; 1];
+    time_us(|| {
+        for _ in 0..n {
+            std::hint::black_box(std::io::Read::read(&mut &f, &mut b).ok());
+        }
+    }) / n as f64
+}
+
+fn child_results(
+    ctx: &Ctx,
+    getpid_off: &Sample,
+    read_off: &Sample,
+    preload: Option<&std::path::Path>,
+) -> Result<Vec<Measurement>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let out = std::process::Command::new(exe)
-        .args(["intercept-child", &ctx.samples.to_string()])
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["intercept-child", &ctx.samples.to_string()]);
+    if let Some(so) = preload {
+        cmd.env("LD_PRELOAD", so)
+            .env("USERPTR_INTERCEPT_SOURCE", "preload");
+    }
+    let out = cmd
         .output()
         .map_err(|e| format!("running the intercept child: {e}"))?;
     if !out.status.success() {
@@ -46,6 +89,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
         let mut m = Measurement::new("intercept", name.clone(), "us", vals("ours"));
         if name == "seccomp_getpid" {
             m = m.with_baseline("getpid_unmonitored", getpid_off.clone());
+        } else if name == "seccomp_read" {
+            m = m.with_baseline("read_unmonitored", read_off.clone());
         } else if let Some(b) = v["baseline"].as_str() {
             m = m.with_baseline(b, vals("base"));
         }
@@ -54,8 +99,11 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     Ok(res)
 }
 
-/// The child: installs the seccomp monitor and measures.
+/// The child: installs a monitor and measures.
 pub fn child(samples: usize) -> Result<(), String> {
+    if std::env::var("USERPTR_INTERCEPT_SOURCE").as_deref() == Ok("preload") {
+        return preload_child(samples);
+    }
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let page = Mem::new(4096)?;
@@ -130,6 +178,59 @@ pub fn child(samples: usize) -> Result<(), String> {
     );
     let on = repeat(samples, 3, || getpid_us(1000));
     print("seccomp_getpid", &on, None);
+    let on = repeat(samples, 3, || read_us(1000));
+    print("seccomp_read", &on, None);
     drop(monitor);
+    Ok(())
+}
+
+fn print_json(name: &str, ours: &Sample, base: &Sample) {
+    println!(
+        "{}",
+        serde_json::json!({ "name": name, "ours": ours.values, "baseline": "raw_madvise", "base": base.values })
+    );
+}
+
+/// The preload child (started with LD_PRELOAD): the shim's added cost.
+fn preload_child(samples: usize) -> Result<(), String> {
+    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    let _m = userptr::driver::monitor::preload::PreloadMonitor::install(&reg)
+        .map_err(|e| crate::explain(&e))?;
+    let (page, far, anchor) = (Mem::new(4096)?, Mem::new(4096)?, Mem::new(4096)?);
+    let _a = reg
+        .register(anchor.addr, 4096, Perm::READ_WRITE)
+        .map_err(|e| crate::explain(&e))?;
+    let madv = |m: &Mem| {
+        // SAFETY: discarding our own page, through libc (and so the shim).
+        unsafe { libc::madvise(m.addr as *mut _, 4096, libc::MADV_DONTNEED) };
+    };
+    let (ours, base) = interleaved(
+        samples,
+        3,
+        || time_us(|| (0..100).for_each(|_| madv(&far))) / 100.0,
+        || {
+            time_us(|| {
+                (0..100).for_each(|_| {
+                    raw_madvise(far.addr, 4096, libc::MADV_DONTNEED);
+                })
+            }) / 100.0
+        },
+    );
+    print_json("preload_unregistered_madvise", &ours, &base);
+    let (ours, base) = interleaved(
+        samples,
+        3,
+        || {
+            let _ = reg.register(page.addr, 4096, Perm::READ_WRITE);
+            time_us(|| madv(&page))
+        },
+        || {
+            time_us(|| {
+                raw_madvise(page.addr, 4096, libc::MADV_DONTNEED);
+            })
+        },
+    );
+    print_json("preload_registered_madvise", &ours, &base);
     Ok(())
 }
