@@ -28,11 +28,9 @@ fn preload_so() -> Option<std::path::PathBuf> {
 }
 
 pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
-    let getpid_off = repeat(ctx.samples, 3, || getpid_us(1000));
-    let read_off = repeat(ctx.samples, 3, || read_us(1000));
-    let mut res = child_results(ctx, &getpid_off, &read_off, None)?;
+    let mut res = child_results(ctx, None)?;
     match preload_so() {
-        Some(so) => res.extend(child_results(ctx, &getpid_off, &read_off, Some(&so))?),
+        Some(so) => res.extend(child_results(ctx, Some(&so))?),
         None => eprintln!(
             "intercept: the LD_PRELOAD shim is not built, skipping its figures \
              (hint: cargo build --release -p userptr-preload)"
@@ -51,12 +49,7 @@ fn read_us(n: usize) -> f64 {
     }) / n as f64
 }
 
-fn child_results(
-    ctx: &Ctx,
-    getpid_off: &Sample,
-    read_off: &Sample,
-    preload: Option<&std::path::Path>,
-) -> Result<Vec<Measurement>, String> {
+fn child_results(ctx: &Ctx, preload: Option<&std::path::Path>) -> Result<Vec<Measurement>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["intercept-child", &ctx.samples.to_string()]);
@@ -87,11 +80,7 @@ fn child_results(
         };
         let name = v["name"].as_str().unwrap_or("?").to_string();
         let mut m = Measurement::new("intercept", name.clone(), "us", vals("ours"));
-        if name == "seccomp_getpid" {
-            m = m.with_baseline("getpid_unmonitored", getpid_off.clone());
-        } else if name == "seccomp_read" {
-            m = m.with_baseline("read_unmonitored", read_off.clone());
-        } else if let Some(b) = v["baseline"].as_str() {
+        if let Some(b) = v["baseline"].as_str() {
             m = m.with_baseline(b, vals("base"));
         }
         res.push(m);
@@ -129,6 +118,9 @@ pub fn child(samples: usize) -> Result<(), String> {
         &Sample { values: uffd_on },
         Some(("raw_madvise", &Sample { values: uffd_raw })),
     );
+    // The unrelated-syscall baselines, in this same process before the filter exists.
+    let getpid_before = repeat(samples, 3, || getpid_us(1000));
+    let read_before = repeat(samples, 3, || read_us(1000));
     let monitor = SeccompMonitor::install(&reg).map_err(|e| crate::explain(&e))?;
     // A registered page somewhere, so the fast pre-check has bounds to test against.
     let reg_page = Mem::new(4096)?;
@@ -177,9 +169,17 @@ pub fn child(samples: usize) -> Result<(), String> {
         Some(("raw_madvise", &base)),
     );
     let on = repeat(samples, 3, || getpid_us(1000));
-    print("seccomp_getpid", &on, None);
+    print(
+        "seccomp_getpid",
+        &on,
+        Some(("getpid_before_install", &getpid_before)),
+    );
     let on = repeat(samples, 3, || read_us(1000));
-    print("seccomp_read", &on, None);
+    print(
+        "seccomp_read",
+        &on,
+        Some(("read_before_install", &read_before)),
+    );
     drop(monitor);
     Ok(())
 }
