@@ -28,6 +28,7 @@ pub use userptr_driver::{
     proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device, Driver,
     Error, Invalidation, IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Registry,
     RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr, WaitMode,
+    CAUSE_NAMES,
 };
 pub use userptr_ring::{
     AccessKind, Completion, Descriptor, FaultRecord, Fence, Flags, Opcode, Status,

@@ -53,6 +53,6 @@ pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCor
 pub use reference::{ReferenceConfig, ReferenceDevice};
 pub use registry::{
     Cause, Invalidation, RegionInfo, RegionObserver, Registry, RegistryConfig, StatsSnapshot,
-    Userptr,
+    Userptr, CAUSE_NAMES,
 };
 pub use uring_iommu::UringIommuConfig;

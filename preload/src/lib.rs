@@ -167,12 +167,20 @@ pub unsafe extern "C" fn mremap(
     } else {
         0
     };
-    around(
-        page_range(old as u64, old_len as u64),
-        KIND_REMAP,
-        to,
-        || unsafe { f(old, old_len, new_len, flags, new_addr) },
-    )
+    // With MREMAP_FIXED whatever was at the destination is unmapped too.
+    let dest = if to != 0 {
+        page_range(to, new_len as u64)
+    } else {
+        None
+    };
+    around(dest, KIND_UNMAP, 0, || {
+        around(
+            page_range(old as u64, old_len as u64),
+            KIND_REMAP,
+            to,
+            || unsafe { f(old, old_len, new_len, flags, new_addr) },
+        )
+    })
 }
 
 /// # Safety

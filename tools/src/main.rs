@@ -4,12 +4,14 @@
 //!   on the reference device, verified against the CPU;
 //! * `bench`: the benchmark harness (suites pin, ring, e2e, cache, invalidate,
 //!   intercept; a table on stdout, `--json FILE` in the documented schema);
+//! * `torture`: submitters against address-space mutators, every result checked;
 //! * `info`: what the device and its IOMMU domain report.
 
 mod bench;
 mod demo;
 mod info;
 mod raw_pin;
+mod torture;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Cmd {
     Bench(bench::Args),
     /// Show the device's registers and its IOMMU domain.
     Info(info::Args),
+    /// Run submitters against address-space mutators for a while and check every result.
+    Torture(torture::Args),
     /// (internal) the intercept suite's measurements, run in a child process because
     /// a seccomp filter cannot be removed once installed.
     #[command(hide = true)]
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Demo(a) => demo::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Torture(a) => torture::run(a),
         Cmd::InterceptChild { samples } => bench::intercept::child(samples),
     };
     match r {

@@ -103,3 +103,35 @@ fn info_reports_the_device() {
     assert_eq!(v["id"], 0x5550_5452);
     assert!(v["max_mappings"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn torture_finds_no_violation_with_the_monitor_and_some_without() {
+    let path = std::env::temp_dir().join(format!("userptr-torture-{}.json", std::process::id()));
+    let p = path.to_str().unwrap();
+    let (ok, out, err) = userptr(&["torture", "--seconds", "2", "--json", p]);
+    assert!(ok, "torture failed:\n{out}\n{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(v["commands"].as_u64().unwrap() > 100, "{v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(v["deadlocks"], 0, "{v}");
+    assert_eq!(v["pins_start"], v["pins_end"], "{v}");
+    assert!(
+        v["invalidations"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|n| n.as_u64().unwrap() > 0),
+        "{v}"
+    );
+    for k in ["injected_faults", "seconds", "mutations"] {
+        assert!(!v[k].is_null(), "{k} missing: {v}");
+    }
+    // Without the monitor the checker must catch stale pins (and the tool fail).
+    let (ok, out, _err) = userptr(&["torture", "--seconds", "1", "--no-protect"]);
+    assert!(!ok, "--no-protect must fail:\n{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(out.trim_end().trim_end_matches("torture: ok")).unwrap_or_default();
+    assert!(v["violations"].as_u64().unwrap_or(0) > 0, "{out}");
+}

@@ -148,6 +148,8 @@ static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 static ACTIVE: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
 /// Whether a filter was ever installed in this process.
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+/// The pid of the process whose worker serves the handler.
+static INSTALL_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Counters of the seccomp monitor.
 #[derive(Debug, Default)]
@@ -165,8 +167,36 @@ pub struct Counters {
 }
 
 struct Shared {
-    registry: Registry,
+    /// Taken (and dropped, releasing its pins) by `shutdown` once no handler uses it.
+    registry: std::cell::UnsafeCell<Option<Registry>>,
+    /// Handlers between their check of ACTIVE and their last use of `registry`.
+    users: AtomicU32,
     counters: Counters,
+}
+
+// SAFETY: `registry` is written only by `shutdown`, after ACTIVE is cleared and every
+// handler that saw it has left (the `users` handshake); everything else is atomics.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn registry(&self) -> &Registry {
+        // SAFETY: called only by a handler inside the `users` handshake, or by the
+        // worker, which `shutdown` joins before taking the registry.
+        unsafe {
+            (*self.registry.get())
+                .as_ref()
+                .expect("registry present while in use")
+        }
+    }
+}
+
+/// Keeps `users` counted for the rest of a handler invocation.
+struct User<'a>(&'a AtomicU32);
+impl Drop for User<'_> {
+    fn drop(&mut self) {
+        // Release: our uses of the registry happen before shutdown sees zero.
+        self.0.fetch_sub(1, Ordering::Release);
+    }
 }
 
 fn futex_wait(word: &AtomicU32, expect: u32) {
@@ -274,8 +304,20 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     if shared.is_null() || crate::fork::in_forked_child() {
         return raw_syscall(nr, a);
     }
-    // SAFETY: as above: never freed.
+    // A child that has not yet run the atfork handler (or a vfork child) has no worker:
+    // recognise it by its pid. getpid is not trapped.
+    if raw_syscall(libc::SYS_getpid, [0; 6]) as i32 != INSTALL_PID.load(Ordering::Relaxed) {
+        return raw_syscall(nr, a);
+    }
+    // SAFETY: ACTIVE points at a leaked Shared, never freed.
     let s = unsafe { &*shared };
+    // SeqCst: a Dekker handshake with `shutdown` (store ACTIVE = null, then load
+    // users): either it sees us counted and waits, or we see ACTIVE cleared and leave.
+    s.users.fetch_add(1, Ordering::SeqCst);
+    let _user = User(&s.users);
+    if ACTIVE.load(Ordering::SeqCst) != shared {
+        return raw_syscall(nr, a);
+    }
     // Relaxed: statistics.
     s.counters.traps.fetch_add(1, Ordering::Relaxed);
     if super::in_driver() {
@@ -286,11 +328,33 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
         s.counters.passthrough.fetch_add(1, Ordering::Relaxed);
         return raw_syscall(nr, a);
     };
-    if !s.registry.may_overlap(&range) {
+    // mremap with MREMAP_FIXED also unmaps whatever was at the destination.
+    let dest = (nr == libc::SYS_mremap && kind == K_REMAP && arg != 0)
+        .then(|| page_range(arg, a[2]))
+        .flatten();
+    let hit = |r: &Range<u64>| s.registry().may_overlap(r);
+    let first = hit(&range).then_some((range, kind, arg));
+    let second = dest.filter(hit).map(|d| (d, K_UNMAP, 0));
+    if first.is_none() && second.is_none() {
         s.counters.passthrough.fetch_add(1, Ordering::Relaxed);
         return raw_syscall(nr, a);
     }
     s.counters.invalidating.fetch_add(1, Ordering::Relaxed);
+    let slots = [
+        first.map(start_invalidation),
+        second.map(start_invalidation),
+    ];
+    let r = raw_syscall(nr, a);
+    for slot in slots.into_iter().flatten() {
+        // Release: hand the slot back for invalidate_end.
+        slot.state.store(END, Ordering::Release);
+    }
+    wake_worker();
+    r
+}
+
+/// Post an invalidation to the worker and wait until it has started.
+fn start_invalidation((range, kind, arg): (Range<u64>, u32, u64)) -> &'static Slot {
     let slot = claim();
     slot.start.store(range.start, Ordering::Relaxed);
     slot.end.store(range.end, Ordering::Relaxed);
@@ -303,15 +367,10 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
         // Acquire: pairs with the worker's Release store of STARTED.
         let st = slot.state.load(Ordering::Acquire);
         if st == STARTED {
-            break;
+            return slot;
         }
         futex_wait(&slot.state, st);
     }
-    let r = raw_syscall(nr, a);
-    // Release: hand the slot back for invalidate_end.
-    slot.state.store(END, Ordering::Release);
-    wake_worker();
-    r
 }
 
 const SIGSYS_BIT: u64 = 1 << (libc::SIGSYS - 1);
@@ -439,7 +498,7 @@ fn worker(shared: &'static Shared, wake: OwnedFd, stop: Arc<AtomicBool>) {
                         K_SHMDT => (shm_range(range.start).unwrap_or(range), Cause::Unmap),
                         _ => (range, Cause::Unmap),
                     };
-                    match shared.registry.invalidate_start(range, cause) {
+                    match shared.registry().invalidate_start(range, cause) {
                         Ok(inv) => tokens[i] = Some(inv),
                         Err(e) => tracing::error!("seccomp monitor: invalidation failed: {e}"),
                     }
@@ -449,7 +508,7 @@ fn worker(shared: &'static Shared, wake: OwnedFd, stop: Arc<AtomicBool>) {
                 }
                 END => {
                     if let Some(inv) = tokens[i].take() {
-                        shared.registry.invalidate_end(inv);
+                        shared.registry().invalidate_end(inv);
                     }
                     s.state.store(FREE, Ordering::Release);
                     futex_wake(&s.state);
@@ -704,7 +763,8 @@ impl SeccompMonitor {
         )
         .map_err(|e| Error::sys("eventfd(seccomp monitor)", e.into()))?;
         let shared: &'static Shared = Box::leak(Box::new(Shared {
-            registry: registry.clone(),
+            registry: std::cell::UnsafeCell::new(Some(registry.clone())),
+            users: AtomicU32::new(0),
             counters: Counters::default(),
         }));
         WAKE_FD.store(wake.as_raw_fd(), Ordering::Release);
@@ -722,6 +782,8 @@ impl SeccompMonitor {
         // its mask, and that restore would be trapped with SIGSYS blocked (fatal):
         // the filter goes in only once the worker runs.
         let _ = ready_rx.recv();
+        // Relaxed: published by the Release store of ACTIVE below.
+        INSTALL_PID.store(std::process::id() as i32, Ordering::Relaxed);
         // Release: the handler that sees ACTIVE sees `shared` initialised.
         ACTIVE.store(shared as *const Shared as *mut Shared, Ordering::Release);
         if !INSTALLED.swap(true, Ordering::AcqRel) {
@@ -797,7 +859,11 @@ impl SeccompMonitor {
     }
 
     fn shutdown(&mut self) {
-        ACTIVE.store(std::ptr::null_mut(), Ordering::Release);
+        // SeqCst: see the handshake in `handle`.
+        ACTIVE.store(std::ptr::null_mut(), Ordering::SeqCst);
+        while self.shared.users.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
         // Let in-flight handler calls finish: each owns a slot until it reaches END and
         // the worker frees it.
         while TABLE
@@ -813,6 +879,10 @@ impl SeccompMonitor {
             let _ = w.join();
         }
         WAKE_FD.store(-1, Ordering::Release);
+        // Nobody uses the registry any more (no handler inside, worker joined): drop
+        // this handle to it, so the registry can release its pins.
+        // SAFETY: see `Shared`'s Sync.
+        drop(unsafe { (*self.shared.registry.get()).take() });
     }
 }
 

@@ -499,7 +499,7 @@ impl Registry {
             }
         }
         Stats::add(&self.inner.stats.misses, 1);
-        self.pin(u.pages.clone(), u.perm, true)
+        self.pin(u.pages.clone(), u.perm, true, true)
     }
 
     fn still_current(&self, r: &Region, pages: &Range<u64>) -> bool {
@@ -514,13 +514,28 @@ impl Registry {
 
     /// Pin `want` (merged with same-permission neighbours if `merge`) as a new region
     /// and install it, unless an invalidation raced the pin (then retry).
-    fn pin(&self, want: Range<u64>, perm: Perm, merge: bool) -> Result<(Arc<Region>, u64)> {
+    /// With `may_wait` false, a range under an open window is not pinned (an error)
+    /// instead of waiting for the window to close.
+    fn pin(
+        &self,
+        want: Range<u64>,
+        perm: Perm,
+        merge: bool,
+        may_wait: bool,
+    ) -> Result<(Arc<Region>, u64)> {
         let inner = &*self.inner;
         let slot = perm_slot(perm);
         let max_len = inner.driver.domain().max_mapping_len();
         loop {
             // The generation first, then the window wait: see Index::invalidated_since.
             let gen = inner.notifier.read().inval_seq;
+            if !may_wait && inner.notifier.window_open(&want) {
+                return Err(Error::InvalidationFailed {
+                    start: want.start,
+                    end: want.end,
+                    reason: "an invalidation window is open on the range".into(),
+                });
+            }
             if inner.notifier.wait_no_window(&want) {
                 Stats::add(&inner.stats.window_waits, 1);
             }
@@ -880,14 +895,22 @@ impl Registry {
                     .collect();
                 for s in hits {
                     if action == Action::Downgrade {
-                        let (_, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
-                        let r = r.clone();
-                        // Relaxed: downgraded is written only under the exclusive lock.
-                        if r.perm.write() && !r.downgraded.swap(true, Ordering::Relaxed) {
-                            fences.extend(r.take_inflight());
-                            downgrades.push(r);
+                        let (rr, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
+                        if !r.perm.write() {
+                            continue;
                         }
-                        continue;
+                        // A region wholly inside the range becomes device-read-only in
+                        // place. One that sticks out is dropped and split instead: its
+                        // outside parts must stay writable for the device.
+                        if range.start <= rr.start && rr.end <= range.end {
+                            let r = r.clone();
+                            // Relaxed: downgraded is written only under the exclusive lock.
+                            if !r.downgraded.swap(true, Ordering::Relaxed) {
+                                fences.extend(r.take_inflight());
+                                downgrades.push(r);
+                            }
+                            continue;
+                        }
                     }
                     let (_, r) = g.maps[slot].remove(s).expect("hit is present");
                     r.epoch.bump(&g);
@@ -927,7 +950,9 @@ impl Registry {
         for (s, perm) in survivors {
             // Best effort: the pages outside the range are untouched; if re-pinning
             // fails they are re-pinned on next use instead.
-            if self.pin(s, perm, false).is_ok() {
+            // Never wait for another window here: the caller may be a monitor's only
+            // worker, which must return to close that very window.
+            if self.pin(s, perm, false, false).is_ok() {
                 Stats::add(&inner.stats.splits, 1);
             }
         }
@@ -963,9 +988,12 @@ impl Registry {
         let inner = &*self.inner;
         let g = inner.notifier.read();
         for slot in 0..3 {
-            for (_, r) in g.maps[slot].overlapping(range.clone()) {
+            for (rr, r) in g.maps[slot].overlapping(range.clone()) {
+                // Only a region wholly inside the upgraded range gets write back: part
+                // of one that sticks out may still be read-only in the process.
+                let inside = range.start <= rr.start && rr.end <= range.end;
                 // Relaxed: a flag; set_perm's own lock orders the device update.
-                if r.downgraded.swap(false, Ordering::Relaxed) {
+                if inside && r.downgraded.swap(false, Ordering::Relaxed) {
                     if let Err(e) = inner.driver.domain().set_perm(r.iova, r.len(), r.perm) {
                         tracing::error!("restoring region permissions: {e}");
                     } else {

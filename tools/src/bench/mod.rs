@@ -16,7 +16,7 @@
 
 mod e2e;
 pub mod intercept;
-mod measure;
+pub mod measure;
 mod pin;
 mod registry;
 mod ring;

@@ -1,0 +1,408 @@
+//! `userptr torture`: the reliability proof. For a bounded time, submitter threads run
+//! FILL, COPY and CRC32C through the registry on one arena of ordinary memory while
+//! mutator threads change it under them: `madvise(DONTNEED/FREE)`, `munmap` + re-map,
+//! `mmap(MAP_FIXED)` over it, `mremap` away and back, `mprotect` down and up, and
+//! `fork` with the child writing its copy. Nothing tells the registry but the seccomp
+//! monitor (unless `--no-protect`, which turns it off to show the checker works).
+//!
+//! The checker: every page counts the mutations started on it (bumped before the
+//! change) and finished (bumped after). A completed command's effect must be visible
+//! on every page it covered, unless a mutation of that page was in flight when the
+//! command was prepared or started since (then the change may legitimately have hidden
+//! it). A command that failed with a DMA fault
+//! is accepted only if a protection change hit its range. Anything else is a
+//! violation: a device write lost to a stale pin.
+
+use crate::bench::measure::Mem;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use userptr::driver::monitor::seccomp::SeccompMonitor;
+use userptr::{Descriptor, Driver, Perm, Registry, RegistryConfig, Status, WaitMode, CAUSE_NAMES};
+
+const SLOTS: usize = 32;
+const SLOT: usize = 64 << 10;
+const PAGES_PER_SLOT: usize = SLOT / 4096;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// How long to run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Turn the monitors off (the checker must then report violations).
+    #[arg(long)]
+    no_protect: bool,
+    /// Write the report as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// Use only this mutation (madv_dontneed, madv_free, munmap_remap, mmap_fixed,
+    /// mremap, mprotect, fork), to isolate a failure.
+    #[arg(long)]
+    only: Option<String>,
+    /// Tell the registry explicitly around each mutation instead of relying on the
+    /// seccomp monitor (isolates the monitor from the registry).
+    #[arg(long)]
+    explicit: bool,
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn range(&mut self) -> (usize, usize) {
+        let a = self.next() as usize % SLOTS;
+        (a, (a + 1 + self.next() as usize % 3).min(SLOTS))
+    }
+}
+
+#[derive(Default)]
+struct Counts {
+    commands: AtomicU64,
+    violations: AtomicU64,
+    faults_accepted: AtomicU64,
+    dma_fault_probes: AtomicU64,
+    mutations: [AtomicU64; 7],
+    progress: AtomicU64,
+}
+
+const MUTATIONS: [&str; 7] = [
+    "madv_dontneed",
+    "madv_free",
+    "munmap_remap",
+    "mmap_fixed",
+    "mremap",
+    "mprotect",
+    "fork",
+];
+
+pub fn run(a: Args) -> Result<(), String> {
+    let only = match &a.only {
+        None => None,
+        Some(m) => Some(MUTATIONS.iter().position(|x| x == m).ok_or_else(|| {
+            format!(
+                "unknown mutation `{m}`\nhint: one of {}",
+                MUTATIONS.join(", ")
+            )
+        })?),
+    };
+    let pins_start = userptr::proc_status::pinned_bytes().unwrap_or(0);
+    let t0 = Instant::now();
+    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let queues = (0..2)
+        .map(|r| drv.queue(r, 16))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| crate::explain(&e))?;
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    let arena = Mem::new(SLOTS * SLOT)?;
+    let source = Mem::new(4 * SLOT)?;
+    // SAFETY: our own buffer.
+    unsafe { std::ptr::write_bytes(source.addr as *mut u8, 0x5c, source.len) };
+    // One scratch area per mutator: mremap leaves a hole in it for a moment.
+    let scratches = [Mem::new(4 * SLOT)?, Mem::new(4 * SLOT)?];
+    let usrc = reg
+        .register(source.addr, source.len, Perm::READ)
+        .map_err(|e| crate::explain(&e))?;
+    // The monitor goes in before the worker threads exist (see its docs).
+    let monitor = if a.no_protect || a.explicit {
+        None
+    } else {
+        Some(SeccompMonitor::install(&reg).map_err(|e| crate::explain(&e))?)
+    };
+    // Per page: mutations started (`gens`) and finished (`ends`). A page's result may
+    // legitimately be hidden if a mutation was in flight when the command was prepared
+    // (started != finished then) or started since.
+    let ends: Vec<AtomicU64> = (0..SLOTS * PAGES_PER_SLOT)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let gens: Vec<AtomicU64> = (0..SLOTS * PAGES_PER_SLOT)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let locks: Vec<Mutex<()>> = (0..SLOTS).map(|_| Mutex::new(())).collect();
+    let c = Counts::default();
+    let deadline = t0 + Duration::from_secs_f64(a.seconds);
+    let finished = AtomicU64::new(0);
+    let deadlocks = AtomicU64::new(0);
+    let base = arena.addr;
+
+    std::thread::scope(|s| {
+        // Watchdog: no progress for 10 s is a deadlock.
+        s.spawn(|| {
+            let mut last = (0, Instant::now());
+            // Until the four workers are done (each bumps `finished` as it leaves).
+            while finished.load(Ordering::Acquire) < 4 {
+                std::thread::sleep(Duration::from_millis(100));
+                let p = c.progress.load(Ordering::Relaxed);
+                if p != last.0 {
+                    last = (p, Instant::now());
+                } else if last.1.elapsed() > Duration::from_secs(10) {
+                    deadlocks.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("torture: no progress for 10 s: deadlock");
+                    std::process::exit(3);
+                }
+            }
+        });
+        for (t, q) in queues.iter().enumerate() {
+            let (reg, gens, ends, locks, c, usrc) = (&reg, &gens, &ends, &locks, &c, &usrc);
+            let finished = &finished;
+            s.spawn(move || {
+                let _leave = Leave(finished);
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t as u64);
+                let mut byte = 0u8;
+                while Instant::now() < deadline {
+                    let (a, b) = rng.range();
+                    let _held: Vec<_> = (a..b)
+                        .map(|i| locks[i].lock().unwrap_or_else(|p| p.into_inner()))
+                        .collect();
+                    let pages = a * PAGES_PER_SLOT..b * PAGES_PER_SLOT;
+                    // u64::MAX marks "a mutation was in flight": always counts as moved.
+                    let before: Vec<u64> = pages
+                        .clone()
+                        .map(|p| {
+                            let e = ends[p].load(Ordering::SeqCst);
+                            let g = gens[p].load(Ordering::SeqCst);
+                            if g == e {
+                                g
+                            } else {
+                                u64::MAX
+                            }
+                        })
+                        .collect();
+                    let Ok(u) = reg.register(base + a * SLOT, (b - a) * SLOT, Perm::READ_WRITE)
+                    else {
+                        continue;
+                    };
+                    let len = u.len();
+                    let op = rng.next() % 4;
+                    byte = byte.wrapping_add(1).max(1);
+                    let (expect, r) = match op {
+                        0 => (
+                            Some(0x5c),
+                            reg.submit(q, &[&u, usrc], |i| {
+                                vec![Descriptor::copy(i[1], i[0], len.min(4 * SLOT as u64))]
+                            }),
+                        ),
+                        1 => (
+                            None,
+                            reg.submit(q, &[&u], |i| vec![Descriptor::crc32c(i[0], len, 0)]),
+                        ),
+                        2 => {
+                            c.dma_fault_probes.fetch_add(1, Ordering::Relaxed);
+                            (
+                                None,
+                                reg.submit(q, &[&u], |_| {
+                                    vec![Descriptor::fill(0x7f00_0000_0000, 4096, 1)]
+                                }),
+                            )
+                        }
+                        _ => (
+                            Some(byte),
+                            reg.submit(q, &[&u], |i| vec![Descriptor::fill(i[0], len, byte)]),
+                        ),
+                    };
+                    let Ok(f) = r else { continue };
+                    let Ok(done_c) = q.wait(f.end, WaitMode::Block, Duration::from_secs(30)) else {
+                        continue;
+                    };
+                    c.commands.fetch_add(1, Ordering::Relaxed);
+                    c.progress.fetch_add(1, Ordering::Relaxed);
+                    let moved = |k: usize, p: usize| gens[p].load(Ordering::SeqCst) != before[k];
+                    match (op, done_c.status) {
+                        (2, Status::DmaFault) => {}
+                        (2, _) => {
+                            c.violations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (1, Status::Ok) => {}
+                        (_, Status::DmaFault)
+                            if pages.clone().enumerate().any(|(k, p)| moved(k, p)) =>
+                        {
+                            c.faults_accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        (_, Status::Ok) => {
+                            let want = expect.unwrap_or(0);
+                            let covered = if op == 0 {
+                                (len as usize).min(4 * SLOT) / 4096
+                            } else {
+                                pages.len()
+                            };
+                            for (k, p) in pages.clone().enumerate().take(covered) {
+                                let first = peek(base + p * 4096);
+                                if first != Some(want) && !moved(k, p) {
+                                    c.violations.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        _ => {
+                            c.violations.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        for t in 0..2u64 {
+            let (gens, ends, c, scratch) = (&gens, &ends, &c, &scratches[t as usize]);
+            let explicit = a.explicit.then_some(&reg);
+            let finished = &finished;
+            s.spawn(move || {
+                let _leave = Leave(finished);
+                let mut rng = Rng(0x1234_5678_9abc_def0 ^ t);
+                while Instant::now() < deadline {
+                    let (a, b) = rng.range();
+                    let (start, len) = (base + a * SLOT, (b - a) * SLOT);
+                    let kind = (rng.next() % 7) as usize;
+                    for g in &gens[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
+                        g.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let kind = only.unwrap_or(kind);
+                    let inv = explicit.map(|r| {
+                        r.invalidate_start(
+                            start as u64..(start + len) as u64,
+                            userptr::Cause::Unmap,
+                        )
+                    });
+                    mutate(kind, start, len, scratch);
+                    if let Some(Ok(inv)) = inv {
+                        explicit.expect("explicit").invalidate_end(inv);
+                    }
+                    for e in &ends[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
+                        e.fetch_add(1, Ordering::SeqCst);
+                    }
+                    c.mutations[kind].fetch_add(1, Ordering::Relaxed);
+                    c.progress.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_micros(300));
+                }
+            });
+        }
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let stats = reg.stats();
+    drop(monitor);
+    let _ = usrc;
+    drop(reg);
+    drop((queues, drv, arena, source, scratches));
+    let pins_end = userptr::proc_status::pinned_bytes().unwrap_or(0);
+    let violations = c.violations.load(Ordering::Relaxed);
+    let report = serde_json::json!({
+        "seconds": t0.elapsed().as_secs_f64(),
+        "protected": !a.no_protect,
+        "commands": c.commands.load(Ordering::Relaxed),
+        "violations": violations,
+        "deadlocks": deadlocks.load(Ordering::Relaxed),
+        "pins_start": pins_start,
+        "pins_end": pins_end,
+        "invalidations": CAUSE_NAMES.iter().zip(stats.invalidations).map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        "mutations": MUTATIONS.iter().zip(&c.mutations).map(|(n, v)| (n.to_string(), serde_json::json!(v.load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
+        "injected_faults": { "dma_fault_probes": c.dma_fault_probes.load(Ordering::Relaxed), "protection_faults_accepted": c.faults_accepted.load(Ordering::Relaxed) },
+        "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
+    if let Some(p) = a.json {
+        std::fs::write(
+            &p,
+            serde_json::to_string_pretty(&report).unwrap_or_default(),
+        )
+        .map_err(|e| format!("writing {}: {e}", p.display()))?;
+    }
+    if violations > 0 || pins_end != pins_start {
+        return Err(format!(
+            "torture: {violations} coherence violations, pins {pins_start} -> {pins_end} bytes{}",
+            if a.no_protect {
+                " (expected with --no-protect: the checker works)"
+            } else {
+                ""
+            }
+        ));
+    }
+    println!("torture: ok");
+    Ok(())
+}
+
+/// Counts a worker out when it leaves, however it leaves.
+struct Leave<'a>(&'a AtomicU64);
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        // Release: the watchdog's Acquire load sees the worker's work done.
+        self.0.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// One mutation of `[start, start + len)` (page-aligned, inside the arena).
+fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    // SAFETY: every change is to the torture's own arena (or scratch area) and leaves
+    // the arena mapped read-write at the same addresses when it returns.
+    unsafe {
+        match kind {
+            0 => {
+                libc::madvise(start as *mut _, len, libc::MADV_DONTNEED);
+            }
+            1 => {
+                libc::madvise(start as *mut _, len, libc::MADV_FREE);
+            }
+            2 => {
+                libc::munmap(start as *mut _, len);
+                libc::mmap(start as *mut _, len, rw, anon, -1, 0);
+            }
+            3 => {
+                libc::mmap(start as *mut _, len, rw, anon, -1, 0);
+            }
+            4 => {
+                // Move fresh pages from the scratch area over the range (the range is
+                // never left unmapped), then give the scratch area new pages.
+                let n = len.min(scratch.len);
+                std::ptr::write_bytes(scratch.addr as *mut u8, 0, n);
+                libc::mremap(
+                    scratch.addr as *mut _,
+                    n,
+                    n,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    start as *mut libc::c_void,
+                );
+                libc::mmap(scratch.addr as *mut _, n, rw, anon, -1, 0);
+            }
+            5 => {
+                libc::mprotect(start as *mut _, len, libc::PROT_READ);
+                std::thread::sleep(Duration::from_micros(200));
+                libc::mprotect(start as *mut _, len, rw);
+            }
+            _ => {
+                let pid = libc::fork();
+                if pid == 0 {
+                    std::ptr::write_bytes(start as *mut u8, 0xee, len);
+                    libc::_exit(0);
+                }
+                if pid > 0 {
+                    let mut st = 0;
+                    libc::waitpid(pid, &mut st, 0);
+                }
+            }
+        }
+    }
+}
+
+/// Read one byte of this process's memory without faulting: a mutator may have a
+/// range unmapped for a moment (munmap then re-map). `None` when it is.
+fn peek(addr: usize) -> Option<u8> {
+    let mut b = 0u8;
+    let local = libc::iovec {
+        iov_base: (&mut b as *mut u8).cast(),
+        iov_len: 1,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: 1,
+    };
+    // SAFETY: reads one byte of our own address space into a local; the kernel checks
+    // the remote address and fails with EFAULT instead of faulting us.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    (n == 1).then_some(b)
+}
