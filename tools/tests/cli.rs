@@ -135,3 +135,33 @@ fn torture_finds_no_violation_with_the_monitor_and_some_without() {
         serde_json::from_str(out.trim_end().trim_end_matches("torture: ok")).unwrap_or_default();
     assert!(v["violations"].as_u64().unwrap_or(0) > 0, "{out}");
 }
+
+#[test]
+fn bench_plots_svg_charts() {
+    let dir = std::env::temp_dir().join(format!("userptr-plot-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let (ok, out, err) = userptr(&[
+        "bench",
+        "--suite",
+        "pin,ring",
+        "--quick",
+        "--samples",
+        "3",
+        "--plot",
+        d,
+    ]);
+    assert!(ok, "{out}\n{err}");
+    for (f, label) in [
+        ("pin.svg", "raw io_uring register"),
+        ("ring.svg", "commands per doorbell"),
+    ] {
+        let svg = std::fs::read_to_string(dir.join(f)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains(label),
+            "{f} lacks {label}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (ok, _out, err) = userptr(&["bench", "--device", "0000:00:04.0"]);
+    assert!(!ok && err.contains("no VFIO backend"), "{err}");
+}

@@ -18,6 +18,7 @@ mod e2e;
 pub mod intercept;
 pub mod measure;
 mod pin;
+mod plot;
 mod registry;
 mod ring;
 
@@ -49,6 +50,12 @@ pub struct Args {
     /// Write every figure as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
+    /// Write SVG charts (cost vs size, throughput vs batch) into DIR.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
+    /// Run on the VFIO device at this PCI address (needs the VFIO backend).
+    #[arg(long, value_name = "BDF")]
+    device: Option<String>,
     /// Samples per measurement (default 30, 10 with --quick).
     #[arg(long)]
     samples: Option<usize>,
@@ -73,6 +80,11 @@ pub fn run(a: Args) -> Result<(), String> {
     }
     if suites.iter().any(|s| s == "all") {
         suites = SUITES[..6].iter().map(|s| s.to_string()).collect();
+    }
+    if let Some(bdf) = &a.device {
+        return Err(format!(
+            "--device {bdf}: this build has no VFIO backend yet, only the embedded reference device\nhint: leave --device out"
+        ));
     }
     let samples = a.samples.unwrap_or(if a.quick { 10 } else { 30 }).max(3);
     let progress = ProgressBar::new(suites.len() as u64);
@@ -123,6 +135,11 @@ pub fn run(a: Args) -> Result<(), String> {
         ctx.progress.inc(1);
     }
     ctx.progress.finish_and_clear();
+    if let Some(dir) = &a.plot {
+        for f in plot::write(dir, &results)? {
+            println!("wrote {f}");
+        }
+    }
     if let Some(path) = a.json {
         let doc = serde_json::json!({
             "machine": machine(),
