@@ -2,7 +2,8 @@
 //! FILL, COPY and CRC32C through the registry on one arena of ordinary memory while
 //! mutator threads change it under them: `madvise(DONTNEED/FREE)`, `munmap` + re-map,
 //! `mmap(MAP_FIXED)` over it, `mremap` away and back, `mprotect` down and up, and
-//! `fork` with the child writing its copy. Nothing tells the registry but the seccomp
+//! `fork` with the child writing its copy; and each submitter now and then frees a
+//! registered `malloc` block and mallocs another at the same address. Nothing tells the registry but the seccomp
 //! monitor (unless `--no-protect`, which turns it off to show the checker works).
 //!
 //! The checker: every page counts the mutations started on it (bumped before the
@@ -66,6 +67,7 @@ struct Counts {
     faults_accepted: AtomicU64,
     dma_fault_probes: AtomicU64,
     mutations: [AtomicU64; 7],
+    malloc_reuse: AtomicU64,
     progress: AtomicU64,
 }
 
@@ -89,6 +91,10 @@ pub fn run(a: Args) -> Result<(), String> {
             )
         })?),
     };
+    // A fixed mmap threshold, so a freed large block goes back to the kernel and the
+    // next malloc of that size gets the same address (the reuse the lane exercises).
+    // SAFETY: a malloc tuning call.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
     let pins_start = userptr::proc_status::pinned_bytes().unwrap_or(0);
     let t0 = Instant::now();
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
@@ -176,6 +182,16 @@ pub fn run(a: Args) -> Result<(), String> {
                         continue;
                     };
                     let len = u.len();
+                    if rng.next() % 8 == 0 {
+                        // The free/malloc-reuse lane: this thread's own block.
+                        if !malloc_reuse(reg, q, &mut byte) {
+                            c.violations.fetch_add(1, Ordering::Relaxed);
+                        }
+                        c.malloc_reuse.fetch_add(1, Ordering::Relaxed);
+                        c.commands.fetch_add(2, Ordering::Relaxed);
+                        c.progress.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     let op = rng.next() % 4;
                     byte = byte.wrapping_add(1).max(1);
                     let (expect, r) = match op {
@@ -296,6 +312,7 @@ pub fn run(a: Args) -> Result<(), String> {
         "pins_start": pins_start,
         "pins_end": pins_end,
         "invalidations": CAUSE_NAMES.iter().zip(stats.invalidations).map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        "malloc_reuse": c.malloc_reuse.load(Ordering::Relaxed),
         "mutations": MUTATIONS.iter().zip(&c.mutations).map(|(n, v)| (n.to_string(), serde_json::json!(v.load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "injected_faults": { "dma_fault_probes": c.dma_fault_probes.load(Ordering::Relaxed), "protection_faults_accepted": c.faults_accepted.load(Ordering::Relaxed) },
         "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
@@ -323,6 +340,50 @@ pub fn run(a: Args) -> Result<(), String> {
     }
     println!("torture: ok");
     Ok(())
+}
+
+/// `free()` a registered `malloc` block and `malloc` one of the same size, which glibc
+/// maps at the same address: the device must write the new block, not the old pages.
+/// Returns false on a lost write.
+fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8) -> bool {
+    const N: usize = 256 << 10;
+    let fill = |p: usize, b: u8| -> Option<Status> {
+        let u = reg.register(p, N, Perm::READ_WRITE).ok()?;
+        let f = reg
+            .submit(q, &[&u], |i| vec![Descriptor::fill(i[0], N as u64, b)])
+            .ok()?;
+        Some(
+            q.wait(f.end, WaitMode::Block, Duration::from_secs(30))
+                .ok()?
+                .status,
+        )
+    };
+    // SAFETY: a plain malloc; the block is ours until freed below.
+    let p = unsafe { libc::malloc(N) } as usize;
+    if p == 0 {
+        return true;
+    }
+    *byte = byte.wrapping_add(1).max(1);
+    let first = fill(p, *byte);
+    // SAFETY: freeing our block; a new one of the same size, often at the same address.
+    let p2 = unsafe {
+        libc::free(p as *mut libc::c_void);
+        libc::malloc(N)
+    } as usize;
+    if p2 == 0 {
+        return true;
+    }
+    // SAFETY: our new block.
+    unsafe { std::ptr::write_bytes(p2 as *mut u8, 0, N) };
+    *byte = byte.wrapping_add(1).max(1);
+    let second = fill(p2, *byte);
+    // SAFETY: our block, `N` bytes.
+    let seen = unsafe { std::slice::from_raw_parts(p2 as *const u8, N) }
+        .iter()
+        .all(|&x| x == *byte);
+    // SAFETY: freeing our block.
+    unsafe { libc::free(p2 as *mut libc::c_void) };
+    first.is_none() || second.is_none() || (second == Some(Status::Ok) && seen)
 }
 
 /// Counts a worker out when it leaves, however it leaves.
