@@ -1,5 +1,5 @@
 //! `userptr torture`: the reliability proof. For a bounded time, submitter threads run
-//! FILL, COPY and CRC32C through the registry on one arena of ordinary memory while
+//! FILL, COPY, SAXPY and CRC32C through the registry on one arena of ordinary memory while
 //! mutator threads change it under them: `madvise(DONTNEED/FREE)`, `munmap` + re-map,
 //! `mmap(MAP_FIXED)` over it, `mremap` away and back, `mprotect` down and up, and
 //! `fork` with the child writing its copy; and each submitter now and then frees a
@@ -192,7 +192,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         c.progress.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    let op = rng.next() % 4;
+                    let op = rng.next() % 5;
                     byte = byte.wrapping_add(1).max(1);
                     let (expect, r) = match op {
                         0 => (
@@ -211,6 +211,21 @@ pub fn run(a: Args) -> Result<(), String> {
                                 None,
                                 reg.submit(q, &[&u], |_| {
                                     vec![Descriptor::fill(0x7f00_0000_0000, 4096, 1)]
+                                }),
+                            )
+                        }
+                        4 => {
+                            // y = 2x + 0 over the range: zero it, then SAXPY with x
+                            // from the source buffer (bytes 0x5c).
+                            let n = len.min(4 * SLOT as u64) / 4;
+                            let want = (2.0f32 * f32::from_le_bytes([0x5c; 4])).to_le_bytes()[0];
+                            (
+                                Some(want),
+                                reg.submit(q, &[&u, usrc], |i| {
+                                    vec![
+                                        Descriptor::fill(i[0], n * 4, 0),
+                                        Descriptor::saxpy(2.0, i[1], i[0], n),
+                                    ]
                                 }),
                             )
                         }
@@ -239,7 +254,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         }
                         (_, Status::Ok) => {
                             let want = expect.unwrap_or(0);
-                            let covered = if op == 0 {
+                            let covered = if op == 0 || op == 4 {
                                 (len as usize).min(4 * SLOT) / 4096
                             } else {
                                 pages.len()

@@ -304,11 +304,6 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     if shared.is_null() || crate::fork::in_forked_child() {
         return raw_syscall(nr, a);
     }
-    // A child that has not yet run the atfork handler (or a vfork child) has no worker:
-    // recognise it by its pid. getpid is not trapped.
-    if raw_syscall(libc::SYS_getpid, [0; 6]) as i32 != INSTALL_PID.load(Ordering::Relaxed) {
-        return raw_syscall(nr, a);
-    }
     // SAFETY: ACTIVE points at a leaked Shared, never freed.
     let s = unsafe { &*shared };
     // SeqCst: a Dekker handshake with `shutdown` (store ACTIVE = null, then load
@@ -337,6 +332,11 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     let second = dest.filter(hit).map(|d| (d, K_UNMAP, 0));
     if first.is_none() && second.is_none() {
         s.counters.passthrough.fetch_add(1, Ordering::Relaxed);
+        return raw_syscall(nr, a);
+    }
+    // A child that has not yet run the atfork handler (or a vfork child) has no worker:
+    // recognise it by its pid (getpid is not trapped). Only here, on the slow path.
+    if raw_syscall(libc::SYS_getpid, [0; 6]) as i32 != INSTALL_PID.load(Ordering::Relaxed) {
         return raw_syscall(nr, a);
     }
     s.counters.invalidating.fetch_add(1, Ordering::Relaxed);
