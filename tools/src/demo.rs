@@ -13,6 +13,9 @@ pub struct Args {
     /// SAXPY commands (each over a slice of the vectors).
     #[arg(long, default_value_t = 8)]
     saxpy: usize,
+    /// Print every registry counter at the end.
+    #[arg(long)]
+    stats: bool,
 }
 
 pub fn run(a: Args) -> Result<(), String> {
@@ -140,6 +143,9 @@ fn demo(a: Args) -> Result<(u64, u64), String> {
         s.pins,
         s.invalidations.iter().sum::<u64>()
     );
+    if a.stats {
+        print!("{s}");
+    }
     drop((ux, uy, ud, reg, q, drv));
     let pins_after = userptr::proc_status::pinned_bytes().unwrap_or(0);
     if pins_after != pins_before {
