@@ -133,3 +133,77 @@ fn threads_child() {
     });
     println!("threads ok: {}", reg.stats().invalidations[1]);
 }
+
+#[test]
+fn signal_handlers_that_change_memory_inside_trapped_calls() {
+    let out = run_child("signals_child");
+    assert!(out.contains("signals ok"), "{out}");
+}
+
+static SIG_BUF: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SIG_HITS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn discard_in_handler(_: libc::c_int) {
+    let a = SIG_BUF.load(std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: discards the test's own buffer; madvise is async-signal-safe, and the
+    // monitor's SIGSYS handler nests (SA_NODEFER) inside this one.
+    unsafe { libc::madvise(a as *mut _, 64 << 10, libc::MADV_DONTNEED) };
+    SIG_HITS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+}
+
+#[test]
+#[ignore = "child process body of signal_handlers_that_change_memory_inside_trapped_calls"]
+fn signals_child() {
+    use std::sync::atomic::Ordering;
+    assert!(is_child());
+    let (drv, reg) = setup();
+    let q = drv.queue(0, 16).unwrap();
+    let a = Anon::new(64 << 10);
+    let b = Anon::new(64 << 10);
+    SIG_BUF.store(a.addr, Ordering::SeqCst);
+    let _ua = reg.register(a.addr, a.len, Perm::READ_WRITE).unwrap();
+    let ub = reg.register(b.addr, b.len, Perm::READ_WRITE).unwrap();
+    // SAFETY: installs a SIGUSR1 handler in this child only.
+    unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            discard_in_handler as *const () as libc::sighandler_t,
+        )
+    };
+    let _m = SeccompMonitor::install(&reg).unwrap();
+    let me = unsafe { libc::pthread_self() };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // A signal storm aimed at the main thread, which is mostly inside trapped calls.
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                // SAFETY: signalling our own thread.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR1) };
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        });
+        for i in 0..200u32 {
+            b.madvise(libc::MADV_DONTNEED);
+            let byte = (i % 250) as u8 + 1;
+            let f = reg
+                .submit(&q, &[&ub], |iova| {
+                    vec![Descriptor::fill(iova[0], b.len as u64, byte)]
+                })
+                .unwrap();
+            let c = q
+                .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+                .unwrap();
+            assert_eq!(c.status, Status::Ok);
+            assert!(
+                b.read().iter().all(|&x| x == byte),
+                "iteration {i}: stale pin"
+            );
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    assert!(SIG_HITS.load(Ordering::SeqCst) > 0);
+    println!(
+        "signals ok: {} handler discards",
+        SIG_HITS.load(Ordering::SeqCst)
+    );
+}
