@@ -56,11 +56,13 @@ const HAZARDS: &[&str] = &[
 
 const LEN: usize = 1 << 20;
 
+/// FILL `u` through the registry. A submission the registry refuses (the range could not
+/// be pinned, e.g. read-only after a missed invalidation) reads as a device error.
 fn fill(reg: &Registry, q: &CommandQueue, u: &Userptr, b: u8) -> Status {
     let len = u.len();
-    let f = reg
-        .submit(q, &[u], |i| vec![Descriptor::fill(i[0], len, b)])
-        .unwrap();
+    let Ok(f) = reg.submit(q, &[u], |i| vec![Descriptor::fill(i[0], len, b)]) else {
+        return Status::DeviceError;
+    };
     q.wait(f.end, WaitMode::Block, Duration::from_secs(30))
         .unwrap()
         .status
@@ -432,7 +434,12 @@ fn matrix_child() {
         let r = run_path(&ctx, path);
         println!("\nMATRIX {source} {path} {r}");
         // Each path starts from an empty cache: without a monitor, a region left
-        // stale by one path would otherwise be hit by the next path's buffer.
+        // stale by one path would otherwise be hit by the next path's buffer. With
+        // userfaultfd, the events of this path's teardown are handled first, so that
+        // none arrives late and hits the next path's buffer at a reused address.
+        if let Some(m) = &uffd {
+            m.sync(Duration::from_secs(2));
+        }
         reg.clear().unwrap();
     }
 }
