@@ -68,6 +68,9 @@ struct Counts {
     dma_fault_probes: AtomicU64,
     mutations: [AtomicU64; 7],
     malloc_reuse: AtomicU64,
+    aborted: AtomicU64,
+    lost_writes: AtomicU64,
+    bad_status: AtomicU64,
     progress: AtomicU64,
 }
 
@@ -128,6 +131,11 @@ pub fn run(a: Args) -> Result<(), String> {
         .map(|_| AtomicU64::new(0))
         .collect();
     let locks: Vec<Mutex<()>> = (0..SLOTS).map(|_| Mutex::new(())).collect();
+    let mlocks: Vec<Mutex<()>> = (0..SLOTS).map(|_| Mutex::new(())).collect();
+    // Slots whose range another mapping took over (see `mutate`): left alone.
+    let lost: Vec<std::sync::atomic::AtomicBool> = (0..SLOTS)
+        .map(|_| std::sync::atomic::AtomicBool::new(false))
+        .collect();
     let c = Counts::default();
     let deadline = t0 + Duration::from_secs_f64(a.seconds);
     let finished = AtomicU64::new(0);
@@ -153,6 +161,7 @@ pub fn run(a: Args) -> Result<(), String> {
         });
         for (t, q) in queues.iter().enumerate() {
             let (reg, gens, ends, locks, c, usrc) = (&reg, &gens, &ends, &locks, &c, &usrc);
+            let lost = &lost;
             let finished = &finished;
             s.spawn(move || {
                 let _leave = Leave(finished);
@@ -160,6 +169,9 @@ pub fn run(a: Args) -> Result<(), String> {
                 let mut byte = 0u8;
                 while Instant::now() < deadline {
                     let (a, b) = rng.range();
+                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
+                        continue;
+                    }
                     let _held: Vec<_> = (a..b)
                         .map(|i| locks[i].lock().unwrap_or_else(|p| p.into_inner()))
                         .collect();
@@ -186,6 +198,7 @@ pub fn run(a: Args) -> Result<(), String> {
                         // The free/malloc-reuse lane: this thread's own block.
                         if !malloc_reuse(reg, q, &mut byte) {
                             c.violations.fetch_add(1, Ordering::Relaxed);
+                            c.lost_writes.fetch_add(1, Ordering::Relaxed);
                         }
                         c.malloc_reuse.fetch_add(1, Ordering::Relaxed);
                         c.commands.fetch_add(2, Ordering::Relaxed);
@@ -242,9 +255,15 @@ pub fn run(a: Args) -> Result<(), String> {
                     c.progress.fetch_add(1, Ordering::Relaxed);
                     let moved = |k: usize, p: usize| gens[p].load(Ordering::SeqCst) != before[k];
                     match (op, done_c.status) {
+                        // Failed with a clear status after a device reset (an
+                        // invalidation's fence wait timed out): allowed, and counted.
+                        (_, Status::Aborted) => {
+                            c.aborted.fetch_add(1, Ordering::Relaxed);
+                        }
                         (2, Status::DmaFault) => {}
                         (2, _) => {
                             c.violations.fetch_add(1, Ordering::Relaxed);
+                            c.bad_status.fetch_add(1, Ordering::Relaxed);
                         }
                         (1, Status::Ok) => {}
                         (_, Status::DmaFault)
@@ -263,11 +282,13 @@ pub fn run(a: Args) -> Result<(), String> {
                                 let first = peek(base + p * 4096);
                                 if first != Some(want) && !moved(k, p) {
                                     c.violations.fetch_add(1, Ordering::Relaxed);
+                                    c.lost_writes.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
                         }
                         _ => {
                             c.violations.fetch_add(1, Ordering::Relaxed);
+                            c.bad_status.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -275,6 +296,7 @@ pub fn run(a: Args) -> Result<(), String> {
         }
         for t in 0..2u64 {
             let (gens, ends, c, scratch) = (&gens, &ends, &c, &scratches[t as usize]);
+            let (lost, mlocks) = (&lost, &mlocks);
             let explicit = a.explicit.then_some(&reg);
             let finished = &finished;
             s.spawn(move || {
@@ -294,7 +316,19 @@ pub fn run(a: Args) -> Result<(), String> {
                             userptr::Cause::Unmap,
                         )
                     });
-                    mutate(kind, start, len, scratch);
+                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
+                        continue;
+                    }
+                    // Mutators of overlapping ranges take turns (submitters do not wait
+                    // for them: that is the point).
+                    let _held: Vec<_> = (a..b)
+                        .map(|i| mlocks[i].lock().unwrap_or_else(|p| p.into_inner()))
+                        .collect();
+                    if !mutate(kind, start, len, scratch) {
+                        for l in &lost[a..b] {
+                            l.store(true, Ordering::SeqCst);
+                        }
+                    }
                     if let Some(Ok(inv)) = inv {
                         explicit.expect("explicit").invalidate_end(inv);
                     }
@@ -328,6 +362,13 @@ pub fn run(a: Args) -> Result<(), String> {
         "pins_end": pins_end,
         "invalidations": CAUSE_NAMES.iter().zip(stats.invalidations).map(|(n, v)| (n.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
         "malloc_reuse": c.malloc_reuse.load(Ordering::Relaxed),
+        "slots_lost_to_other_mappings": lost.iter().filter(|l| l.load(Ordering::SeqCst)).count(),
+        "violations_by_kind": {
+            "lost_writes": c.lost_writes.load(Ordering::Relaxed),
+            "unexpected_status": c.bad_status.load(Ordering::Relaxed),
+        },
+        "aborted_by_reset": c.aborted.load(Ordering::Relaxed),
+        "device_resets": stats.device_resets,
         "mutations": MUTATIONS.iter().zip(&c.mutations).map(|(n, v)| (n.to_string(), serde_json::json!(v.load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
         "injected_faults": { "dma_fault_probes": c.dma_fault_probes.load(Ordering::Relaxed), "protection_faults_accepted": c.faults_accepted.load(Ordering::Relaxed) },
         "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
@@ -398,7 +439,9 @@ fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8) -> boo
         .all(|&x| x == *byte);
     // SAFETY: freeing our block.
     unsafe { libc::free(p2 as *mut libc::c_void) };
-    first.is_none() || second.is_none() || (second == Some(Status::Ok) && seen)
+    // Only a write that completed OK yet is not visible is a violation; a command that
+    // failed with a status (a reset's Aborted) is not.
+    second != Some(Status::Ok) || seen || first.is_none()
 }
 
 /// Counts a worker out when it leaves, however it leaves.
@@ -411,7 +454,9 @@ impl Drop for Leave<'_> {
 }
 
 /// One mutation of `[start, start + len)` (page-aligned, inside the arena).
-fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) {
+/// Returns false when the range was lost: `munmap` leaves a hole for a moment, and
+/// another thread's allocation may land in it; the range is then someone else's.
+fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) -> bool {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
     // SAFETY: every change is to the torture's own arena (or scratch area) and leaves
@@ -426,7 +471,22 @@ fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) {
             }
             2 => {
                 libc::munmap(start as *mut _, len);
-                libc::mmap(start as *mut _, len, rw, anon, -1, 0);
+                // Never MAP_FIXED over a hole: something else may live there now.
+                let fixed_noreplace = 0x100000; // MAP_FIXED_NOREPLACE
+                let p = libc::mmap(
+                    start as *mut _,
+                    len,
+                    rw,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed_noreplace,
+                    -1,
+                    0,
+                );
+                if p as usize != start {
+                    if p != libc::MAP_FAILED {
+                        libc::munmap(p, len);
+                    }
+                    return false;
+                }
             }
             3 => {
                 libc::mmap(start as *mut _, len, rw, anon, -1, 0);
@@ -463,6 +523,7 @@ fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) {
             }
         }
     }
+    true
 }
 
 /// Read one byte of this process's memory without faulting: a mutator may have a
