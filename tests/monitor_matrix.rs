@@ -75,22 +75,23 @@ fn read(addr: usize, len: usize) -> Vec<u8> {
     v
 }
 
-/// `mmap(MAP_FIXED)` through a raw syscall: scaffolding that an LD_PRELOAD shim does
-/// not see (so a path's own change decides what that source catches).
-fn mmap_fixed_raw(addr: usize, len: usize) {
-    // SAFETY: maps fresh anonymous memory over the test's own range.
+/// Map fresh memory into a hole this test just made. MAP_FIXED_NOREPLACE: an
+/// allocation another thread placed in the hole meanwhile is never clobbered.
+fn map_hole(addr: usize, len: usize, raw: bool) {
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: maps at the test's own former address, refusing to replace anything.
     let p = unsafe {
-        libc::syscall(
-            libc::SYS_mmap,
-            addr,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
+        if raw {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, -1, 0) as *mut libc::c_void
+        } else {
+            libc::mmap(addr as *mut _, len, prot, flags, -1, 0)
+        }
     };
-    assert_eq!(p as usize, addr);
+    assert_eq!(
+        p as usize, addr,
+        "another mapping took the hole at {addr:#x}"
+    );
 }
 
 fn mmap_fixed(addr: usize, len: usize) {
@@ -172,11 +173,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                             libc::munmap(a as *mut _, LEN);
                         }
                     }
-                    if raw {
-                        mmap_fixed_raw(a, LEN);
-                    } else {
-                        mmap_fixed(a, LEN);
-                    }
+                    map_hole(a, LEN, raw);
                 });
                 a
             })
@@ -226,7 +223,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             // The old address gets new memory (what a later malloc would do).
             let base = p & !4095;
             let len = ((p + n + 4095) & !4095) - base;
-            mmap_fixed_raw(base, len);
+            map_hole(base, len, true);
             let r = if fill(ctx.reg, ctx.q, &u, 0xab) != Status::Ok {
                 "error"
             } else if read(p, n).iter().all(|&b| b == 0xab) {
@@ -332,7 +329,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                         assert_eq!(p as usize, dest.addr);
                     },
                 );
-                mmap_fixed(a, LEN);
+                map_hole(a, LEN, false);
                 a
             })
         }

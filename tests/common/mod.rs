@@ -111,20 +111,22 @@ impl Anon {
         }
     }
 
-    /// Map fresh anonymous memory at the same address (MAP_FIXED), touched with `b`.
+    /// Map fresh anonymous memory at the same address, touched with `b`. The address
+    /// is a hole after `unmap`: MAP_FIXED_NOREPLACE, so that an allocation another
+    /// thread made there meanwhile is never clobbered (the test fails instead).
     pub fn remap_fixed(&mut self, b: u8) {
-        // SAFETY: replaces our own mapping at our own address.
+        // SAFETY: maps at our own former address, refusing to replace anything.
         let p = unsafe {
             libc::mmap(
                 self.addr as *mut _,
                 self.len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
                 -1,
                 0,
             )
         };
-        assert_eq!(p as usize, self.addr);
+        assert_eq!(p as usize, self.addr, "another mapping took the hole");
         self.live = true;
         self.fill(b);
     }
