@@ -111,17 +111,23 @@ impl Anon {
         }
     }
 
-    /// Map fresh anonymous memory at the same address, touched with `b`. The address
-    /// is a hole after `unmap`: MAP_FIXED_NOREPLACE, so that an allocation another
-    /// thread made there meanwhile is never clobbered (the test fails instead).
+    /// Map fresh anonymous memory at the same address, touched with `b`: MAP_FIXED
+    /// over the live mapping, or, after `unmap` left a hole, MAP_FIXED_NOREPLACE, so
+    /// that an allocation another thread made there meanwhile is never clobbered (the
+    /// test fails instead).
     pub fn remap_fixed(&mut self, b: u8) {
-        // SAFETY: maps at our own former address, refusing to replace anything.
+        let fixed = if self.live {
+            libc::MAP_FIXED
+        } else {
+            libc::MAP_FIXED_NOREPLACE
+        };
+        // SAFETY: maps over our own mapping, or into our own former (now empty) range.
         let p = unsafe {
             libc::mmap(
                 self.addr as *mut _,
                 self.len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed,
                 -1,
                 0,
             )
