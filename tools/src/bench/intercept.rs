@@ -88,23 +88,71 @@ fn child_results(ctx: &Ctx, preload: Option<&std::path::Path>) -> Result<Vec<Mea
     Ok(res)
 }
 
+/// Print one measurement as a JSON line for the parent.
+fn emit(name: &str, ours: &Sample, base: Option<(&str, &Sample)>) {
+    let mut v = serde_json::json!({ "name": name, "ours": ours.values });
+    if let Some((b, s)) = base {
+        v["baseline"] = serde_json::json!(b);
+        v["base"] = serde_json::json!(s.values);
+    }
+    println!("{v}");
+}
+
+/// With a monitor of `source` active on `reg`: `madvise(DONTNEED)` through libc on an
+/// unregistered page (the interception and its pre-check only) and on a registered,
+/// idle page (plus the invalidation), each interleaved with the raw call through the
+/// driver's trampoline, which no monitor sees.
+fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), String> {
+    let (page, far, anchor) = (Mem::new(4096)?, Mem::new(4096)?, Mem::new(4096)?);
+    // A registered page somewhere, so the fast pre-check has bounds to test against.
+    let _anchor = reg
+        .register(anchor.addr, 4096, Perm::READ_WRITE)
+        .map_err(|e| crate::explain(&e))?;
+    let madv = |m: &Mem| {
+        // SAFETY: discarding our own page, through libc (and so through the monitor).
+        unsafe { libc::madvise(m.addr as *mut _, 4096, libc::MADV_DONTNEED) };
+    };
+    let raw = |m: &Mem| {
+        raw_madvise(m.addr, 4096, libc::MADV_DONTNEED);
+    };
+    let (ours, base) = interleaved(
+        samples,
+        3,
+        || time_us(|| (0..100).for_each(|_| madv(&far))) / 100.0,
+        || time_us(|| (0..100).for_each(|_| raw(&far))) / 100.0,
+    );
+    emit(
+        &format!("{source}_unregistered_madvise"),
+        &ours,
+        Some(("raw_madvise", &base)),
+    );
+    let (ours, base) = interleaved(
+        samples,
+        3,
+        || {
+            let _ = reg.register(page.addr, 4096, Perm::READ_WRITE);
+            time_us(|| madv(&page))
+        },
+        || time_us(|| raw(&page)),
+    );
+    emit(
+        &format!("{source}_registered_madvise"),
+        &ours,
+        Some(("raw_madvise", &base)),
+    );
+    Ok(())
+}
+
 /// The child: installs a monitor and measures.
 pub fn child(samples: usize) -> Result<(), String> {
-    if std::env::var("USERPTR_INTERCEPT_SOURCE").as_deref() == Ok("preload") {
-        return preload_child(samples);
-    }
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let page = Mem::new(4096)?;
-    let far = Mem::new(4096)?;
-    let print = |name: &str, ours: &Sample, base: Option<(&str, &Sample)>| {
-        let mut v = serde_json::json!({ "name": name, "ours": ours.values });
-        if let Some((b, s)) = base {
-            v["baseline"] = serde_json::json!(b);
-            v["base"] = serde_json::json!(s.values);
-        }
-        println!("{v}");
-    };
+    if std::env::var("USERPTR_INTERCEPT_SOURCE").as_deref() == Ok("preload") {
+        // Started with LD_PRELOAD: the shim's added cost.
+        let _m = userptr::driver::monitor::preload::PreloadMonitor::install(&reg)
+            .map_err(|e| crate::explain(&e))?;
+        return madvise_costs("preload", &reg, samples);
+    }
     // userfaultfd first: once the seccomp filter is in, madvise would pay its trap too.
     let (mut uffd_on, mut uffd_raw) = (Vec::new(), Vec::new());
     for _ in 0..samples.min(10) {
@@ -113,7 +161,7 @@ pub fn child(samples: usize) -> Result<(), String> {
         uffd_on.push(on);
         uffd_raw.push(raw);
     }
-    print(
+    emit(
         "uffd_registered_madvise",
         &Sample { values: uffd_on },
         Some(("raw_madvise", &Sample { values: uffd_raw })),
@@ -122,115 +170,19 @@ pub fn child(samples: usize) -> Result<(), String> {
     let getpid_before = repeat(samples, 3, || getpid_us(1000));
     let read_before = repeat(samples, 3, || read_us(1000));
     let monitor = SeccompMonitor::install(&reg).map_err(|e| crate::explain(&e))?;
-    // A registered page somewhere, so the fast pre-check has bounds to test against.
-    let reg_page = Mem::new(4096)?;
-    let _anchor = reg
-        .register(reg_page.addr, 4096, Perm::READ_WRITE)
-        .map_err(|e| crate::explain(&e))?;
-    let madv = |m: &Mem| {
-        // SAFETY: discarding our own page.
-        unsafe { libc::madvise(m.addr as *mut _, 4096, libc::MADV_DONTNEED) };
-    };
-    // Unregistered memory: the trap and the pre-check only.
-    let (ours, base) = interleaved(
-        samples,
-        3,
-        || time_us(|| (0..100).for_each(|_| madv(&far))) / 100.0,
-        || {
-            time_us(|| {
-                (0..100).for_each(|_| {
-                    raw_madvise(far.addr, 4096, libc::MADV_DONTNEED);
-                })
-            }) / 100.0
-        },
-    );
-    print(
-        "seccomp_unregistered_madvise",
-        &ours,
-        Some(("raw_madvise", &base)),
-    );
-    // A registered, idle page: trap + invalidation (unpin) + call.
-    let (ours, base) = interleaved(
-        samples,
-        3,
-        || {
-            let _ = reg.register(page.addr, 4096, Perm::READ_WRITE);
-            time_us(|| madv(&page))
-        },
-        || {
-            time_us(|| {
-                raw_madvise(page.addr, 4096, libc::MADV_DONTNEED);
-            })
-        },
-    );
-    print(
-        "seccomp_registered_madvise",
-        &ours,
-        Some(("raw_madvise", &base)),
-    );
+    madvise_costs("seccomp", &reg, samples)?;
     let on = repeat(samples, 3, || getpid_us(1000));
-    print(
+    emit(
         "seccomp_getpid",
         &on,
         Some(("getpid_before_install", &getpid_before)),
     );
     let on = repeat(samples, 3, || read_us(1000));
-    print(
+    emit(
         "seccomp_read",
         &on,
         Some(("read_before_install", &read_before)),
     );
     drop(monitor);
-    Ok(())
-}
-
-fn print_json(name: &str, ours: &Sample, base: &Sample) {
-    println!(
-        "{}",
-        serde_json::json!({ "name": name, "ours": ours.values, "baseline": "raw_madvise", "base": base.values })
-    );
-}
-
-/// The preload child (started with LD_PRELOAD): the shim's added cost.
-fn preload_child(samples: usize) -> Result<(), String> {
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
-    let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let _m = userptr::driver::monitor::preload::PreloadMonitor::install(&reg)
-        .map_err(|e| crate::explain(&e))?;
-    let (page, far, anchor) = (Mem::new(4096)?, Mem::new(4096)?, Mem::new(4096)?);
-    let _a = reg
-        .register(anchor.addr, 4096, Perm::READ_WRITE)
-        .map_err(|e| crate::explain(&e))?;
-    let madv = |m: &Mem| {
-        // SAFETY: discarding our own page, through libc (and so the shim).
-        unsafe { libc::madvise(m.addr as *mut _, 4096, libc::MADV_DONTNEED) };
-    };
-    let (ours, base) = interleaved(
-        samples,
-        3,
-        || time_us(|| (0..100).for_each(|_| madv(&far))) / 100.0,
-        || {
-            time_us(|| {
-                (0..100).for_each(|_| {
-                    raw_madvise(far.addr, 4096, libc::MADV_DONTNEED);
-                })
-            }) / 100.0
-        },
-    );
-    print_json("preload_unregistered_madvise", &ours, &base);
-    let (ours, base) = interleaved(
-        samples,
-        3,
-        || {
-            let _ = reg.register(page.addr, 4096, Perm::READ_WRITE);
-            time_us(|| madv(&page))
-        },
-        || {
-            time_us(|| {
-                raw_madvise(page.addr, 4096, libc::MADV_DONTNEED);
-            })
-        },
-    );
-    print_json("preload_registered_madvise", &ours, &base);
     Ok(())
 }
