@@ -39,6 +39,45 @@ impl PinCheck {
     }
 }
 
+/// Test buffers live far below the kernel's mmap frontier, each at its own address
+/// from a bump counter. The kernel's top-down allocator takes the highest free gap
+/// that fits, and the free space just below its frontier always comes first, so a
+/// hole a test punches here (munmap, then re-map the same address) is never taken by
+/// another thread's mmap in the meantime: a monitor thread's allocation, say.
+const ISOLATED_BASE: usize = 0x100_0000_0000; // 1 TiB
+static NEXT_ISOLATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Map `len` bytes anonymous at the next isolated address (2 MiB aligned, with at
+/// least one 2 MiB gap to the neighbour); falls back to a kernel-chosen address if
+/// something is there already.
+pub fn map_isolated(len: usize, prot: i32) -> *mut libc::c_void {
+    const STEP: usize = 2 << 20;
+    let span = len.div_ceil(STEP) * STEP + STEP;
+    // Relaxed: the counter only hands out distinct offsets; no other memory is
+    // published through it.
+    let off = NEXT_ISOLATED.fetch_add(span, std::sync::atomic::Ordering::Relaxed);
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // SAFETY: NOREPLACE never replaces an existing mapping; a fresh anonymous
+    // mapping aliases nothing.
+    let p = unsafe {
+        libc::mmap(
+            (ISOLATED_BASE + off) as *mut _,
+            len,
+            prot,
+            flags | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p != libc::MAP_FAILED {
+        return p;
+    }
+    // SAFETY: as above, at a kernel-chosen address.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
+    assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+    p
+}
+
 /// An anonymous private mapping, every page touched, unmapped on drop (unless
 /// `forget`-ed by a test that unmaps it itself).
 pub struct Anon {
@@ -53,18 +92,7 @@ impl Anon {
     }
 
     pub fn with_prot(len: usize, prot: i32) -> Anon {
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+        let p = map_isolated(len, prot);
         let a = Anon {
             addr: p as usize,
             len,
