@@ -25,8 +25,8 @@ pub use userptr_driver as driver;
 pub use userptr_ring as ring;
 
 pub use userptr_driver::{
-    proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device, Driver,
-    Error, Invalidation, IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Registry,
+    pci, proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device,
+    Driver, Error, Invalidation, IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Registry,
     RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr, WaitMode,
     CAUSE_NAMES,
 };

@@ -1,8 +1,13 @@
-//! The driver handle: one device, its IOMMU domain and the IOVA space the driver
-//! hands out in it. Everything else (mappings, queues) is created from here.
+//! The driver handle: an IOMMU domain, the IOVA space the driver hands out in it and,
+//! for a device that speaks the userptr ring protocol, that device. Everything else
+//! (mappings, queues, the registry) is created from here.
+//!
+//! A driver made with [`Driver::for_domain`] has no ring-protocol device: it maps
+//! memory into a domain that another engine drives (the NVMe engine over VFIO, see
+//! [`crate::nvme`]); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
 
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::iommu::{IommuDomain, Perm, PAGE_2M, PAGE_4K};
 use crate::iova::IovaAllocator;
 use crate::mapping::UserMapping;
@@ -12,7 +17,8 @@ use crate::regs;
 use std::sync::{Arc, Mutex};
 
 struct Inner {
-    device: Arc<dyn Device>,
+    device: Option<Arc<dyn Device>>,
+    name: String,
     domain: Arc<dyn IommuDomain>,
     iova: Mutex<IovaAllocator>,
     irq_mask: Mutex<()>,
@@ -27,7 +33,7 @@ pub struct Driver {
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
-            .field("device", &self.inner.device.name())
+            .field("device", &self.inner.name)
             .finish_non_exhaustive()
     }
 }
@@ -36,10 +42,26 @@ impl Driver {
     /// Drive `device`.
     pub fn new(device: Arc<dyn Device>) -> Driver {
         let domain = device.domain();
+        let name = device.name();
+        Driver::build(Some(device), domain, name)
+    }
+
+    /// A driver for an IOMMU domain alone (no ring-protocol device): mappings, the
+    /// registry and IOVA allocation, for an engine of its own (NVMe over VFIO).
+    pub fn for_domain(domain: Arc<dyn IommuDomain>, name: &str) -> Driver {
+        Driver::build(None, domain, name.to_string())
+    }
+
+    fn build(
+        device: Option<Arc<dyn Device>>,
+        domain: Arc<dyn IommuDomain>,
+        name: String,
+    ) -> Driver {
         let iova = IovaAllocator::new(&domain.iova_ranges());
         Driver {
             inner: Arc::new(Inner {
                 device,
+                name,
                 domain,
                 iova: Mutex::new(iova),
                 irq_mask: Mutex::new(()),
@@ -58,9 +80,24 @@ impl Driver {
         Ok(Driver::new(dev))
     }
 
-    /// The device.
-    pub fn device(&self) -> &Arc<dyn Device> {
-        &self.inner.device
+    /// The ring-protocol device, if this driver has one.
+    pub fn device(&self) -> Option<&Arc<dyn Device>> {
+        self.inner.device.as_ref()
+    }
+
+    /// The ring-protocol device, or [`Error::NoRingDevice`].
+    pub(crate) fn ring_device(&self) -> Result<&Arc<dyn Device>> {
+        self.inner
+            .device
+            .as_ref()
+            .ok_or_else(|| Error::NoRingDevice {
+                device: self.inner.name.clone(),
+            })
+    }
+
+    /// A short description of the device for messages.
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// The device's IOMMU domain.
@@ -93,7 +130,7 @@ impl Driver {
 
     /// Number of rings the device has.
     pub fn rings(&self) -> u32 {
-        self.inner.device.read32(regs::CAPS) & 0xff
+        self.device().map_or(0, |d| d.read32(regs::CAPS) & 0xff)
     }
 
     /// Map whole pages at a freshly allocated IOVA; returns the IOVA.
@@ -135,7 +172,7 @@ impl Driver {
 
     pub(crate) fn irq_enable(&self, ring: u32, on: bool) {
         let _g = self.inner.irq_mask.lock().expect("irq mask lock poisoned");
-        let dev = &self.inner.device;
+        let Some(dev) = self.device() else { return };
         let m = dev.read32(regs::IRQ_MASK);
         let m = if on { m | 1 << ring } else { m & !(1 << ring) };
         dev.write32(regs::IRQ_MASK, m);
@@ -146,20 +183,20 @@ impl Driver {
     /// does not wait for the batch in progress: it stops the engine from starting the
     /// next one.
     pub fn set_enabled(&self, on: bool) {
-        let dev = &self.inner.device;
+        let Some(dev) = self.device() else { return };
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
     }
 
     /// Reset the device: every queued command completes with status `Aborted`.
     /// Waits up to `timeout` for the reset to finish.
     pub fn reset(&self, timeout: std::time::Duration) -> Result<()> {
-        let dev = &self.inner.device;
+        let dev = self.ring_device()?;
         let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
         dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
         let deadline = std::time::Instant::now() + timeout;
         while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
             if std::time::Instant::now() > deadline {
-                return Err(crate::error::Error::DeviceTimeout {
+                return Err(Error::DeviceTimeout {
                     what: "its reset",
                     waited_ms: timeout.as_millis() as u64,
                 });

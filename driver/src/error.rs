@@ -109,6 +109,98 @@ pub enum Error {
     DeviceTimeout { what: &'static str, waited_ms: u64 },
     #[error("ring {ring} stopped: {reason}")]
     RingStopped { ring: u32, reason: String },
+    #[error("VFIO {op} on {device} failed: {reason}{}; likely cause: {hint}", errno_text(*.errno))]
+    Vfio {
+        /// The operation (`VFIO_IOMMU_MAP_DMA`, `open group`, ...).
+        op: &'static str,
+        /// The device (a PCI address) or `container`.
+        device: String,
+        /// What the kernel or the crate said.
+        reason: String,
+        /// The errno, where the kernel gave one.
+        errno: Option<i32>,
+        /// The likely cause, in words.
+        hint: &'static str,
+    },
+    #[error("{device} has no userptr ring-protocol device (it is driven by its own engine)")]
+    NoRingDevice { device: String },
+    #[error("NVMe {what} on {device} failed: {reason}")]
+    Nvme {
+        what: &'static str,
+        device: String,
+        reason: String,
+    },
+    #[error(
+        "NVMe command {opcode:#04x} (cid {cid}) completed, but the IOMMU blocked its DMA at \
+         IOVA {iova:#x} ({reason}): its data did not reach memory"
+    )]
+    NvmeIommuFault {
+        opcode: u8,
+        cid: u16,
+        iova: u64,
+        reason: String,
+    },
+    #[error("NVMe command {opcode:#04x} (cid {cid}) failed: status {status:#06x} ({text})")]
+    NvmeStatus {
+        opcode: u8,
+        cid: u16,
+        status: u16,
+        text: &'static str,
+    },
+    #[error(
+        "invalid PCI address `{input}`: {reason}; expected DDDD:BB:DD.F or BB:DD.F in hex, \
+         e.g. 0000:00:04.0"
+    )]
+    BadBdf { input: String, reason: &'static str },
+    #[error(
+        "no PCI device {bdf}: {} does not exist; `userptr list` shows the devices present",
+        .path.display()
+    )]
+    NoSuchPciDevice {
+        bdf: crate::pci::Bdf,
+        path: std::path::PathBuf,
+    },
+    #[error("{bdf}: {op} failed ({}): {source}; likely cause: {hint}", .path.display())]
+    PciSysfs {
+        /// What was being done (`set driver_override`, `unbind from its driver`, ...).
+        op: &'static str,
+        bdf: crate::pci::Bdf,
+        /// The sysfs file read or written.
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+        /// The likely cause, from the errno.
+        hint: &'static str,
+    },
+    #[error("{bdf} cannot be used through VFIO: {reason}; {}", .reason.hint())]
+    PciVfioUnusable {
+        bdf: crate::pci::Bdf,
+        reason: crate::pci::VfioUnusable,
+    },
+    #[error(
+        "vfio-pci did not take {bdf}; rolled back (driver_override cleared, device \
+         re-probed: now {}); `dmesg` says why vfio-pci refused it",
+        driver_text(.driver)
+    )]
+    PciBindFailed {
+        bdf: crate::pci::Bdf,
+        /// The driver the device is on after the roll-back.
+        driver: Option<String>,
+    },
+}
+
+fn driver_text(d: &Option<String>) -> String {
+    match d {
+        Some(d) => format!("bound to {d}"),
+        None => "unbound".to_string(),
+    }
+}
+
+fn errno_text(errno: Option<i32>) -> String {
+    match errno {
+        Some(e) => format!(" ({})", io::Error::from_raw_os_error(e)),
+        None => String::new(),
+    }
 }
 
 fn fault_text(f: &Option<userptr_ring::FaultRecord>) -> String {
@@ -124,5 +216,40 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn sys(op: &'static str, source: io::Error) -> Error {
         Error::Sys { op, source }
+    }
+
+    /// A failed sysfs read or write on a PCI device, with the likely cause from the errno.
+    pub(crate) fn pci_sysfs(
+        op: &'static str,
+        bdf: crate::pci::Bdf,
+        path: std::path::PathBuf,
+        source: io::Error,
+    ) -> Error {
+        let hint = match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => {
+                "writing PCI sysfs attributes needs root (CAP_SYS_ADMIN): run it with sudo"
+            }
+            Some(libc::EROFS) => {
+                "sysfs is mounted read-only here (a container?): run it on the host or in a \
+                 privileged container"
+            }
+            Some(libc::ENOENT) => {
+                "the device or the attribute is gone (hot-unplugged? a kernel without \
+                 driver_override?)"
+            }
+            Some(libc::ENODEV) => "the kernel no longer knows the device (removed?)",
+            Some(libc::EBUSY) => "the device is in use: stop whatever holds it and retry",
+            _ if source.kind() == io::ErrorKind::InvalidData => {
+                "sysfs shows something this tool cannot parse (an unusual kernel?)"
+            }
+            _ => "the kernel refused; `dmesg` says why",
+        };
+        Error::PciSysfs {
+            op,
+            bdf,
+            path,
+            source,
+            hint,
+        }
     }
 }

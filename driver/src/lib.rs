@@ -16,6 +16,7 @@
 //! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
 //! * [`registry`]: the userptr registry: epochs, invalidation, pin cache;
 //! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd) feeding the registry;
+//! * [`pci`]: PCI devices in sysfs, their VFIO readiness, binding to vfio-pci and back;
 //! * [`fork`]: the fork policy and its atfork handler;
 //! * [`error`]: the [`Error`] type.
 //!
@@ -30,18 +31,22 @@
 pub mod device;
 pub mod dma_memory;
 pub mod driver;
+pub mod edu;
 pub mod error;
 pub mod fork;
 pub mod iommu;
 pub mod iova;
 pub mod mapping;
 pub mod monitor;
+pub mod nvme;
+pub mod pci;
 pub mod proc_status;
 pub mod queue;
 pub mod reference;
 pub mod registry;
 pub mod regs;
 pub mod uring_iommu;
+pub mod vfio;
 pub mod vram;
 
 pub use device::Device;

@@ -115,6 +115,7 @@ impl std::ops::Deref for CommandQueue {
 /// for every in-flight submission, to wait for the device during invalidation.
 pub struct QueueCore {
     driver: Driver,
+    dev: Arc<dyn Device>,
     ring: u32,
     geo: Geometry,
     mem: DmaMemory,
@@ -140,11 +141,6 @@ impl std::fmt::Debug for CommandQueue {
 }
 
 impl CommandQueue {
-    /// The shared core, for waiters that must not keep the ring open.
-    pub(crate) fn core(&self) -> &Arc<QueueCore> {
-        &self.core
-    }
-
     /// Set how long `Backpressure::Wait` and `run` wait before [`Error::Timeout`].
     pub fn set_timeout(&mut self, timeout: Duration) {
         self.core
@@ -153,7 +149,7 @@ impl CommandQueue {
     }
 
     pub(crate) fn new(driver: Driver, ring_idx: u32, size: u32) -> Result<CommandQueue> {
-        let dev = driver.device().clone();
+        let dev = driver.ring_device()?.clone();
         let caps = dev.read32(regs::CAPS);
         let count = caps & 0xff;
         if ring_idx >= count {
@@ -172,6 +168,7 @@ impl CommandQueue {
         let iova = driver.map_raw(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
         let q = QueueCore {
             driver,
+            dev: dev.clone(),
             ring: ring_idx,
             geo,
             mem,
@@ -211,7 +208,7 @@ impl QueueCore {
     }
 
     fn dev(&self) -> &dyn Device {
-        &**self.driver.device()
+        &*self.dev
     }
 
     fn reg(&self, r: u32) -> u32 {
@@ -593,6 +590,50 @@ impl QueueCore {
     }
 }
 
+impl crate::registry::FenceTracker for QueueCore {
+    fn is_done(&self, seqno: u64) -> bool {
+        QueueCore::is_done(self, seqno)
+    }
+
+    fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()> {
+        QueueCore::wait_done(self, seqno, timeout)
+    }
+
+    /// A device reset: every queued command of every ring completes `Aborted`.
+    fn abort(&self, timeout: Duration) -> Result<()> {
+        self.driver.reset(timeout)
+    }
+}
+
+/// The reference ring as the registry drives it: completions come in order, so the
+/// batch's last seqno stands for the whole prefix.
+impl crate::registry::Submitter for CommandQueue {
+    type Command = Descriptor;
+    type Fence = BatchFences;
+
+    fn capacity(&self) -> usize {
+        self.size() as usize
+    }
+
+    fn queue_id(&self) -> u32 {
+        self.ring()
+    }
+
+    fn try_submit(&self, cmds: &[Descriptor]) -> Result<(BatchFences, u64)> {
+        let f = self.submit_batch(cmds, Backpressure::WouldBlock)?;
+        Ok((f, f.end.seqno))
+    }
+
+    fn wait_for_room(&self, n: usize) -> Result<()> {
+        QueueCore::wait_for_room(self, n.min(u32::MAX as usize) as u32)
+    }
+
+    fn tracker(&self) -> std::sync::Weak<dyn crate::registry::FenceTracker> {
+        let w: std::sync::Weak<QueueCore> = Arc::downgrade(&self.core);
+        w
+    }
+}
+
 /// The fences of a submitted batch (inclusive range of consecutive seqnos).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchFences {
@@ -624,7 +665,7 @@ impl CompletionExt for Completion {
 impl Drop for CommandQueue {
     fn drop(&mut self) {
         let q = &*self.core;
-        let dev = q.driver.device().clone();
+        let dev = q.dev.clone();
         // The disable returns once the device finished any batch of this ring.
         dev.write32(q.reg(ring::CONTROL), 0);
         // Release: a waiter that sees `closed` also sees the ring disabled.

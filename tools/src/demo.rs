@@ -41,11 +41,7 @@ fn demo(a: Args) -> Result<(u64, u64), String> {
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let q = drv.queue(0, 64).map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    println!(
-        "device: {} (opened in {:.2?})",
-        drv.device().name(),
-        t0.elapsed()
-    );
+    println!("device: {} (opened in {:.2?})", drv.name(), t0.elapsed());
 
     let x: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5).collect();
     let mut y: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();

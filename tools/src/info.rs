@@ -1,19 +1,28 @@
 //! `userptr info`: the reference device's identity registers, rings and IOMMU domain,
-//! and the process's pinned-memory budget.
+//! and the process's pinned-memory budget; `userptr info BDF`: a device opened through
+//! VFIO (see `vfio_cmd`).
 
 use userptr::driver::regs;
 use userptr::Driver;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// A PCI function bound to vfio-pci (DDDD:BB:DD.F); without it, the embedded
+    /// reference device.
+    bdf: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<(), String> {
+    if let Some(bdf) = a.bdf {
+        return crate::vfio_cmd::info(&crate::vfio_cmd::DeviceArgs { bdf, json: a.json });
+    }
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
-    let dev = drv.device();
+    let dev = drv
+        .device()
+        .ok_or("the reference driver has no ring device")?;
     let d = drv.domain();
     let id = dev.read32(regs::ID);
     let version = dev.read32(regs::VERSION);

@@ -23,14 +23,15 @@
 pub mod interval;
 pub mod notifier;
 mod stats;
+pub mod submitter;
 pub mod validate;
 
 pub use stats::{Stats, StatsSnapshot, CAUSE_NAMES};
+pub use submitter::{FenceTracker, Submitter};
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
-use crate::queue::{Backpressure, BatchFences, CommandQueue, QueueCore};
 use interval::IntervalMap;
 use notifier::{Epoch, Notifier, WindowId};
 use std::collections::VecDeque;
@@ -38,7 +39,6 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
-use userptr_ring::Descriptor;
 
 const PAGE: u64 = 4096;
 /// Invalidation starts remembered for checking fresh pins against.
@@ -158,7 +158,7 @@ fn default_budget() -> u64 {
 /// A submission the device may still be working on.
 #[derive(Debug)]
 struct InFlight {
-    queue: Weak<QueueCore>,
+    queue: Weak<dyn FenceTracker>,
     seqno: u64,
 }
 
@@ -170,7 +170,7 @@ impl InFlight {
 
 /// Attach a submission's fence to a region it references. A ring completes in order,
 /// so per queue only the latest seqno matters: the list stays one entry per queue.
-fn attach(r: &Region, queue: &Weak<QueueCore>, seqno: u64) {
+fn attach(r: &Region, queue: &Weak<dyn FenceTracker>, seqno: u64) {
     let mut fl = r.inflight.lock().expect("inflight lock poisoned");
     match fl.iter_mut().find(|x| Weak::ptr_eq(&x.queue, queue)) {
         Some(x) => x.seqno = x.seqno.max(seqno),
@@ -741,9 +741,10 @@ impl Registry {
     /// it never submits with a stale pin, retrying when an invalidation hits a
     /// referenced region between its lookup and the commit. `build` may run under the
     /// shared notifier lock: it must not call back into the registry.
-    pub fn submit<F>(&self, q: &CommandQueue, refs: &[&Userptr], build: F) -> Result<BatchFences>
+    pub fn submit<Q, F>(&self, q: &Q, refs: &[&Userptr], build: F) -> Result<Q::Fence>
     where
-        F: Fn(&[u64]) -> Vec<Descriptor>,
+        Q: Submitter,
+        F: Fn(&[u64]) -> Vec<Q::Command>,
     {
         let _section = crate::monitor::driver_section();
         if crate::fork::in_forked_child() {
@@ -766,10 +767,10 @@ impl Registry {
                 resolved.push((r, seq));
             }
             let descs = build(&iovas);
-            if descs.len() > q.size() as usize {
+            if descs.len() > q.capacity() {
                 return Err(Error::RingFull {
-                    ring: q.ring(),
-                    size: q.size(),
+                    ring: q.queue_id(),
+                    size: q.capacity() as u32,
                 });
             }
             let full = {
@@ -780,15 +781,15 @@ impl Registry {
                 if stale {
                     None
                 } else {
-                    match q.submit_batch(&descs, Backpressure::WouldBlock) {
-                        Ok(f) => {
-                            let queue = Arc::downgrade(q.core());
+                    match q.try_submit(&descs) {
+                        Ok((f, seqno)) => {
+                            let queue = q.tracker();
                             for (r, _) in &resolved {
-                                attach(r, &queue, f.end.seqno);
+                                attach(r, &queue, seqno);
                             }
                             return Ok(f);
                         }
-                        Err(Error::RingFull { .. }) => Some(descs.len() as u32),
+                        Err(Error::RingFull { .. }) => Some(descs.len()),
                         Err(e) => return Err(e),
                     }
                 }
@@ -807,14 +808,10 @@ impl Registry {
     /// invalidation can run inside it (it needs the exclusive side), so the epochs
     /// read here cannot move before the commit and no `read_retry` is needed. `None`
     /// sends the caller to the general path (a miss, or a full ring).
-    fn submit_all_hits<F>(
-        &self,
-        q: &CommandQueue,
-        refs: &[&Userptr],
-        build: &F,
-    ) -> Option<Result<BatchFences>>
+    fn submit_all_hits<Q, F>(&self, q: &Q, refs: &[&Userptr], build: &F) -> Option<Result<Q::Fence>>
     where
-        F: Fn(&[u64]) -> Vec<Descriptor>,
+        Q: Submitter,
+        F: Fn(&[u64]) -> Vec<Q::Command>,
     {
         let inner = &*self.inner;
         let g = inner.notifier.read();
@@ -826,22 +823,22 @@ impl Registry {
             hits.push(r);
         }
         let descs = build(&iovas);
-        if descs.len() > q.size() as usize {
+        if descs.len() > q.capacity() {
             return Some(Err(Error::RingFull {
-                ring: q.ring(),
-                size: q.size(),
+                ring: q.queue_id(),
+                size: q.capacity() as u32,
             }));
         }
-        let f = match q.submit_batch(&descs, Backpressure::WouldBlock) {
-            Ok(f) => f,
+        let (f, seqno) = match q.try_submit(&descs) {
+            Ok(x) => x,
             Err(Error::RingFull { .. }) => return None,
             Err(e) => return Some(Err(e)),
         };
-        let queue = Arc::downgrade(q.core());
+        let queue = q.tracker();
         for r in hits {
             // Relaxed: the clock bit is a hint for eviction.
             r.accessed.store(true, Ordering::Relaxed);
-            attach(r, &queue, f.end.seqno);
+            attach(r, &queue, seqno);
         }
         Stats::add(&inner.stats.hits, refs.len() as u64);
         Some(Ok(f))
@@ -1036,7 +1033,7 @@ impl Registry {
                         );
                         Stats::add(&inner.stats.device_resets, 1);
                         reset = true;
-                        if let Err(e) = inner.driver.reset(inner.cfg.fence_timeout) {
+                        if let Err(e) = q.abort(inner.cfg.fence_timeout) {
                             result = Err(e);
                             break;
                         }

@@ -21,6 +21,7 @@ mod pin;
 mod plot;
 mod registry;
 mod ring;
+mod vfio;
 
 pub use measure::Measurement;
 
@@ -28,7 +29,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
 /// The suites, in run order.
-pub const SUITES: [&str; 7] = [
+pub const SUITES: [&str; 8] = [
     "pin",
     "ring",
     "e2e",
@@ -36,12 +37,13 @@ pub const SUITES: [&str; 7] = [
     "invalidate",
     "intercept",
     "all",
+    "vfio",
 ];
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Suites to run (repeat or comma-separate): pin, ring, e2e, cache, invalidate,
-    /// intercept, all.
+    /// intercept, all (the six before it), vfio (needs --device).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     suite: Vec<String>,
     /// A short run (under a minute on 2 cores): fewer samples, smaller sizes.
@@ -53,7 +55,8 @@ pub struct Args {
     /// Write SVG charts (cost vs size, throughput vs batch) into DIR.
     #[arg(long, value_name = "DIR")]
     plot: Option<std::path::PathBuf>,
-    /// Run on the VFIO device at this PCI address (needs the VFIO backend).
+    /// The NVMe function (bound to vfio-pci) the vfio suite runs on; implies
+    /// `--suite vfio`.
     #[arg(long, value_name = "BDF")]
     device: Option<String>,
     /// Samples per measurement (default 30, 10 with --quick).
@@ -81,10 +84,12 @@ pub fn run(a: Args) -> Result<(), String> {
     if suites.iter().any(|s| s == "all") {
         suites = SUITES[..6].iter().map(|s| s.to_string()).collect();
     }
-    if let Some(bdf) = &a.device {
-        return Err(format!(
-            "--device {bdf}: this build has no VFIO backend yet, only the embedded reference device\nhint: leave --device out"
-        ));
+    match (&a.device, suites.iter().any(|s| s == "vfio")) {
+        (Some(_), false) => suites = vec!["vfio".to_string()],
+        (None, true) => {
+            return Err("the vfio suite needs a device: --device BDF (an NVMe function bound to vfio-pci)\nhint: `userptr list` shows the devices; `tools/vfio-guest/run.sh` boots a guest that has one".to_string())
+        }
+        _ => {}
     }
     let samples = a.samples.unwrap_or(if a.quick { 10 } else { 30 }).max(3);
     let progress = ProgressBar::new(suites.len() as u64);
@@ -114,6 +119,7 @@ pub fn run(a: Args) -> Result<(), String> {
             "cache" => registry::cache(&ctx),
             "invalidate" => registry::invalidate(&ctx),
             "intercept" => intercept::run(&ctx),
+            "vfio" => vfio::run(&ctx, a.device.as_deref().unwrap_or_default()),
             _ => Err(format!("unknown suite {s}")),
         }));
         std::panic::set_hook(prev);

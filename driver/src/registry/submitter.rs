@@ -1,0 +1,58 @@
+//! What the registry needs from a command queue: submit a batch without waiting, and
+//! later tell whether (or wait until) that batch is done.
+//!
+//! The registry is not tied to one ring format. The reference device's
+//! [`CommandQueue`](crate::queue::CommandQueue) (userptr ring protocol, in-order
+//! completion) and the NVMe I/O queue ([`crate::nvme::IoQueue`], phase-bit completion
+//! queue, completions in any order) both implement these traits, so the same pin
+//! cache, epoch protocol and invalidation waits drive both.
+//!
+//! The contract a queue keeps:
+//! * every batch gets a sequence number, increasing per queue;
+//! * `is_done(s)` is monotonic and true only when *every* batch numbered `<= s` has
+//!   finished with the memory it references (completed, aborted, or the queue is gone
+//!   and the device can no longer reach it). The registry keeps only the highest
+//!   sequence number per queue and region, so a queue whose completions come out of
+//!   order must answer for the whole prefix, not for one batch.
+
+use crate::error::Result;
+use std::sync::Weak;
+use std::time::Duration;
+
+/// The completion side of a queue, as invalidation sees it.
+pub trait FenceTracker: Send + Sync {
+    /// Whether every batch numbered `<= seqno` is finished. Never blocks.
+    fn is_done(&self, seqno: u64) -> bool;
+
+    /// Wait up to `timeout` until `is_done(seqno)`; [`crate::Error::Timeout`] if not.
+    fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()>;
+
+    /// Make every outstanding batch finish now (a device or controller reset: the
+    /// work completes aborted). Called when an invalidation waited `timeout` in vain.
+    fn abort(&self, timeout: Duration) -> Result<()>;
+}
+
+/// The submission side of a queue, as [`crate::Registry::submit`] drives it.
+pub trait Submitter {
+    /// One ring entry (a reference descriptor, an NVMe command).
+    type Command;
+    /// What a submission hands back to wait on.
+    type Fence;
+
+    /// The most commands one batch may hold (the ring's size).
+    fn capacity(&self) -> usize;
+
+    /// An identifier for messages (ring or queue number).
+    fn queue_id(&self) -> u32;
+
+    /// Queue `cmds` as one batch without waiting for room: [`crate::Error::RingFull`]
+    /// if the ring cannot take them now. Returns the fence and the batch's sequence
+    /// number.
+    fn try_submit(&self, cmds: &[Self::Command]) -> Result<(Self::Fence, u64)>;
+
+    /// Wait until `n` commands fit (bounded by the queue's timeout).
+    fn wait_for_room(&self, n: usize) -> Result<()>;
+
+    /// The queue's completion side, held weakly: a region never keeps a queue open.
+    fn tracker(&self) -> Weak<dyn FenceTracker>;
+}
