@@ -34,6 +34,11 @@ const T: Duration = Duration::from_secs(20);
 fn nvme_bdf() -> Option<String> {
     match std::env::var("USERPTR_VFIO_NVME") {
         Ok(b) if !b.is_empty() => Some(b),
+        // In the guest the harness binds the devices: a missing one is a failure, not
+        // a reason to skip (the suite would otherwise pass without testing anything).
+        _ if std::env::var_os("USERPTR_IN_GUEST").is_some() => {
+            panic!("in the VFIO guest, but USERPTR_VFIO_NVME is not set: the harness did not bind the NVMe controller")
+        }
         _ => {
             eprintln!(
                 "SKIP: no VFIO NVMe device (USERPTR_VFIO_NVME unset): this kernel has no \

@@ -368,6 +368,9 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
             md.iova()
         ),
     });
+    // The blocked DMA is known from the IOMMU's fault record, which the kernel logs
+    // from the fault interrupt: wait a little for it on the commands that should fault.
+    q.set_fault_check(Some(Duration::from_millis(500)));
     let bogus = 0x40_0000_0000u64;
     let b = q
         .submit_batch(&[NvmeCommand::read(&ns, 0, bogus, 4096)])
@@ -376,12 +379,11 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     out.push(Check {
         name: "IOMMU fault on unmapped IOVA",
         ok: !c[0].ok(),
-        detail: format!(
-            "READ into {bogus:#x}: status {:#06x} ({})",
-            c[0].status,
-            userptr::driver::nvme::status_text(c[0].status)
-        ),
+        detail: format!("READ into {bogus:#x}: {}", outcome(c[0])),
     });
+    // The IOMMU records one pending fault per requester: a second fault before the
+    // kernel has cleared the first is dropped ("compressed"). Let the first clear.
+    std::thread::sleep(Duration::from_millis(200));
     let ro = Buf::new(4096)?;
     ro.fill(|_| 0xee);
     let mr = drv.map_user(ro.addr, 4096, Perm::READ).map_err(e)?;
@@ -392,16 +394,27 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     let untouched = ro.get().iter().all(|&b| b == 0xee);
     out.push(Check {
         name: "IOMMU blocks write to RO map",
-        ok: !c[0].ok() && untouched,
+        // The memory is the proof; the fault record is reported when the IOMMU and
+        // the kernel's rate limit let it through.
+        ok: untouched,
         detail: format!(
-            "READ into read-only IOVA {:#x}: status {:#06x}, memory {}",
+            "READ into read-only IOVA {:#x}: {}; memory {}",
             mr.iova(),
-            c[0].status,
+            outcome(c[0]),
             if untouched { "untouched" } else { "WRITTEN" }
         ),
     });
     drop((ms, md, mr, q));
     Ok(out)
+}
+
+fn outcome(c: userptr::driver::nvme::NvmeCompletion) -> String {
+    match c.into_result() {
+        Ok(_) => "completed without error and no IOMMU fault record was seen (the kernel \
+                  prints at most 10 fault lines per 5 s; /dev/kmsg must be readable)"
+            .into(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// 4 KiB READ latencies (µs) at queue depth 1, through the registry's pin cache
