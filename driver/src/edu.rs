@@ -1,7 +1,10 @@
 //! QEMU's `edu` teaching device over VFIO: a DMA engine for bring-up checks.
 //!
 //! BAR0 (QEMU `hw/misc/edu.c`): `0x00` identification (`0x010000ed`), `0x04`
-//! liveness (reads back the bitwise NOT of what was written), `0x80` DMA source,
+//! liveness (reads back the bitwise NOT of what was written), `0x24` interrupt
+//! status, `0x60` raise interrupt (ORs the value into the status), `0x64` acknowledge
+//! (clears those bits; the line drops when the status is 0; MSI when enabled, INTx
+//! otherwise), `0x80` DMA source,
 //! `0x88` DMA destination, `0x90` count, `0x98` command (bit 0 start / busy, bit 1
 //! direction: set = device buffer → RAM, bit 2 interrupt when done). The device
 //! buffer is 4 KiB at device address `0x40000`.
@@ -18,6 +21,9 @@ use std::time::{Duration, Instant};
 
 const ID: usize = 0x00;
 const LIVENESS: usize = 0x04;
+const IRQ_STATUS: usize = 0x24;
+const IRQ_RAISE: usize = 0x60;
+const IRQ_ACK: usize = 0x64;
 const DMA_SRC: usize = 0x80;
 const DMA_DST: usize = 0x88;
 const DMA_COUNT: usize = 0x90;
@@ -74,6 +80,21 @@ impl Edu {
     pub fn version(&self) -> (u8, u8) {
         let id = self.bar.read32(ID);
         ((id >> 24) as u8, (id >> 16) as u8)
+    }
+
+    /// Raise an interrupt with status bits `v` (the device ORs them in).
+    pub fn raise_irq(&self, v: u32) {
+        self.bar.write32(IRQ_RAISE, v);
+    }
+
+    /// Acknowledge status bits `v`.
+    pub fn ack_irq(&self, v: u32) {
+        self.bar.write32(IRQ_ACK, v);
+    }
+
+    /// The interrupt status register.
+    pub fn irq_status(&self) -> u32 {
+        self.bar.read32(IRQ_STATUS)
     }
 
     /// The PCI function.

@@ -571,6 +571,14 @@ impl Nvme {
         if self.shared.dead.load(Ordering::Acquire) {
             return Err(self.shared.err("admin command", "the controller was reset"));
         }
+        if self.shared.bar.read32(reg::CSTS) & 1 == 0 {
+            // Disabled under us (a function reset): nothing queued will run.
+            self.shared.dead.store(true, Ordering::Release);
+            return Err(self.shared.err(
+                "admin command",
+                "the controller is not ready (CSTS.RDY = 0)",
+            ));
+        }
         let mut q = self.admin.lock().expect("admin queue lock poisoned");
         // One admin command at a time: the CID is the SQ slot.
         let cid = q.sq_tail;
@@ -696,6 +704,7 @@ impl Nvme {
                 prp_iova,
                 irq: vector.then_some(qid as usize),
                 nvme: Arc::downgrade(self),
+                irqs: std::sync::atomic::AtomicU64::new(0),
             }),
             created: AtomicBool::new(false),
         };
@@ -793,6 +802,8 @@ struct IoCore {
     prp_iova: u64,
     irq: Option<usize>,
     nvme: Weak<Nvme>,
+    /// Interrupts this queue's waiters were woken by.
+    irqs: std::sync::atomic::AtomicU64,
 }
 
 /// A submitted batch: wait on it with [`IoQueue::wait`].
@@ -896,7 +907,10 @@ impl IoCore {
                 };
                 // At most 100 ms at a time: a lost or coalesced interrupt costs a
                 // re-check, never a hang.
-                crate::vfio::wait_irq(&nvme.vectors[v], left.min(Duration::from_millis(100)));
+                if crate::vfio::wait_irq(&nvme.vectors[v], left.min(Duration::from_millis(100))) {
+                    // Relaxed: a statistic.
+                    self.irqs.fetch_add(1, Ordering::Relaxed);
+                }
             }
             _ => {
                 *spins += 1;
@@ -958,6 +972,11 @@ impl IoQueue {
     pub fn set_fault_check(&self, settle: Option<Duration>) {
         let avail = self.core.shared.pci.domain().faults().available().is_ok();
         self.core.lock().fault_check = settle.filter(|_| avail);
+    }
+
+    /// Interrupts (MSI-X) that woke a blocking wait on this queue so far.
+    pub fn interrupts(&self) -> u64 {
+        self.core.irqs.load(Ordering::Relaxed)
     }
 
     /// The controller.
