@@ -487,3 +487,42 @@ fn errors_name_the_operation_the_device_and_the_cause() {
         "{e}"
     );
 }
+
+#[test]
+#[ignore = "child process body of memlock_limit_is_a_pin_limit_error"]
+fn memlock_child() {
+    assert!(is_child());
+    let bdf = std::env::var("USERPTR_VFIO_NVME").unwrap();
+    // Open as root, then become nobody (no CAP_IPC_LOCK) with a 1 MiB locked-memory
+    // limit: the open fds keep working, and type1 charges new pins to the limit.
+    let domain = VfioDomain::new().unwrap();
+    let _pci = domain.open(&bdf).unwrap();
+    let drv = Driver::for_domain(domain, "vfio");
+    // SAFETY: plain process-attribute calls in a child that exits after this test.
+    unsafe {
+        let lim = libc::rlimit {
+            rlim_cur: 1 << 20,
+            rlim_max: 1 << 20,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim), 0);
+        assert_eq!(libc::setgid(65534), 0);
+        assert_eq!(libc::setuid(65534), 0);
+    }
+    let buf = Anon::new(4 << 20);
+    let e = drv
+        .map_user(buf.addr, 4 << 20, Perm::READ_WRITE)
+        .expect_err("4 MiB over a 1 MiB RLIMIT_MEMLOCK must fail");
+    eprintln!("map over RLIMIT_MEMLOCK: {e}");
+    assert!(matches!(e, userptr::Error::PinLimit { .. }), "{e}");
+    // A small one still fits.
+    let small = Anon::new(64 << 10);
+    drv.map_user(small.addr, 64 << 10, Perm::READ_WRITE)
+        .unwrap();
+}
+
+#[test]
+fn memlock_limit_is_a_pin_limit_error() {
+    let Some(_) = nvme_bdf() else { return };
+    let _g = common::serial();
+    run_child("memlock_child");
+}

@@ -17,13 +17,18 @@
 //! * [`registry`]: the userptr registry: epochs, invalidation, pin cache;
 //! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd) feeding the registry;
 //! * [`pci`]: PCI devices in sysfs, their VFIO readiness, binding to vfio-pci and back;
+//! * [`vfio`]: real devices through VFIO: the type1v2 IOMMU domain, PCI functions
+//!   (BARs, config space, interrupts, reset), IOMMU faults from the kernel log;
+//! * [`nvme`]: an NVMe controller over VFIO, its I/O queues driven by the registry;
+//! * [`edu`]: QEMU's edu DMA device, for bring-up checks;
 //! * [`fork`]: the fork policy and its atfork handler;
 //! * [`error`]: the [`Error`] type.
 //!
 //! `unsafe` lives only in the modules that own one kernel interface each:
 //! `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap), `fork` (pthread_atfork),
-//! `monitor::seccomp` (seccomp, signals, the syscall trampoline) and `monitor::uffd`
-//! (userfaultfd).
+//! `monitor::seccomp` (seccomp, signals, the syscall trampoline), `monitor::uffd`
+//! (userfaultfd), `vfio::domain` (VFIO IOMMU ioctls) and `vfio::device` (the device
+//! fd: BAR mmap, MMIO, `VFIO_DEVICE_RESET`).
 
 // IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
