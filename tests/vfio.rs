@@ -518,6 +518,15 @@ fn memlock_child() {
     let small = Anon::new(64 << 10);
     drv.map_user(small.addr, 64 << 10, Perm::READ_WRITE)
         .unwrap();
+    // Without root, /dev/vfio/N (0600 root) cannot be opened: the error says so.
+    let e = VfioDomain::new()
+        .and_then(|d| d.open(&bdf))
+        .expect_err("nobody cannot open a root-owned group");
+    eprintln!("open as nobody: {e}");
+    assert!(
+        e.to_string().contains("no permission on /dev/vfio/N"),
+        "{e}"
+    );
 }
 
 #[test]

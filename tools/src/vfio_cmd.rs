@@ -2,7 +2,7 @@
 //! `ring-test BDF`. Each explains what is missing on a machine without VFIO instead of
 //! failing on the first ioctl.
 
-use crate::bench::measure::Sample;
+use crate::bench::measure::{Mem, Sample};
 use clap::Args as ClapArgs;
 use serde_json::json;
 use std::sync::Arc;
@@ -175,44 +175,6 @@ fn human(b: u64) -> String {
     }
 }
 
-/// A page-aligned anonymous buffer, unmapped on drop.
-struct Buf {
-    addr: usize,
-    len: usize,
-}
-
-impl Buf {
-    fn new(len: usize) -> Result<Buf, String> {
-        let m = crate::bench::measure::Mem::new(len)?;
-        let b = Buf {
-            addr: m.addr,
-            len: m.len,
-        };
-        std::mem::forget(m);
-        Ok(b)
-    }
-    fn fill(&self, f: impl Fn(usize) -> u8) {
-        // SAFETY: our own mapping of `len` bytes; no device writes it meanwhile.
-        let s = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) };
-        for (i, b) in s.iter_mut().enumerate() {
-            *b = f(i);
-        }
-    }
-    fn get(&self) -> Vec<u8> {
-        let mut v = vec![0u8; self.len];
-        // SAFETY: as above; copied out.
-        unsafe { std::ptr::copy_nonoverlapping(self.addr as *const u8, v.as_mut_ptr(), self.len) };
-        v
-    }
-}
-
-impl Drop for Buf {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping.
-        unsafe { libc::munmap(self.addr as *mut _, self.len) };
-    }
-}
-
 struct Check {
     name: &'static str,
     ok: bool,
@@ -274,10 +236,10 @@ fn edu_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
         detail: format!("edu {maj}.{min}"),
     }];
     const N: usize = 1024;
-    let src = Buf::new(4096)?;
-    src.fill(|i| (i * 13 + 7) as u8);
-    let dst = Buf::new(4096)?;
-    dst.fill(|_| 0);
+    let src = Mem::new(4096)?;
+    src.fill_with(|i| (i * 13 + 7) as u8);
+    let dst = Mem::new(4096)?;
+    dst.fill_with(|_| 0);
     let ms = drv.map_user(src.addr, 4096, Perm::READ).map_err(e)?;
     let md = drv.map_user(dst.addr, 4096, Perm::READ_WRITE).map_err(e)?;
     for m in [&ms, &md] {
@@ -290,7 +252,7 @@ fn edu_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     }
     let t1 = edu.dma(ms.iova(), 0, N as u32, false).map_err(e)?;
     let t2 = edu.dma(md.iova(), 0, N as u32, true).map_err(e)?;
-    let same = dst.get()[..N] == src.get()[..N];
+    let same = dst.bytes()[..N] == src.bytes()[..N];
     out.push(Check {
         name: "DMA RAM -> edu -> RAM",
         ok: same,
@@ -303,11 +265,11 @@ fn edu_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
         ),
     });
     // IOMMU protection: a device write into a read-only mapping is blocked.
-    let ro = Buf::new(4096)?;
-    ro.fill(|_| 0xee);
+    let ro = Mem::new(4096)?;
+    ro.fill_with(|_| 0xee);
     let mr = drv.map_user(ro.addr, 4096, Perm::READ).map_err(e)?;
     edu.dma(mr.iova(), 0, N as u32, true).map_err(e)?;
-    let untouched = ro.get().iter().all(|&b| b == 0xee);
+    let untouched = ro.bytes().iter().all(|&b| b == 0xee);
     out.push(Check {
         name: "IOMMU blocks write to RO map",
         ok: untouched,
@@ -348,10 +310,10 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     }];
     let q = nvme.io_queue(1, 16).map_err(e)?;
     const LEN: usize = 16 << 10;
-    let src = Buf::new(LEN)?;
-    src.fill(|i| (i * 31 + 3) as u8);
-    let dst = Buf::new(LEN)?;
-    dst.fill(|_| 0);
+    let src = Mem::new(LEN)?;
+    src.fill_with(|i| (i * 31 + 3) as u8);
+    let dst = Mem::new(LEN)?;
+    dst.fill_with(|_| 0);
     let ms = drv.map_user(src.addr, LEN, Perm::READ).map_err(e)?;
     let md = drv.map_user(dst.addr, LEN, Perm::READ_WRITE).map_err(e)?;
     let t = Duration::from_secs(10);
@@ -361,7 +323,7 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
         .map_err(e)?;
     out.push(Check {
         name: "DMA RAM -> disk -> RAM",
-        ok: dst.get() == src.get(),
+        ok: dst.bytes() == src.bytes(),
         detail: format!(
             "{LEN} bytes WRITE then READ through IOVAs {:#x} / {:#x}",
             ms.iova(),
@@ -384,14 +346,14 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     // The IOMMU records one pending fault per requester: a second fault before the
     // kernel has cleared the first is dropped ("compressed"). Let the first clear.
     std::thread::sleep(Duration::from_millis(200));
-    let ro = Buf::new(4096)?;
-    ro.fill(|_| 0xee);
+    let ro = Mem::new(4096)?;
+    ro.fill_with(|_| 0xee);
     let mr = drv.map_user(ro.addr, 4096, Perm::READ).map_err(e)?;
     let b = q
         .submit_batch(&[NvmeCommand::read(&ns, 0, mr.iova(), 4096)])
         .map_err(e)?;
     let c = q.wait(b, WaitMode::Block, t).map_err(e)?;
-    let untouched = ro.get().iter().all(|&b| b == 0xee);
+    let untouched = ro.bytes().iter().all(|&b| b == 0xee);
     out.push(Check {
         name: "IOMMU blocks write to RO map",
         // The memory is the proof; the fault record is reported when the IOMMU and
@@ -422,7 +384,7 @@ fn outcome(c: userptr::driver::nvme::NvmeCompletion) -> String {
 pub fn qd1_latency(q: &IoQueue, drv: &Driver, n: usize, cached: bool) -> Result<Sample, String> {
     let e = |e: userptr::Error| crate::explain(&e);
     let ns = *q.nvme().namespace();
-    let buf = Buf::new(4096)?;
+    let buf = Mem::new(4096)?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let u = reg.register(buf.addr, 4096, Perm::READ_WRITE).map_err(e)?;
     let t = Duration::from_secs(10);
@@ -456,8 +418,8 @@ pub fn iops(q: &IoQueue, drv: &Driver, n: usize, depth: u16) -> Result<f64, Stri
     let e = |e: userptr::Error| crate::explain(&e);
     let ns = *q.nvme().namespace();
     let depth = depth.max(1) as usize;
-    let bufs: Vec<Buf> = (0..depth)
-        .map(|_| Buf::new(4096))
+    let bufs: Vec<Mem> = (0..depth)
+        .map(|_| Mem::new(4096))
         .collect::<Result<_, _>>()?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let us: Vec<userptr::Userptr> = bufs

@@ -109,3 +109,43 @@ pub(crate) fn sys_err(op: &'static str, device: &str, e: std::io::Error) -> Erro
         hint: hint_for(op, errno, false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::hint_for;
+
+    #[test]
+    fn each_likely_cause_is_named() {
+        let cases = [
+            (
+                hint_for("open container", Some(libc::ENOENT), false),
+                "no VFIO",
+            ),
+            (
+                hint_for("open group", Some(libc::ENOENT), false),
+                "not bound to vfio-pci",
+            ),
+            (hint_for("find group", None, false), "without an IOMMU"),
+            (hint_for("open group", None, true), "not viable"),
+            (
+                hint_for("open group", Some(libc::EACCES), false),
+                "no permission",
+            ),
+            (
+                hint_for("VFIO_IOMMU_MAP_DMA", Some(libc::ENOMEM), false),
+                "RLIMIT_MEMLOCK",
+            ),
+            (
+                hint_for("VFIO_IOMMU_MAP_DMA", Some(libc::ENOSPC), false),
+                "dma_entry_limit",
+            ),
+            (
+                hint_for("open group", Some(libc::EBUSY), false),
+                "another process",
+            ),
+        ];
+        for (hint, want) in cases {
+            assert!(hint.contains(want), "{hint:?} lacks {want:?}");
+        }
+    }
+}

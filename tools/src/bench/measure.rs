@@ -178,6 +178,26 @@ impl Mem {
     }
 }
 
+impl Mem {
+    /// Set byte `i` to `f(i)`.
+    pub fn fill_with(&self, f: impl Fn(usize) -> u8) {
+        // SAFETY: our own mapping of `len` bytes; no device writes it meanwhile (the
+        // callers wait for their commands).
+        let s = unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) };
+        for (i, b) in s.iter_mut().enumerate() {
+            *b = f(i);
+        }
+    }
+
+    /// A copy of the bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.len];
+        // SAFETY: as above; copied out, no reference kept.
+        unsafe { std::ptr::copy_nonoverlapping(self.addr as *const u8, v.as_mut_ptr(), self.len) };
+        v
+    }
+}
+
 impl Drop for Mem {
     fn drop(&mut self) {
         // SAFETY: our mapping; every pin of it is released before the drop.
