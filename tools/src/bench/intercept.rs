@@ -8,6 +8,15 @@ use super::{Ctx, Measurement};
 use userptr::driver::monitor::seccomp::{raw_madvise, SeccompMonitor};
 use userptr::{Driver, Perm, Registry, RegistryConfig};
 
+fn getppid_us(n: usize) -> f64 {
+    time_us(|| {
+        for _ in 0..n {
+            // SAFETY: getppid has no arguments and no side effects.
+            std::hint::black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+        }
+    }) / n as f64
+}
+
 fn getpid_us(n: usize) -> f64 {
     time_us(|| {
         for _ in 0..n {
@@ -29,6 +38,7 @@ fn preload_so() -> Option<std::path::PathBuf> {
 
 pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let mut res = child_results(ctx, None)?;
+    res.extend(child_results_of(ctx, "floor", None)?);
     match preload_so() {
         Some(so) => res.extend(child_results(ctx, Some(&so))?),
         None => eprintln!(
@@ -50,12 +60,24 @@ fn read_us(n: usize) -> f64 {
 }
 
 fn child_results(ctx: &Ctx, preload: Option<&std::path::Path>) -> Result<Vec<Measurement>, String> {
+    match preload {
+        Some(so) => child_results_of(ctx, "preload", Some(so)),
+        None => child_results_of(ctx, "seccomp", None),
+    }
+}
+
+/// Run the intercept child for `source` (seccomp and uffd, preload, or the trap floor).
+fn child_results_of(
+    ctx: &Ctx,
+    source: &str,
+    preload: Option<&std::path::Path>,
+) -> Result<Vec<Measurement>, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["intercept-child", &ctx.samples.to_string()]);
+    cmd.args(["intercept-child", &ctx.samples.to_string()])
+        .env("USERPTR_INTERCEPT_SOURCE", source);
     if let Some(so) = preload {
-        cmd.env("LD_PRELOAD", so)
-            .env("USERPTR_INTERCEPT_SOURCE", "preload");
+        cmd.env("LD_PRELOAD", so);
     }
     let out = cmd
         .output()
@@ -147,6 +169,19 @@ fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), Str
 pub fn child(samples: usize) -> Result<(), String> {
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    if std::env::var("USERPTR_INTERCEPT_SOURCE").as_deref() == Ok("floor") {
+        // The cost of any seccomp trap: an empty SIGSYS handler, in a process of its
+        // own (the filter stays, and it takes SIGSYS).
+        let plain = repeat(samples, 3, || getppid_us(100));
+        userptr::driver::monitor::seccomp::install_trap_floor().map_err(|e| crate::explain(&e))?;
+        let trapped = repeat(samples, 3, || getppid_us(100));
+        emit(
+            "seccomp_trap_floor",
+            &trapped,
+            Some(("getppid_before_filter", &plain)),
+        );
+        return Ok(());
+    }
     if std::env::var("USERPTR_INTERCEPT_SOURCE").as_deref() == Ok("preload") {
         // Started with LD_PRELOAD: the shim's added cost.
         let _m = userptr::driver::monitor::preload::PreloadMonitor::install(&reg)
