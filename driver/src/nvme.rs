@@ -19,6 +19,10 @@
 //!   (an eventfd);
 //! * completions may come in any order: a batch is done when all its commands are,
 //!   and [`FenceTracker::is_done`] answers for every batch up to a sequence number;
+//! * a DMA write the IOMMU blocked completes "successfully" on the device's side:
+//!   [`IoQueue::wait`] checks each claimed data command against the IOMMU faults the
+//!   kernel logged ([`crate::vfio::faults`]) and reports a hit as
+//!   [`Error::NvmeIommuFault`];
 //! * [`FenceTracker::abort`] disables the controller (`CC.EN = 0`): the spec's
 //!   controller reset, after which no queued command is processed; the queues are
 //!   then dead and report it.
@@ -773,18 +777,20 @@ impl Drop for Nvme {
 struct Batch {
     remaining: usize,
     results: Vec<Option<NvmeCompletion>>,
+    /// Each command's data range, for the IOMMU fault check at claim time.
+    data: Vec<Option<(u64, u32)>>,
 }
 
 /// What a command slot (CID) holds while its command is outstanding: the batch's
-/// seqno, the index in the batch, the opcode and the data range.
-type Slot = (u64, usize, u8, Option<(u64, u32)>);
+/// seqno, the index in the batch and the opcode.
+type Slot = (u64, usize, u8);
 
 struct IoState {
     pair: Pair,
-    /// Per CID: (batch seqno, index in the batch, opcode, data range).
+    /// Per CID: (batch seqno, index in the batch, opcode).
     cids: Vec<Option<Slot>>,
-    /// Check the kernel's IOMMU fault log for each completed data command, waiting up
-    /// to this long for a late record; `None`: no check.
+    /// Check the kernel's IOMMU fault log for each data command when its batch is
+    /// claimed, waiting up to this long for a late record; `None`: no check.
     fault_check: Option<Duration>,
     free: Vec<u16>,
     next_seqno: u64,
@@ -836,31 +842,18 @@ impl IoCore {
         let mut n = 0;
         while let Some((cid, status, result)) = st.pair.pop() {
             n += 1;
-            let Some((seq, idx, op, data)) = st.cids.get_mut(cid as usize).and_then(|c| c.take())
-            else {
+            let Some((seq, idx, op)) = st.cids.get_mut(cid as usize).and_then(|c| c.take()) else {
                 tracing::warn!("NVMe queue {}: completion for unknown cid {cid}", self.qid);
                 continue;
             };
             st.free.push(cid);
-            // A blocked DMA write never reaches the device as an error: look for the
-            // IOMMU's own record of it.
-            let iommu_fault = match (data, st.fault_check) {
-                (Some((iova, len)), Some(settle)) if status & 0x7ff == 0 => self
-                    .shared
-                    .pci
-                    .domain()
-                    .faults()
-                    .take_hit(self.shared.pci.bdf(), &[(iova, len as u64)], settle)
-                    .map(|f| f.iova),
-                _ => None,
-            };
             if let Some(b) = st.batches.get_mut(&seq) {
                 b.results[idx] = Some(NvmeCompletion {
                     result,
                     cid,
                     status,
                     opcode: op,
-                    iommu_fault,
+                    iommu_fault: None,
                 });
                 b.remaining -= 1;
                 if b.remaining == 0 {
@@ -878,7 +871,7 @@ impl IoCore {
     /// After a controller reset: every outstanding command completes aborted.
     fn abort_outstanding(&self, st: &mut IoState) {
         for cid in 0..st.cids.len() {
-            if let Some((seq, idx, op, _)) = st.cids[cid].take() {
+            if let Some((seq, idx, op)) = st.cids[cid].take() {
                 st.free.push(cid as u16);
                 if let Some(b) = st.batches.get_mut(&seq) {
                     b.results[idx] = Some(NvmeCompletion::aborted(cid as u16, op));
@@ -965,10 +958,11 @@ impl IoQueue {
         self.core.qid
     }
 
-    /// Check the kernel's IOMMU fault log for every completed data command, waiting
-    /// up to `settle` for a record that is logged after the completion is seen
-    /// (`None`: no check; the default is a check without waiting where the log is
-    /// readable). A hit turns the completion into [`Error::NvmeIommuFault`].
+    /// Check the kernel's IOMMU fault log for every data command when [`IoQueue::wait`]
+    /// claims its batch, waiting up to `settle` for a record that is logged after the
+    /// completion is seen (`None`: no check; the default is a check without waiting
+    /// where the log is readable: one non-blocking read of `/dev/kmsg`). A hit turns
+    /// the completion into [`Error::NvmeIommuFault`].
     pub fn set_fault_check(&self, settle: Option<Duration>) {
         let avail = self.core.shared.pci.domain().faults().available().is_ok();
         self.core.lock().fault_check = settle.filter(|_| avail);
@@ -1076,7 +1070,7 @@ impl IoQueue {
         st.next_seqno += 1;
         for (i, c) in cmds.iter().enumerate() {
             let cid = st.free.pop().expect("room checked above");
-            st.cids[cid as usize] = Some((seqno, i, c.opcode, c.data));
+            st.cids[cid as usize] = Some((seqno, i, c.opcode));
             let (p1, p2) = self.prps(cid, c.data);
             st.pair.push(&sqe(cid, c.opcode, c.nsid, p1, p2, c.cdw));
         }
@@ -1085,6 +1079,7 @@ impl IoQueue {
             Batch {
                 remaining: cmds.len(),
                 results: vec![None; cmds.len()],
+                data: cmds.iter().map(|c| c.data).collect(),
             },
         );
         if !cmds.is_empty() {
@@ -1129,11 +1124,9 @@ impl IoQueue {
                     }
                     Some(b) if b.remaining == 0 => {
                         let b = st.batches.remove(&batch.seqno).expect("present");
-                        return Ok(b
-                            .results
-                            .into_iter()
-                            .map(|r| r.expect("complete"))
-                            .collect());
+                        let check = st.fault_check;
+                        drop(st);
+                        return Ok(self.with_faults(b, check));
                     }
                     Some(_) => {}
                 }
@@ -1148,6 +1141,31 @@ impl IoQueue {
             }
             self.core.pause(mode, deadline - now, &mut spins);
         }
+    }
+
+    /// The claimed batch's completions, each data command checked against the IOMMU
+    /// faults the kernel logged for this device inside its IOVA range: a blocked DMA
+    /// write never reaches the device as an error. Runs in the claimant's context,
+    /// outside every lock, since it may wait `settle` for a late record.
+    fn with_faults(&self, b: Batch, check: Option<Duration>) -> Vec<NvmeCompletion> {
+        let pci = &self.core.shared.pci;
+        b.results
+            .into_iter()
+            .zip(b.data)
+            .map(|(r, data)| {
+                let mut c = r.expect("complete");
+                if let (Some((iova, len)), Some(settle)) = (data, check) {
+                    if c.status & 0x7ff == 0 {
+                        c.iommu_fault = pci
+                            .domain()
+                            .faults()
+                            .take_hit(pci.bdf(), &[(iova, len as u64)], settle)
+                            .map(|f| f.iova);
+                    }
+                }
+                c
+            })
+            .collect()
     }
 
     /// Submit one command, wait, and turn a failed status into an error.
