@@ -547,3 +547,47 @@ fn memlock_limit_is_a_pin_limit_error() {
     let _g = common::serial();
     run_child("memlock_child");
 }
+
+#[test]
+fn invalidation_waits_for_nvme_commands_in_flight() {
+    let Some(bdf) = nvme_bdf() else { return };
+    let _g = common::serial();
+    use userptr::driver::registry::Submitter;
+    let start = pins();
+    {
+        let r = rig(&bdf);
+        let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
+        let ns = *r.nvme.namespace();
+        const N: usize = 16;
+        let dst = Anon::new(N * LEN);
+        let u = reg.register(dst.addr, N * LEN, Perm::READ_WRITE).unwrap();
+        let mut waited = 0;
+        for round in 0..5 {
+            let b = reg
+                .submit(&r.q, &[&u], |i| {
+                    (0..N as u64)
+                        .map(|k| NvmeCommand::read(&ns, k * 128, i[0] + k * LEN as u64, LEN as u32))
+                        .collect()
+                })
+                .unwrap();
+            // The device may be writing the buffer now: invalidation must not return
+            // (and let the pages go) before every command of the batch is done.
+            let range = dst.addr as u64..(dst.addr + N * LEN) as u64;
+            let inv = reg
+                .invalidate_start(range, userptr::Cause::Discard)
+                .unwrap();
+            let tracker = r.q.tracker().upgrade().unwrap();
+            assert!(
+                tracker.is_done(b.seqno),
+                "round {round}: invalidate_start returned with NVMe commands in flight"
+            );
+            reg.invalidate_end(inv);
+            for c in r.q.wait(b, WaitMode::Block, T).unwrap() {
+                c.into_result().unwrap();
+            }
+            waited = reg.stats().fence_waits;
+        }
+        eprintln!("invalidations that had to wait for the device: {waited} of 5");
+    }
+    assert_eq!(pins(), start);
+}
