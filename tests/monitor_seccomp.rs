@@ -207,3 +207,67 @@ fn signals_child() {
         SIG_HITS.load(Ordering::SeqCst)
     );
 }
+
+/// `mov eax, 28 (madvise); syscall; ret`: a JIT-compiled function that makes the
+/// system call itself, from code that did not exist when the monitor was installed.
+const JIT_MADVISE: [u8; 8] = [0xb8, 0x1c, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xc3];
+
+#[test]
+fn code_made_executable_after_install_is_monitored_too() {
+    let out = run_child("jit_child");
+    assert!(out.contains("jit ok"), "{out}");
+}
+
+#[test]
+#[ignore = "child process body of code_made_executable_after_install_is_monitored_too"]
+fn jit_child() {
+    assert!(is_child());
+    let (drv, reg) = setup();
+    let q = drv.queue(0, 16).unwrap();
+    let m = SeccompMonitor::install(&reg).unwrap();
+    // The JIT: write the code, then make it executable (mprotect, trapped: the
+    // handler sees PROT_EXEC and covers the range with a filter of its own).
+    let code = Anon::new(4096);
+    // SAFETY: our own writable page; 8 bytes of machine code.
+    unsafe {
+        std::ptr::copy_nonoverlapping(JIT_MADVISE.as_ptr(), code.addr as *mut u8, 8);
+    }
+    code.mprotect(libc::PROT_READ | libc::PROT_EXEC);
+    let added = m
+        .counters()
+        .exec_ranges_added
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(added, 1, "the JIT page got a filter");
+    // SAFETY: the page holds a complete function with the C ABI (rdi, rsi, rdx are the
+    // syscall's arguments as they arrive); it returns the syscall's result.
+    let jit_madvise: extern "C" fn(usize, usize, i32) -> i64 =
+        unsafe { std::mem::transmute(code.addr as *const u8) };
+    const LEN: usize = 1 << 20;
+    let buf = Anon::new(LEN);
+    let u = reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let fill = |b: u8| {
+        let f = reg
+            .submit(&q, &[&u], |i| vec![Descriptor::fill(i[0], LEN as u64, b)])
+            .unwrap();
+        q.wait(f.end, WaitMode::Block, Duration::from_secs(10))
+            .unwrap()
+            .status
+    };
+    assert_eq!(fill(0x11), Status::Ok); // pinned and cached
+                                        // The discard, made by the JIT code's own `syscall` instruction.
+    assert_eq!(jit_madvise(buf.addr, LEN, libc::MADV_DONTNEED), 0);
+    assert_eq!(fill(0xab), Status::Ok);
+    assert!(
+        buf.read().iter().all(|&b| b == 0xab),
+        "a discard from JIT code left a stale pin: the device wrote the old pages"
+    );
+    // Making already covered code executable again adds nothing.
+    code.mprotect(libc::PROT_READ | libc::PROT_EXEC);
+    assert_eq!(
+        m.counters()
+            .exec_ranges_added
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    println!("jit ok");
+}

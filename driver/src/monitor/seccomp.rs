@@ -44,10 +44,17 @@
 //! * exec: the filter survives `execve` but the handler does not. The filter therefore
 //!   traps only calls made from the code mapped when it was installed (every
 //!   executable mapping in `/proc/self/maps`, libc included): a new image maps its
-//!   code elsewhere (ASLR) and runs unmonitored. Residual risks, documented rather
-//!   than hidden: code mapped after installation (`dlopen`, JITs) is not monitored,
-//!   and a non-PIE image exec'd over a non-PIE image at the same fixed address would
-//!   be trapped without a handler.
+//!   code elsewhere (ASLR) and runs unmonitored. A residual risk, documented rather
+//!   than hidden: code of the new image that lands on a range the filters cover (a
+//!   non-PIE image exec'd over a non-PIE image at the same fixed address, or, by
+//!   chance of ASLR, over a range added for JIT code) would be trapped without a
+//!   handler;
+//! * code mapped after installation (`dlopen`, JITs): the filter also traps `mmap`
+//!   with `PROT_EXEC`, and `mprotect` is trapped anyway; when either makes a range
+//!   executable, the handler stacks one more small filter that traps the monitored
+//!   calls made from that range (filters stack, and TRAP wins over ALLOW). At most
+//!   [`MAX_EXEC_RANGES`] such ranges; beyond that, or for a range that straddles a
+//!   4 GiB boundary, the range is counted in `exec_ranges_unmonitored`.
 //!
 //! A seccomp filter cannot be removed: [`SeccompMonitor::stop`] turns the handler into
 //! a pass-through, so the trap's cost remains for the life of the process.
@@ -164,6 +171,13 @@ pub struct Counters {
     pub reentrant: AtomicU64,
     /// Foreign SIGSYS handlers refused.
     pub sigsys_refused: AtomicU64,
+    /// Executable ranges mapped after installation (`dlopen`, JITs) that got a filter
+    /// of their own.
+    pub exec_ranges_added: AtomicU64,
+    /// Executable ranges mapped after installation that could not get one (the
+    /// table is full, or the range straddles a 4 GiB boundary): calls made from their
+    /// code are not monitored.
+    pub exec_ranges_unmonitored: AtomicU64,
 }
 
 struct Shared {
@@ -172,6 +186,8 @@ struct Shared {
     /// Handlers between their check of ACTIVE and their last use of `registry`.
     users: AtomicU32,
     counters: Counters,
+    /// The executable ranges the first filter covers (read-only after install).
+    text: Vec<Range<u64>>,
 }
 
 // SAFETY: `registry` is written only by `shutdown`, after ACTIVE is cleared and every
@@ -321,7 +337,7 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     }
     let Some((range, kind, arg)) = decode(nr, a) else {
         s.counters.passthrough.fetch_add(1, Ordering::Relaxed);
-        return raw_syscall(nr, a);
+        return perform(s, nr, a);
     };
     // mremap with MREMAP_FIXED also unmaps whatever was at the destination.
     let dest = (nr == libc::SYS_mremap && kind == K_REMAP && arg != 0)
@@ -332,7 +348,7 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     let second = dest.filter(hit).map(|d| (d, K_UNMAP, 0));
     if first.is_none() && second.is_none() {
         s.counters.passthrough.fetch_add(1, Ordering::Relaxed);
-        return raw_syscall(nr, a);
+        return perform(s, nr, a);
     }
     // A child that has not yet run the atfork handler (or a vfork child) has no worker:
     // recognise it by its pid (getpid is not trapped). Only here, on the slow path.
@@ -344,12 +360,22 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
         first.map(start_invalidation),
         second.map(start_invalidation),
     ];
-    let r = raw_syscall(nr, a);
+    let r = perform(s, nr, a);
     for slot in slots.into_iter().flatten() {
         // Release: hand the slot back for invalidate_end.
         slot.state.store(END, Ordering::Release);
     }
     wake_worker();
+    r
+}
+
+/// Make the trapped call; if it made a range executable (`dlopen`, a JIT), cover that
+/// code with a filter of its own before the caller can run it.
+fn perform(s: &Shared, nr: i64, a: [u64; 6]) -> i64 {
+    let r = raw_syscall(nr, a);
+    if let Some(range) = new_exec_range(nr, a, r) {
+        add_exec_range(s, range);
+    }
     r
 }
 
@@ -634,10 +660,130 @@ fn text_ranges() -> Vec<Range<u64>> {
     v
 }
 
+/// The calls trapped (besides `mmap` with `MAP_FIXED` or `PROT_EXEC`).
+const TRAPPED: [i64; 9] = [
+    libc::SYS_munmap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_brk,
+    libc::SYS_shmdt,
+    libc::SYS_process_madvise,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigaction,
+];
+
+/// Executable ranges mapped after installation that got a filter of their own.
+pub const MAX_EXEC_RANGES: usize = 256;
+
+/// The executable ranges added after installation: (start, end), written once each.
+/// A fixed table of atomics: the handler reads and appends without allocating.
+static EXEC_RANGES: [(AtomicU64, AtomicU64); MAX_EXEC_RANGES] =
+    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; MAX_EXEC_RANGES];
+static EXEC_COUNT: AtomicU32 = AtomicU32::new(0);
+
+/// The range a successful call made executable, if any.
+fn new_exec_range(nr: i64, a: [u64; 6], r: i64) -> Option<Range<u64>> {
+    let prot = a[2];
+    if prot & libc::PROT_EXEC as u64 == 0 || r < 0 {
+        return None;
+    }
+    match nr {
+        libc::SYS_mmap => page_range(r as u64, a[1]),
+        libc::SYS_mprotect if r == 0 => page_range(a[0], a[1]),
+        _ => None,
+    }
+}
+
+/// Whether `r` lies inside code the filters already cover.
+fn exec_covered(s: &Shared, r: &Range<u64>) -> bool {
+    let inside = |a: u64, b: u64| a <= r.start && r.end <= b;
+    if s.text.iter().any(|t| inside(t.start, t.end)) {
+        return true;
+    }
+    // Acquire: pairs with the Release stores in `add_exec_range`.
+    let n = (EXEC_COUNT.load(Ordering::Acquire) as usize).min(MAX_EXEC_RANGES);
+    EXEC_RANGES[..n]
+        .iter()
+        .any(|(a, b)| inside(a.load(Ordering::Acquire), b.load(Ordering::Acquire)))
+}
+
+/// After a call made `r` executable: stack a filter that traps the monitored calls
+/// made from it. Async-signal-safe: a fixed program on the stack and one syscall.
+fn add_exec_range(s: &Shared, r: Range<u64>) {
+    if exec_covered(s, &r) {
+        return;
+    }
+    let straddles = r.start >> 32 != (r.end - 1) >> 32;
+    // Relaxed: a slot index; the slot's contents are published below.
+    let i = EXEC_COUNT.fetch_add(1, Ordering::Relaxed) as usize;
+    if straddles || i >= MAX_EXEC_RANGES {
+        s.counters
+            .exec_ranges_unmonitored
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    use libc::{BPF_ABS, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
+    let ins = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    const N: usize = TRAPPED.len() + 1;
+    let mut p = [ins(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW); 4 + N + 1 + 6 + 1];
+    p[0] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 4);
+    p[1] = ins(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, AUDIT_ARCH_X86_64);
+    // p[2]: ALLOW (another architecture)
+    p[3] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 0);
+    for (k, nr) in TRAPPED.iter().chain([&libc::SYS_mmap]).enumerate() {
+        // Match: skip the remaining compares and the ALLOW, to the IP check.
+        p[4 + k] = ins(BPF_JMP | BPF_JEQ | BPF_K, (N - k) as u8, 0, *nr as u32);
+    }
+    // p[4 + N]: ALLOW (not a monitored call)
+    let at = 4 + N + 1;
+    let lo_end = r.end as u32;
+    p[at] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 12);
+    p[at + 1] = ins(BPF_JMP | BPF_JEQ | BPF_K, 0, 4, (r.start >> 32) as u32);
+    p[at + 2] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 8);
+    p[at + 3] = ins(BPF_JMP | BPF_JGE | BPF_K, 0, 2, r.start as u32);
+    p[at + 4] = if lo_end == 0 {
+        ins(BPF_JMP | BPF_JA, 0, 0, 0) // ends at a 4 GiB boundary: any low word is below
+    } else {
+        ins(BPF_JMP | BPF_JGE | BPF_K, 1, 0, lo_end)
+    };
+    p[at + 5] = ins(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_TRAP);
+    // p[at + 6]: ALLOW
+    let prog = libc::sock_fprog {
+        len: p.len() as u16,
+        filter: p.as_ptr() as *mut _,
+    };
+    // SAFETY: a complete program that outlives the call; NO_NEW_PRIVS was set at
+    // install; TSYNC puts it on every thread, as the first filter is.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if rc != 0 {
+        s.counters
+            .exec_ranges_unmonitored
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    // Release: a reader that sees the end sees the start (written first).
+    EXEC_RANGES[i].0.store(r.start, Ordering::Release);
+    EXEC_RANGES[i].1.store(r.end, Ordering::Release);
+    s.counters.exec_ranges_added.fetch_add(1, Ordering::Relaxed);
+}
+
 /// The filter program. Layout:
 /// ```text
 ///   arch != x86_64            → ALLOW
-///   nr == mmap && !MAP_FIXED  → ALLOW
+///   nr == mmap && !MAP_FIXED && !PROT_EXEC → ALLOW
 ///   nr not in TRAPPED         → ALLOW
 ///   ip == trampoline          → ALLOW
 ///   ip in a text range        → TRAP
@@ -658,31 +804,22 @@ fn bpf_filter(trampoline: u64, text: &[Range<u64>]) -> Vec<libc::sock_filter> {
     let ld = |k: u32| ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, k);
     let ret = |k: u32| ins(BPF_RET | BPF_K, 0, 0, k);
     let jeq = |k: u32, jt: u8, jf: u8| ins(BPF_JMP | BPF_JEQ | BPF_K, jt, jf, k);
-    let trapped = [
-        libc::SYS_munmap,
-        libc::SYS_madvise,
-        libc::SYS_mprotect,
-        libc::SYS_mremap,
-        libc::SYS_brk,
-        libc::SYS_shmdt,
-        libc::SYS_process_madvise,
-        libc::SYS_rt_sigprocmask,
-        libc::SYS_rt_sigaction,
-    ];
+    let trapped = TRAPPED;
     // seccomp_data: nr @0, arch @4, instruction_pointer @8 (lo) / @12 (hi), args[i] @16+8i.
     let mut p = vec![
         ld(4),
         jeq(AUDIT_ARCH_X86_64, 1, 0),
         ret(ALLOW),
         ld(0),
-        jeq(libc::SYS_mmap as u32, 0, 3),
+        jeq(libc::SYS_mmap as u32, 0, 6),
         ld(16 + 3 * 8),
-        ins(BPF_JMP | BPF_JSET | BPF_K, 1, 0, libc::MAP_FIXED as u32),
+        ins(BPF_JMP | BPF_JSET | BPF_K, 3, 0, libc::MAP_FIXED as u32),
+        ld(16 + 2 * 8),
+        ins(BPF_JMP | BPF_JSET | BPF_K, 1, 0, libc::PROT_EXEC as u32),
         ret(ALLOW),
-        ins(BPF_JMP | BPF_JA, 0, 0, trapped.len() as u32 + 1), // MAP_FIXED: to the IP checks
+        // MAP_FIXED or PROT_EXEC: to the IP checks.
+        ins(BPF_JMP | BPF_JA, 0, 0, trapped.len() as u32 + 1),
     ];
-    // Not mmap: the accumulator still holds nr.
-    p[4].jf = 4;
     for (i, nr) in trapped.iter().enumerate() {
         let to_ip = (trapped.len() - i) as u8; // skip the rest and the ALLOW
         p.push(jeq(*nr as u32, to_ip, 0));
@@ -766,6 +903,7 @@ impl SeccompMonitor {
             registry: std::cell::UnsafeCell::new(Some(registry.clone())),
             users: AtomicU32::new(0),
             counters: Counters::default(),
+            text: text_ranges(),
         }));
         WAKE_FD.store(wake.as_raw_fd(), Ordering::Release);
         let stop = Arc::new(AtomicBool::new(false));
@@ -802,7 +940,7 @@ impl SeccompMonitor {
                 ));
             }
             wait_for_sigsys_unblocked()?;
-            let filter = bpf_filter(trampoline_ip(), &text_ranges());
+            let filter = bpf_filter(trampoline_ip(), &shared.text);
             if filter.len() > u16::MAX as usize {
                 return Err(Error::MonitorUnavailable {
                     monitor: "seccomp",
