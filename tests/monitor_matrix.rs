@@ -432,6 +432,7 @@ fn matrix_child() {
     // freed, and the next large malloc would come from the heap instead.
     // SAFETY: a malloc tuning call before any large allocation of this child.
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10) };
+    let pins_start = userptr::proc_status::pinned_bytes().unwrap();
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 16).unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
@@ -472,6 +473,25 @@ fn matrix_child() {
         }
         reg.clear().unwrap();
     }
+    // Stopping the monitor releases its hold on the registry: with everything
+    // dropped, every pin is gone (a monitor that kept a registry handle would keep
+    // the registry's pins, and the queue's ring memory, pinned for good).
+    // One region still pinned when everything is dropped.
+    let last = Anon::new(LEN);
+    let u = reg.register(last.addr, LEN, Perm::READ_WRITE).unwrap();
+    assert_eq!(fill(&reg, &q, &u, 0x5a), Status::Ok);
+    let pinned = reg.regions().len();
+    drop(_seccomp);
+    drop(uffd);
+    drop(_preload);
+    drop(q);
+    drop(reg);
+    drop(drv);
+    let now = userptr::proc_status::pinned_bytes().unwrap();
+    assert_eq!(
+        now, pins_start,
+        "{source}: pins left after the monitor and the registry were dropped ({pinned} regions before)"
+    );
 }
 
 /// The shim, built next to this test's binary (`cargo build -p userptr-preload`;

@@ -14,6 +14,42 @@
 use crate::error::{Error, Result};
 use crate::registry::{Cause, Invalidation, Registry};
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+/// What the hooks reach through `ctx`. The gate itself is leaked (a few bytes: a call
+/// that loaded the hooks just before the uninstall may still come in), but the
+/// registry handle it holds is released once no hook uses it.
+struct Gate {
+    active: AtomicBool,
+    /// Hook calls between their check of `active` and their last use of `registry`,
+    /// plus invalidations between `on_start` and `on_end`.
+    users: AtomicU32,
+    registry: std::cell::UnsafeCell<Option<Registry>>,
+}
+
+// SAFETY: `registry` is taken only by `PreloadMonitor::drop`, after `active` is
+// cleared and `users` drained (the handshake below); everything else is atomics.
+unsafe impl Sync for Gate {}
+
+impl Gate {
+    /// Enter: `None` if the monitor is stopping. SeqCst on both sides: a Dekker
+    /// handshake with `drop` (clear `active`, then read `users`): either drop sees
+    /// this call counted and waits, or this call sees `active` cleared and leaves.
+    fn enter(&self) -> Option<&Registry> {
+        self.users.fetch_add(1, Ordering::SeqCst);
+        if !self.active.load(Ordering::SeqCst) {
+            self.leave();
+            return None;
+        }
+        // SAFETY: counted in `users` while `active`: drop has not taken it.
+        unsafe { (*self.registry.get()).as_ref() }
+    }
+
+    fn leave(&self) {
+        // Release: our uses of the registry happen before drop sees the count fall.
+        self.users.fetch_sub(1, Ordering::Release);
+    }
+}
 
 #[repr(C)]
 struct Hooks {
@@ -26,9 +62,9 @@ extern "C" fn on_start(ctx: *mut c_void, start: u64, end: u64, kind: u32, arg: u
     if super::in_driver() {
         return 0; // the driver's own calls pass through
     }
-    // SAFETY: ctx is the Registry leaked by `PreloadMonitor::install`, never freed
-    // while the hooks are installed.
-    let reg = unsafe { &*(ctx as *const Registry) };
+    // SAFETY: ctx is the Gate leaked by `PreloadMonitor::install`, never freed.
+    let gate = unsafe { &*(ctx as *const Gate) };
+    let Some(reg) = gate.enter() else { return 0 };
     let cause = match kind {
         1 => Cause::Discard,
         2 => Cause::Remap { to: arg },
@@ -38,12 +74,15 @@ extern "C" fn on_start(ctx: *mut c_void, start: u64, end: u64, kind: u32, arg: u
         _ => Cause::Unmap,
     };
     if !reg.may_overlap(&(start..end)) {
+        gate.leave();
         return 0;
     }
+    // A token keeps the call counted until `on_end`.
     match reg.invalidate_start(start..end, cause) {
         Ok(inv) => Box::into_raw(Box::new(inv)) as u64,
         Err(e) => {
             tracing::error!("preload monitor: invalidation failed: {e}");
+            gate.leave();
             0
         }
     }
@@ -51,10 +90,15 @@ extern "C" fn on_start(ctx: *mut c_void, start: u64, end: u64, kind: u32, arg: u
 
 extern "C" fn on_end(ctx: *mut c_void, token: u64) {
     // SAFETY: as in on_start.
-    let reg = unsafe { &*(ctx as *const Registry) };
-    // SAFETY: the token is the Box made in on_start, ended exactly once.
+    let gate = unsafe { &*(ctx as *const Gate) };
+    // SAFETY: the token is the Box made in on_start, ended exactly once; its call is
+    // still counted in `users`, so the registry is there.
     let inv = unsafe { Box::from_raw(token as *mut Invalidation) };
-    reg.invalidate_end(*inv);
+    // SAFETY: see above.
+    if let Some(reg) = unsafe { (*gate.registry.get()).as_ref() } {
+        reg.invalidate_end(*inv);
+    }
+    gate.leave();
 }
 
 type InstallFn = unsafe extern "C" fn(*const Hooks) -> i32;
@@ -62,12 +106,8 @@ type InstallFn = unsafe extern "C" fn(*const Hooks) -> i32;
 /// The installed preload source.
 pub struct PreloadMonitor {
     install: InstallFn,
-    hooks: *mut Hooks,
+    gate: &'static Gate,
 }
-
-// SAFETY: the hooks live until `stop`/drop; the raw pointers are only handed to the
-// shim and freed after it let go of them.
-unsafe impl Send for PreloadMonitor {}
 
 impl PreloadMonitor {
     /// Connect the shim (which must have been loaded with `LD_PRELOAD`) to `registry`.
@@ -84,15 +124,19 @@ impl PreloadMonitor {
         }
         // SAFETY: the shim's exported function has exactly this signature.
         let install: InstallFn = unsafe { std::mem::transmute::<*mut c_void, InstallFn>(sym) };
-        let ctx = Box::into_raw(Box::new(registry.clone())) as *mut c_void;
-        let hooks = Box::into_raw(Box::new(Hooks {
-            ctx,
+        let gate: &'static Gate = Box::leak(Box::new(Gate {
+            active: AtomicBool::new(true),
+            users: AtomicU32::new(0),
+            registry: std::cell::UnsafeCell::new(Some(registry.clone())),
+        }));
+        let hooks: &'static Hooks = Box::leak(Box::new(Hooks {
+            ctx: gate as *const Gate as *mut c_void,
             start: on_start,
             end: on_end,
         }));
-        // SAFETY: `hooks` stays valid until we uninstall it in `Drop`.
+        // SAFETY: `hooks` is leaked: valid for the rest of the process.
         unsafe { install(hooks) };
-        Ok(PreloadMonitor { install, hooks })
+        Ok(PreloadMonitor { install, gate })
     }
 
     /// Disconnect the shim.
@@ -101,12 +145,18 @@ impl PreloadMonitor {
 
 impl Drop for PreloadMonitor {
     fn drop(&mut self) {
-        // SAFETY: uninstall first, so the shim no longer reads the hooks. A call
-        // already inside a hook still holds the registry through `ctx`, which is
-        // therefore leaked rather than freed (one Registry handle per install).
+        // SAFETY: uninstall first, so that no new call reads the hooks. A call that
+        // loaded them just before still reaches the (leaked) gate, which turns it away.
         unsafe { (self.install)(std::ptr::null()) };
-        // SAFETY: the Box made in `install`; the shim no longer refers to it... except a
-        // racing call that loaded it before the uninstall: keep it alive (leak) too.
-        let _ = self.hooks;
+        // SeqCst: the handshake with Gate::enter.
+        self.gate.active.store(false, Ordering::SeqCst);
+        while self.gate.users.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        // SAFETY: inactive and no user left: nothing reads the registry any more.
+        // Dropping our handle releases the registry (and its pins) once the
+        // application drops its own.
+        let reg = unsafe { (*self.gate.registry.get()).take() };
+        drop(reg);
     }
 }
