@@ -297,6 +297,15 @@ fn the_registry_drives_nvme_with_cached_pins_and_multi_page_prps() {
     {
         let r = rig(&bdf);
         let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
+        // The kernel's dma_entry_limit is the registry's mapping limit.
+        let limit: usize =
+            std::fs::read_to_string("/sys/module/vfio_iommu_type1/parameters/dma_entry_limit")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+        assert_eq!(userptr::IommuDomain::max_mappings(&**r.drv.domain()), limit);
+        assert_eq!(reg.max_mappings(), limit - 64);
         let ns = *r.nvme.namespace();
         // A buffer at an odd page offset: PRP1 + a PRP list.
         let src = Anon::new(LEN + 4096);

@@ -386,6 +386,13 @@ impl Registry {
         self.inner.budget
     }
 
+    /// The most regions the registry keeps mapped at once: the domain's mapping limit
+    /// (VFIO: `dma_entry_limit`) less 64 kept for the driver's own ring memory,
+    /// unless [`RegistryConfig::max_mappings`] says otherwise.
+    pub fn max_mappings(&self) -> usize {
+        self.inner.max_mappings
+    }
+
     /// Bytes pinned by the registry now.
     pub fn pinned_bytes(&self) -> u64 {
         // Relaxed: a reading for display and tests.
