@@ -600,3 +600,34 @@ fn invalidation_waits_for_nvme_commands_in_flight() {
     }
     assert_eq!(pins(), start);
 }
+
+#[test]
+fn without_msix_the_engine_falls_back_to_intx() {
+    let Some(bdf) = nvme_bdf() else { return };
+    let _g = common::serial();
+    use userptr::driver::vfio::IrqKind;
+    let start = pins();
+    {
+        let domain = VfioDomain::new().unwrap();
+        let pci = domain.open(&bdf).unwrap();
+        let drv = Driver::for_domain(domain, "vfio");
+        let nvme = Nvme::with_interrupts(pci, &drv, Some(IrqKind::Intx)).unwrap();
+        assert_eq!(nvme.interrupt_kind(), Some(IrqKind::Intx));
+        let q = nvme.io_queue(1, 8).unwrap();
+        let r = Rig { q, nvme, drv };
+        let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
+        write_pattern(&reg, &r, 0x3c);
+        let dst = Anon::new(LEN);
+        let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        for _ in 0..5 {
+            dst.fill(0);
+            read_into(&reg, &r, &u).into_result().unwrap();
+            assert!(dst.read().iter().all(|&b| b == 0x3c));
+        }
+        assert!(
+            r.q.interrupts() > 0,
+            "no INTx interrupt woke a blocking wait"
+        );
+    }
+    assert_eq!(pins(), start);
+}

@@ -16,7 +16,8 @@
 //!   by one contiguous IOVA range and turned into PRP1/PRP2 or a PRP list (one list
 //!   page per command slot, in DMA memory of the queue) at submission; completions
 //!   found by the phase bit, by polling or by sleeping on the queue's MSI-X vector
-//!   (an eventfd);
+//!   (an eventfd); without MSI-X, one MSI or INTx vector that all queues share (INTx
+//!   unmasked after each delivery);
 //! * completions may come in any order: a batch is done when all its commands are,
 //!   and [`FenceTracker::is_done`] answers for every batch up to a sequence number;
 //! * a DMA write the IOMMU blocked completes "successfully" on the device's side:
@@ -417,8 +418,11 @@ pub struct Nvme {
     admin: Mutex<Pair>,
     info: ControllerInfo,
     ns: Namespace,
-    /// MSI-X vector 0 is the admin queue's; I/O queue `qid` uses vector `qid`.
+    /// MSI-X: vector 0 is the admin queue's, I/O queue `qid` uses vector `qid`. MSI
+    /// or INTx (the fallbacks): one vector that every queue shares.
     vectors: Vec<EventFd>,
+    /// The interrupt type in use, if any.
+    irq_kind: Option<IrqKind>,
     qids: Mutex<BTreeSet<u16>>,
 }
 
@@ -437,8 +441,19 @@ const ADMIN_ENTRIES: u16 = 32;
 
 impl Nvme {
     /// Bring up the controller at `pci` (opened into `driver`'s VFIO domain): reset,
-    /// admin queues, Identify, the number of I/O queues, MSI-X (when present).
+    /// admin queues, Identify, the number of I/O queues, and interrupts: MSI-X where
+    /// the function has it, else MSI, else INTx.
     pub fn new(pci: Arc<VfioPci>, driver: &Driver) -> Result<Arc<Nvme>> {
+        Nvme::with_interrupts(pci, driver, None)
+    }
+
+    /// As [`Nvme::new`], with the interrupt type chosen (`Some`), for bring-up and
+    /// tests of the fallbacks; `None` picks the best the function offers.
+    pub fn with_interrupts(
+        pci: Arc<VfioPci>,
+        driver: &Driver,
+        kind: Option<IrqKind>,
+    ) -> Result<Arc<Nvme>> {
         pci.enable_bus_master()?;
         let bar = pci.map_bar(0)?;
         let cap = bar.read64(reg::CAP);
@@ -483,16 +498,27 @@ impl Nvme {
             adm.release(driver);
             return Err(e);
         }
-        // Interrupts: one MSI-X vector per queue where the function has MSI-X.
-        let nvec = pci.irq_count(IrqKind::Msix).min(16) as usize;
+        // Interrupts: one MSI-X vector per queue where the function has MSI-X;
+        // otherwise one MSI or INTx vector for all queues.
+        let kind = kind.or_else(|| {
+            [IrqKind::Msix, IrqKind::Msi, IrqKind::Intx]
+                .into_iter()
+                .find(|k| pci.irq_count(*k) > 0)
+        });
+        let nvec = match kind {
+            Some(IrqKind::Msix) => pci.irq_count(IrqKind::Msix).min(16) as usize,
+            Some(_) => 1,
+            None => 0,
+        };
         let mut vectors = Vec::new();
         for _ in 0..nvec {
             vectors.push(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::sys("eventfd", e))?);
         }
-        if !vectors.is_empty() {
+        if let (Some(k), false) = (kind, vectors.is_empty()) {
             let refs: Vec<&EventFd> = vectors.iter().collect();
-            pci.enable_irqs(IrqKind::Msix, &refs)?;
+            pci.enable_irqs(k, &refs)?;
         }
+        let irq_kind = kind.filter(|_| !vectors.is_empty());
         let mut me = Nvme {
             shared,
             admin: Mutex::new(adm),
@@ -513,6 +539,7 @@ impl Nvme {
                 blocks: 0,
             },
             vectors,
+            irq_kind,
             qids: Mutex::new(BTreeSet::new()),
         };
         me.identify()?;
@@ -638,9 +665,14 @@ impl Nvme {
         &self.shared.driver
     }
 
-    /// Whether completions can be waited for by interrupt (MSI-X vectors exist).
+    /// Whether completions can be waited for by interrupt.
     pub fn has_interrupts(&self) -> bool {
         !self.vectors.is_empty()
+    }
+
+    /// The interrupt type in use (`None`: completions are polled).
+    pub fn interrupt_kind(&self) -> Option<IrqKind> {
+        self.irq_kind
     }
 
     /// Create I/O queue pair `qid` (1..=granted) with `size` entries.
@@ -682,7 +714,13 @@ impl Nvme {
                 return Err(e);
             }
         };
-        let vector = (qid as usize) < self.vectors.len();
+        // The queue's vector: its own under MSI-X, the shared one under MSI or INTx.
+        let vector_index = match self.irq_kind {
+            Some(IrqKind::Msix) => ((qid as usize) < self.vectors.len()).then_some(qid as usize),
+            Some(_) => Some(0),
+            None => None,
+        };
+        let vector = vector_index.is_some();
         let q = IoQueue {
             nvme: self.clone(),
             core: Arc::new(IoCore {
@@ -706,7 +744,7 @@ impl Nvme {
                 }),
                 prp,
                 prp_iova,
-                irq: vector.then_some(qid as usize),
+                irq: vector_index,
                 nvme: Arc::downgrade(self),
                 irqs: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -725,7 +763,7 @@ impl Nvme {
             cq_iova,
             [
                 ((size as u32 - 1) << 16) | qid as u32,
-                (qid as u32) << 16 | ien | 1,
+                (vector_index.unwrap_or(0) as u32) << 16 | ien | 1,
                 0,
                 0,
                 0,
@@ -761,7 +799,9 @@ impl Nvme {
 
 impl Drop for Nvme {
     fn drop(&mut self) {
-        let _ = self.shared.pci.disable_irqs(IrqKind::Msix);
+        if let Some(k) = self.irq_kind {
+            let _ = self.shared.pci.disable_irqs(k);
+        }
         if let Err(e) = self.shared.disable() {
             tracing::error!("disabling {}: {e}", self.shared.name());
         }
@@ -903,6 +943,11 @@ impl IoCore {
                 if crate::vfio::wait_irq(&nvme.vectors[v], left.min(Duration::from_millis(100))) {
                     // Relaxed: a statistic.
                     self.irqs.fetch_add(1, Ordering::Relaxed);
+                    if nvme.irq_kind == Some(IrqKind::Intx) {
+                        // vfio-pci masks INTx on delivery; the caller reaps next, which
+                        // lets the device drop the line.
+                        let _ = nvme.shared.pci.unmask_intx();
+                    }
                 }
             }
             _ => {
