@@ -26,9 +26,9 @@ pub use userptr_ring as ring;
 
 pub use userptr_driver::{
     pci, proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device,
-    Driver, Error, Invalidation, IommuDomain, Perm, ReferenceConfig, ReferenceDevice, Registry,
-    RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr, WaitMode,
-    CAUSE_NAMES,
+    Driver, Error, Invalidation, IommuDomain, Perm, PinFaults, ReferenceConfig, ReferenceDevice,
+    Registry, RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr,
+    WaitMode, CAUSE_NAMES,
 };
 pub use userptr_ring::{
     AccessKind, Completion, Descriptor, FaultRecord, Fence, Flags, Opcode, Status,

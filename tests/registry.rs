@@ -484,3 +484,100 @@ fn bad_registrations_are_typed_errors() {
     drop((q, reg));
     pins.check();
 }
+
+/// A registry on a reference device whose pin attempts fail on purpose.
+fn faulty(faults: &userptr::PinFaults) -> (Driver, Registry) {
+    let drv = Driver::with_reference(userptr::ReferenceConfig {
+        iommu: userptr::UringIommuConfig {
+            pin_faults: Some(faults.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    (drv, reg)
+}
+
+#[test]
+fn a_transient_eagain_pin_failure_is_retried() {
+    let pins = PinCheck::start();
+    let faults = userptr::PinFaults::with_errnos(2, &[libc::EAGAIN]);
+    let (drv, reg) = faulty(&faults);
+    let q = drv.queue(0, 16).unwrap();
+    let buf = Anon::new(MIB);
+    faults.set_enabled(true);
+    // Attempt 1 fails with EAGAIN, the retry (attempt 2) pins.
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    faults.set_enabled(false);
+    assert_eq!(faults.injected_eagain(), 1);
+    let s = reg.stats();
+    assert_eq!((s.pin_retries, s.pin_failures, s.pins), (1, 0, 1));
+    assert_eq!(fill(&reg, &q, &u, 0x3c), Status::Ok);
+    assert!(buf.read().iter().all(|&b| b == 0x3c));
+    drop((u, q, reg, drv));
+    pins.check();
+}
+
+#[test]
+fn a_persistent_pin_failure_is_a_typed_error_and_leaks_nothing() {
+    let pins = PinCheck::start();
+    let faults = userptr::PinFaults::with_errnos(1, &[libc::EAGAIN]);
+    let (drv, reg) = faulty(&faults);
+    let buf = Anon::new(MIB);
+    let maps = drv.domain().mappings();
+    faults.set_enabled(true);
+    let e = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap_err();
+    assert!(matches!(e, Error::PinAgain { .. }), "{e}");
+    assert_eq!(
+        faults.injected_eagain(),
+        5,
+        "the first try and four retries"
+    );
+    let s = reg.stats();
+    assert_eq!((s.pin_retries, s.pin_failures, s.pins), (4, 1, 0));
+    // Nothing half-done: no domain mapping (buffer-table slot), no pin, no region.
+    assert_eq!(drv.domain().mappings(), maps);
+    assert_eq!(reg.mappings(), 0);
+    assert_eq!(reg.pinned_bytes(), 0);
+    // ENOMEM with nothing idle to evict: PinLimit at once.
+    let faults2 = userptr::PinFaults::with_errnos(1, &[libc::ENOMEM]);
+    let (drv2, reg2) = faulty(&faults2);
+    faults2.set_enabled(true);
+    let e = reg2.register(buf.addr, MIB, Perm::READ_WRITE).unwrap_err();
+    assert!(matches!(e, Error::PinLimit { .. }), "{e}");
+    assert_eq!(faults2.injected_enomem(), 1);
+    // Once the kernel agrees again, the same range registers (its IOVA space was freed).
+    faults.set_enabled(false);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!(reg.stats().pins, 1);
+    drop((u, reg, drv, reg2, drv2));
+    pins.check();
+}
+
+#[test]
+fn an_enomem_pin_failure_evicts_idle_regions_and_retries() {
+    let pins = PinCheck::start();
+    let faults = userptr::PinFaults::with_errnos(2, &[libc::ENOMEM]);
+    let (drv, reg) = faulty(&faults);
+    let q = drv.queue(0, 16).unwrap();
+    // Two ranges a MiB apart, so they never merge.
+    let buf = Anon::new(3 * MIB);
+    let (a, b) = (buf.addr, buf.addr + 2 * MIB);
+    reg.register(a, MIB, Perm::READ_WRITE).unwrap(); // cached, idle
+    assert_eq!(reg.mappings(), 1);
+    faults.set_enabled(true);
+    // Attempt 1: ENOMEM; the idle region is evicted; attempt 2 pins.
+    let u = reg.register(b, MIB, Perm::READ_WRITE).unwrap();
+    faults.set_enabled(false);
+    let s = reg.stats();
+    assert_eq!(
+        (faults.injected_enomem(), s.pin_retries, s.pin_failures),
+        (1, 1, 0)
+    );
+    assert_eq!((s.evictions, s.unpins, reg.mappings()), (1, 1, 1));
+    assert_eq!(fill(&reg, &q, &u, 0x4d), Status::Ok);
+    assert!(buf.read()[2 * MIB..].iter().all(|&x| x == 0x4d));
+    drop((u, q, reg, drv));
+    pins.check();
+}

@@ -29,6 +29,11 @@ pub enum Error {
          pinned): raise `ulimit -l` or grant CAP_IPC_LOCK"
     )]
     PinLimit { len: u64, limit: u64, pinned: u64 },
+    #[error(
+        "the kernel could not pin {len:#x} bytes at {addr:#x} right now (EAGAIN); the \
+         registry retried and gave up: try again"
+    )]
+    PinAgain { addr: u64, len: u64 },
     #[error("IOVA space exhausted: no free range of {len:#x} bytes aligned to {align:#x}")]
     IovaExhausted { len: u64, align: u64 },
     #[error("IOVA range {iova:#x} + {len:#x} is outside the domain's usable IOVA ranges")]

@@ -11,6 +11,8 @@
 //! * [`regs`]: the reference device's BAR0 register map (the device ABI);
 //! * [`reference`]: the reference device: io_uring IOMMU, memfd VRAM, engine thread;
 //! * [`uring_iommu`]: the IOMMU built on io_uring fixed buffers (real kernel pins);
+//! * [`fault_injection`]: [`PinFaults`], failing the reference IOMMU's pin attempts on
+//!   purpose (`userptr torture --inject`);
 //! * [`vram`]: device-local memory (memfd);
 //! * [`dma_memory`]: driver-owned DMA memory for ring structures;
 //! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
@@ -38,6 +40,7 @@ pub mod dma_memory;
 pub mod driver;
 pub mod edu;
 pub mod error;
+pub mod fault_injection;
 pub mod fork;
 pub mod iommu;
 pub mod iova;
@@ -57,6 +60,7 @@ pub mod vram;
 pub use device::Device;
 pub use driver::Driver;
 pub use error::{Error, Result};
+pub use fault_injection::PinFaults;
 pub use iommu::{IommuDomain, Perm};
 pub use mapping::UserMapping;
 pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};

@@ -22,6 +22,7 @@
 //! crate's buffer-registration and submission contract, justified at each block.
 
 use crate::error::{Error, Result};
+use crate::fault_injection::PinFaults;
 use crate::iommu::{IommuDomain, Perm, PAGE_1G, PAGE_2M, PAGE_4K};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::BTreeMap;
@@ -49,6 +50,8 @@ pub struct UringIommuConfig {
     pub iova_ranges: Vec<Range<u64>>,
     /// io_uring submission queue entries (requests in flight at once).
     pub sq_entries: u32,
+    /// Fault injection for pin attempts (off by default; see [`PinFaults`]).
+    pub pin_faults: Option<PinFaults>,
 }
 
 impl Default for UringIommuConfig {
@@ -57,6 +60,7 @@ impl Default for UringIommuConfig {
             slots: MAX_SLOTS,
             iova_ranges: vec![0x1_0000..(1 << 39)],
             sq_entries: 256,
+            pin_faults: None,
         }
     }
 }
@@ -227,6 +231,7 @@ impl UringIommu {
                 limit: crate::proc_status::memlock_limit(),
                 pinned: crate::proc_status::pinned_bytes().unwrap_or(0),
             },
+            Some(libc::EAGAIN) => Error::PinAgain { addr: host, len },
             _ => Error::sys("io_uring_register(IORING_REGISTER_BUFFERS_UPDATE)", e),
         }
     }
@@ -283,8 +288,12 @@ impl IommuDomain for UringIommu {
             );
             slot
         };
-        // Pin outside the lock: it faults pages in and can take milliseconds.
-        let r = self.register(slot, host, len);
+        // Pin outside the lock: it faults pages in and can take milliseconds. An
+        // injected failure stands in for the kernel's answer (nothing is pinned).
+        let r = match self.cfg.pin_faults.as_ref().and_then(PinFaults::next) {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => self.register(slot, host, len),
+        };
         let mut t = self.table.write().expect("iommu table lock poisoned");
         match r {
             Ok(()) => {

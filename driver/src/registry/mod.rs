@@ -573,14 +573,12 @@ impl Registry {
                 });
             }
             self.make_room(len)?;
-            let iova = match inner.driver.map_raw(range.start, len, perm) {
+            let iova = match self.map_pinned(range.start, len, perm) {
                 Ok(iova) => iova,
                 // A merged neighbour may cover memory that is gone: pin just the range.
                 Err(Error::BadAddress { .. }) if range != want => {
                     range = want.clone();
-                    inner
-                        .driver
-                        .map_raw(range.start, range.end - range.start, perm)?
+                    self.map_pinned(range.start, range.end - range.start, perm)?
                 }
                 Err(e) => return Err(e),
             };
@@ -648,6 +646,37 @@ impl Registry {
         }
     }
 
+    /// Map and pin `[host, host + len)`, handling the kernel's transient refusals:
+    /// `EAGAIN` ([`Error::PinAgain`]) is retried a few times with a short back-off, and
+    /// `ENOMEM` ([`Error::PinLimit`]: the locked-memory limit or the kernel's memory)
+    /// evicts idle regions worth `len` bytes from the cache and tries once more. What
+    /// still fails is returned, counted in `pin_failures`.
+    fn map_pinned(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        const AGAIN_TRIES: u32 = 4;
+        let inner = &*self.inner;
+        let mut again = 0;
+        let mut evicted = false;
+        loop {
+            match inner.driver.map_raw(host, len, perm) {
+                Ok(iova) => return Ok(iova),
+                Err(Error::PinAgain { .. }) if again < AGAIN_TRIES => {
+                    again += 1;
+                    Stats::add(&inner.stats.pin_retries, 1);
+                    std::thread::sleep(std::time::Duration::from_micros(50 << again));
+                }
+                Err(Error::PinLimit { .. }) if !evicted && self.evict(len, 0) > 0 => {
+                    evicted = true;
+                    Stats::add(&inner.stats.pin_retries, 1);
+                }
+                Err(e) => {
+                    Stats::add(&inner.stats.pin_failures, 1);
+                    let _slow = tracing::debug_span!("pin_failed", host, len, %e).entered();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     fn unmap_region(&self, r: &Region) {
         let inner = &*self.inner;
         if let Err(e) = inner.driver.unmap_raw(r.iova, r.len()) {
@@ -693,10 +722,24 @@ impl Registry {
             return Ok(());
         }
         self.reclaim_draining();
-        let mut need_bytes =
-            (inner.pinned.load(Ordering::Relaxed) + len).saturating_sub(inner.budget);
-        let mut need_maps =
+        let need_bytes = (inner.pinned.load(Ordering::Relaxed) + len).saturating_sub(inner.budget);
+        let need_maps =
             (inner.mappings.load(Ordering::Relaxed) + 1).saturating_sub(inner.max_mappings);
+        self.evict(need_bytes, need_maps);
+        if fits() {
+            Ok(())
+        } else {
+            Err(Error::PinBudget {
+                len,
+                budget: inner.budget,
+            })
+        }
+    }
+
+    /// Evict idle regions in clock order until `need_bytes` bytes and `need_maps`
+    /// mappings are free (or nothing idle is left). Returns the bytes unpinned.
+    fn evict(&self, mut need_bytes: u64, mut need_maps: usize) -> u64 {
+        let inner = &*self.inner;
         let mut victims = Vec::new();
         {
             let mut g = inner.notifier.write();
@@ -733,14 +776,7 @@ impl Registry {
         for v in &victims {
             self.unmap_region(v);
         }
-        if fits() {
-            Ok(())
-        } else {
-            Err(Error::PinBudget {
-                len,
-                budget: inner.budget,
-            })
-        }
+        victims.iter().map(|v| v.len()).sum()
     }
 
     /// Submit the commands `build` makes from the device addresses of `refs` (in

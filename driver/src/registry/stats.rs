@@ -66,6 +66,8 @@ counters! {
     wait_ns: "Time invalidations spent waiting for the device, in ns.",
     device_resets: "Device resets after a fence wait timed out.",
     evictions: "Idle regions evicted for the budget or the mapping limit.",
+    pin_retries: "Pin attempts retried after the kernel refused (EAGAIN, or ENOMEM after an eviction).",
+    pin_failures: "Pin attempts that failed for good (the error went to the caller).",
     validation_failures: "Cache hits whose pages no longer matched (validation mode).",
 }
 
