@@ -13,17 +13,30 @@
 //! it). A command that failed with a DMA fault
 //! is accepted only if a protection change hit its range. Anything else is a
 //! violation: a device write lost to a stale pin.
+//!
+//! `--inject` adds faults the run must survive: every 7th pin attempt fails in the
+//! reference IOMMU (`PinFaults`: ENOMEM and EAGAIN in turn, which the registry retries
+//! or answers by evicting), and the device stalls (CONTROL.ENABLE off) for longer than
+//! the fence timeout, so that invalidations meeting in-flight work reset it and that
+//! work completes `Aborted`. The report counts what was injected (`injected_faults`) and
+//! how it was handled (`errors_handled`); pins and domain mappings must be back where
+//! they started, and violations stay 0.
 
 use crate::bench::measure::Mem;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use userptr::driver::monitor::seccomp::SeccompMonitor;
-use userptr::{Descriptor, Driver, Perm, Registry, RegistryConfig, Status, WaitMode, CAUSE_NAMES};
+use userptr::{
+    Descriptor, Driver, Perm, PinFaults, ReferenceConfig, Registry, RegistryConfig, Status,
+    UringIommuConfig, WaitMode, CAUSE_NAMES,
+};
 
 const SLOTS: usize = 32;
 const SLOT: usize = 64 << 10;
 const PAGES_PER_SLOT: usize = SLOT / 4096;
+/// How long an injected device stall lasts (and the pause between two).
+const STALL: Duration = Duration::from_millis(300);
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -44,6 +57,11 @@ pub struct Args {
     /// seccomp monitor (isolates the monitor from the registry).
     #[arg(long)]
     explicit: bool,
+    /// Inject faults: every 7th pin attempt fails (ENOMEM and EAGAIN in turn), the
+    /// device stalls past the fence timeout now and then (invalidations then reset it),
+    /// and DMA-fault probes run as always. They must be handled: no violation, no leak.
+    #[arg(long)]
+    inject: bool,
 }
 
 struct Rng(u64);
@@ -69,6 +87,10 @@ struct Counts {
     mutations: [AtomicU64; 7],
     malloc_reuse: AtomicU64,
     aborted: AtomicU64,
+    dma_faults: AtomicU64,
+    register_errors: AtomicU64,
+    submit_errors: AtomicU64,
+    stalls: AtomicU64,
     lost_writes: AtomicU64,
     bad_status: AtomicU64,
     progress: AtomicU64,
@@ -100,12 +122,32 @@ pub fn run(a: Args) -> Result<(), String> {
     unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
     let pins_start = userptr::proc_status::pinned_bytes().unwrap_or(0);
     let t0 = Instant::now();
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+    let pin_faults = a.inject.then(|| PinFaults::every(7));
+    let drv = Driver::with_reference(ReferenceConfig {
+        iommu: UringIommuConfig {
+            pin_faults: pin_faults.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .map_err(|e| crate::explain(&e))?;
     let queues = (0..2)
         .map(|r| drv.queue(r, 16))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| crate::explain(&e))?;
-    let reg = Registry::new(drv.clone(), RegistryConfig::default());
+    // Domain mappings with only the rings in place: the registry must leave it so.
+    let mappings_start = drv.domain().mappings();
+    let cfg = RegistryConfig {
+        // Injected stalls last STALL; an invalidation that meets one must give up on
+        // the device well before, and reset it.
+        fence_timeout: if a.inject {
+            STALL / 3
+        } else {
+            RegistryConfig::default().fence_timeout
+        },
+        ..Default::default()
+    };
+    let reg = Registry::new(drv.clone(), cfg);
     let arena = Mem::new(SLOTS * SLOT)?;
     let source = Mem::new(4 * SLOT)?;
     // SAFETY: our own buffer.
@@ -141,6 +183,9 @@ pub fn run(a: Args) -> Result<(), String> {
     let finished = AtomicU64::new(0);
     let deadlocks = AtomicU64::new(0);
     let base = arena.addr;
+    if let Some(f) = &pin_faults {
+        f.set_enabled(true);
+    }
 
     std::thread::scope(|s| {
         // Watchdog: no progress for 10 s is a deadlock.
@@ -191,6 +236,9 @@ pub fn run(a: Args) -> Result<(), String> {
                         .collect();
                     let Ok(u) = reg.register(base + a * SLOT, (b - a) * SLOT, Perm::READ_WRITE)
                     else {
+                        // A typed error (an injected pin failure the registry could not
+                        // retry away, or a range a mutator has unmapped): handled.
+                        c.register_errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
                     let len = u.len();
@@ -247,7 +295,10 @@ pub fn run(a: Args) -> Result<(), String> {
                             reg.submit(q, &[&u], |i| vec![Descriptor::fill(i[0], len, byte)]),
                         ),
                     };
-                    let Ok(f) = r else { continue };
+                    let Ok(f) = r else {
+                        c.submit_errors.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
                     let Ok(done_c) = q.wait(f.end, WaitMode::Block, Duration::from_secs(30)) else {
                         continue;
                     };
@@ -260,7 +311,9 @@ pub fn run(a: Args) -> Result<(), String> {
                         (_, Status::Aborted) => {
                             c.aborted.fetch_add(1, Ordering::Relaxed);
                         }
-                        (2, Status::DmaFault) => {}
+                        (2, Status::DmaFault) => {
+                            c.dma_faults.fetch_add(1, Ordering::Relaxed);
+                        }
                         (2, _) => {
                             c.violations.fetch_add(1, Ordering::Relaxed);
                             c.bad_status.fetch_add(1, Ordering::Relaxed);
@@ -341,14 +394,32 @@ pub fn run(a: Args) -> Result<(), String> {
                 }
             });
         }
+        if a.inject {
+            // The stall injector: the device stops making progress (CONTROL.ENABLE
+            // off) for longer than the fence timeout, now and then.
+            let (drv, c) = (&drv, &c);
+            s.spawn(move || {
+                while Instant::now() + STALL < deadline {
+                    std::thread::sleep(STALL);
+                    drv.set_enabled(false);
+                    c.stalls.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(STALL);
+                    drv.set_enabled(true);
+                }
+            });
+        }
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     });
+    if let Some(f) = &pin_faults {
+        f.set_enabled(false);
+    }
     let stats = reg.stats();
     drop(monitor);
     let _ = usrc;
     drop(reg);
+    let mappings_end = drv.domain().mappings();
     drop((queues, drv, arena, source, scratches));
     let pins_end = userptr::proc_status::pinned_bytes().unwrap_or(0);
     let violations = c.violations.load(Ordering::Relaxed);
@@ -370,7 +441,22 @@ pub fn run(a: Args) -> Result<(), String> {
         "aborted_by_reset": c.aborted.load(Ordering::Relaxed),
         "device_resets": stats.device_resets,
         "mutations": MUTATIONS.iter().zip(&c.mutations).map(|(n, v)| (n.to_string(), serde_json::json!(v.load(Ordering::Relaxed)))).collect::<serde_json::Map<_, _>>(),
-        "injected_faults": { "dma_fault_probes": c.dma_fault_probes.load(Ordering::Relaxed), "protection_faults_accepted": c.faults_accepted.load(Ordering::Relaxed) },
+        "injected_faults": {
+            "dma_fault_probes": c.dma_fault_probes.load(Ordering::Relaxed),
+            "pin_enomem": pin_faults.as_ref().map_or(0, |f| f.injected_enomem()),
+            "pin_eagain": pin_faults.as_ref().map_or(0, |f| f.injected_eagain()),
+            "device_stalls": c.stalls.load(Ordering::Relaxed),
+        },
+        "errors_handled": {
+            "dma_faults": c.dma_faults.load(Ordering::Relaxed),
+            "protection_faults_accepted": c.faults_accepted.load(Ordering::Relaxed),
+            "pin_retries": stats.pin_retries,
+            "pin_failures": stats.pin_failures,
+            "registrations_refused": c.register_errors.load(Ordering::Relaxed),
+            "submissions_refused": c.submit_errors.load(Ordering::Relaxed),
+        },
+        "mappings_start": mappings_start,
+        "mappings_end": mappings_end,
         "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
     });
     println!(
@@ -384,9 +470,10 @@ pub fn run(a: Args) -> Result<(), String> {
         )
         .map_err(|e| format!("writing {}: {e}", p.display()))?;
     }
-    if violations > 0 || pins_end != pins_start {
+    if violations > 0 || pins_end != pins_start || mappings_end != mappings_start {
         return Err(format!(
-            "torture: {violations} coherence violations, pins {pins_start} -> {pins_end} bytes{}",
+            "torture: {violations} coherence violations, pins {pins_start} -> {pins_end} bytes, \
+             domain mappings {mappings_start} -> {mappings_end}{}",
             if a.no_protect {
                 " (expected with --no-protect: the checker works)"
             } else {

@@ -137,6 +137,32 @@ fn torture_finds_no_violation_with_the_monitor_and_some_without() {
 }
 
 #[test]
+fn torture_handles_injected_pin_failures_stalls_and_dma_faults() {
+    let path = std::env::temp_dir().join(format!("userptr-inject-{}.json", std::process::id()));
+    let p = path.to_str().unwrap();
+    let (ok, out, err) = userptr(&["torture", "--seconds", "3", "--inject", "--json", p]);
+    assert!(ok, "torture --inject failed:\n{out}\n{err}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let n = |k: &str, f: &str| v[k][f].as_u64().unwrap_or_else(|| panic!("{k}.{f}: {v}"));
+    // Every kind of fault was injected ...
+    for f in ["pin_enomem", "pin_eagain", "device_stalls", "dma_fault_probes"] {
+        assert!(n("injected_faults", f) > 0, "no {f} injected: {v}");
+    }
+    // ... and handled: retried or evicted for, reset for, reported per command.
+    assert!(n("errors_handled", "pin_retries") > 0, "{v}");
+    assert!(n("errors_handled", "dma_faults") > 0, "{v}");
+    assert!(v["device_resets"].as_u64().unwrap() > 0, "no stall met an invalidation: {v}");
+    // With nothing leaked and nothing wrong.
+    assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(v["deadlocks"], 0, "{v}");
+    assert_eq!(v["pins_start"], v["pins_end"], "{v}");
+    assert_eq!(v["mappings_start"], v["mappings_end"], "{v}");
+    assert!(v["commands"].as_u64().unwrap() > 100, "{v}");
+}
+
+#[test]
 fn bench_plots_svg_charts() {
     let dir = std::env::temp_dir().join(format!("userptr-plot-{}", std::process::id()));
     let d = dir.to_str().unwrap();
