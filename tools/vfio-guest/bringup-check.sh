@@ -29,5 +29,13 @@ step dma-test "$USERPTR_VFIO_EDU"
 sleep 5
 step dma-test "$USERPTR_VFIO_NVME" --json
 step ring-test "$USERPTR_VFIO_NVME" --commands 300
+# The bench suites in their VFIO form, on the same function: every suite must report,
+# under the contract's names, with the raw VFIO map/unmap as the pin baseline.
+step bench --device "$USERPTR_VFIO_NVME" --quick --samples 3 --json /tmp/bench.json
+for want in '"device": "vfio ' '"suite": "pin"' '"name": "map_unmap_2MiB"' 'vfio_map_unmap_dma_2MiB' \
+  '"name": "fence_roundtrip"' '"name": "hit_per_ref"' '"name": "idle_2MiB_discard"' \
+  '"name": "busy_2MiB_discard"' '"name": "nvme_read4k_qd1"'; do
+  grep -q "$want" /tmp/bench.json || { echo "bench --device: no $want in its JSON" >&2; exit 1; }
+done
 echo
 echo "bringup-check: all steps passed"

@@ -7,9 +7,13 @@
 //! baseline) and `added_us` (ours − baseline). These machines are noisy: compare
 //! ratios, not absolute times.
 //!
+//! `--device BDF` runs the suites that have a VFIO form (pin, ring, cache, invalidate,
+//! plus the vfio suite's NVMe figures) on that NVMe function instead of the reference
+//! device, under the same names (`device` in the JSON says which); see [`target`].
+//!
 //! `--json FILE` writes (stable names, see the project's bench contract):
 //! ```text
-//! { "machine": { "kernel", "cpus", "cpu_model" },
+//! { "machine": { "kernel", "cpus", "cpu_model" }, "device",
 //!   "results": [ { "suite", "name", "unit", "median", "p10", "p90", "samples",
 //!                  "baseline": { "name", "median" }?, "ratio"?, "added_us"? } ] }
 //! ```
@@ -21,6 +25,7 @@ mod pin;
 mod plot;
 mod registry;
 mod ring;
+mod target;
 mod vfio;
 
 pub use measure::Measurement;
@@ -55,8 +60,9 @@ pub struct Args {
     /// Write SVG charts (cost vs size, throughput vs batch) into DIR.
     #[arg(long, value_name = "DIR")]
     plot: Option<std::path::PathBuf>,
-    /// The NVMe function (bound to vfio-pci) the vfio suite runs on; implies
-    /// `--suite vfio`.
+    /// Run on this NVMe function (bound to vfio-pci) instead of the reference device:
+    /// pin, ring, cache and invalidate in their VFIO form, plus vfio (the default suites
+    /// then). e2e needs the reference device's compute commands.
     #[arg(long, value_name = "BDF")]
     device: Option<String>,
     /// Samples per measurement (default 30, 10 with --quick).
@@ -84,8 +90,16 @@ pub fn run(a: Args) -> Result<(), String> {
     if suites.iter().any(|s| s == "all") {
         suites = SUITES[..6].iter().map(|s| s.to_string()).collect();
     }
+    let explicit_all = a.suite.iter().any(|s| s.trim().eq_ignore_ascii_case("all"));
     match (&a.device, suites.iter().any(|s| s == "vfio")) {
-        (Some(_), false) => suites = vec!["vfio".to_string()],
+        (Some(_), _) if explicit_all => {
+            suites = ["pin", "ring", "cache", "invalidate", "vfio"]
+                .map(String::from)
+                .to_vec();
+        }
+        (Some(_), _) if suites.iter().any(|s| s == "e2e") => {
+            return Err("the e2e suite needs the reference device: its COPY and SAXPY commands are compute an NVMe controller does not do\nhint: drop e2e, or drop --device; the vfio suite measures NVMe READs".to_string());
+        }
         (None, true) => {
             return Err("the vfio suite needs a device: --device BDF (an NVMe function bound to vfio-pci)\nhint: `userptr list` shows the devices; `tools/vfio-guest/run.sh` boots a guest that has one".to_string())
         }
@@ -100,6 +114,7 @@ pub fn run(a: Args) -> Result<(), String> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let target = target::Target::open(a.device.as_deref())?;
     let ctx = Ctx {
         quick: a.quick,
         samples,
@@ -113,13 +128,13 @@ pub fn run(a: Args) -> Result<(), String> {
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match s.as_str() {
-            "pin" => pin::run(&ctx),
-            "ring" => ring::run(&ctx),
+            "pin" => pin::run(&ctx, &target),
+            "ring" => ring::run(&ctx, &target),
             "e2e" => e2e::run(&ctx),
-            "cache" => registry::cache(&ctx),
-            "invalidate" => registry::invalidate(&ctx),
+            "cache" => registry::cache(&ctx, &target),
+            "invalidate" => registry::invalidate(&ctx, &target),
             "intercept" => intercept::run(&ctx),
-            "vfio" => vfio::run(&ctx, a.device.as_deref().unwrap_or_default()),
+            "vfio" => vfio::run(&ctx, &target),
             _ => Err(format!("unknown suite {s}")),
         }));
         std::panic::set_hook(prev);
@@ -149,6 +164,7 @@ pub fn run(a: Args) -> Result<(), String> {
     if let Some(path) = a.json {
         let doc = serde_json::json!({
             "machine": machine(),
+            "device": target.describe(),
             "results": results.iter().map(Measurement::json).collect::<Vec<_>>(),
         });
         std::fs::write(

@@ -1,21 +1,24 @@
-//! pin: map + unmap of a fresh userptr per size, next to the raw io_uring register +
-//! unregister of the same memory, interleaved.
+//! pin: map + unmap of a fresh userptr per size, next to the raw kernel map + unmap of
+//! the same memory, interleaved: io_uring register + unregister on the reference
+//! device, `VFIO_IOMMU_MAP_DMA` + `UNMAP_DMA` on the same container with `--device`.
 
 use super::measure::{interleaved, time_us, Mem};
+use super::target::Target;
 use super::{Ctx, Measurement};
-use crate::raw_pin::RawPin;
-use userptr::{Driver, Perm};
+use userptr::Perm;
 
-pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
-    let raw = RawPin::new().map_err(|e| format!("io_uring for the raw baseline: {e}"))?;
+pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
+    let drv = target.driver()?;
+    let raw = target.raw()?;
+    let vfio = matches!(target, Target::Vfio { .. });
     let mut sizes: Vec<(usize, &str)> = vec![
         (4 << 10, "4KiB"),
         (64 << 10, "64KiB"),
         (2 << 20, "2MiB"),
         (64 << 20, "64MiB"),
     ];
-    if !ctx.quick {
+    if !ctx.quick && !vfio {
+        // (A QEMU guest with VFIO rarely has a spare GiB.)
         sizes.push((1 << 30, "1GiB"));
     }
     let mut out = Vec::new();
@@ -39,7 +42,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
             },
             || {
                 time_us(|| {
-                    if let Err(e) = raw.pin(mem.addr, len).and_then(|_| raw.unpin()) {
+                    if let Err(e) = raw.pin(mem.addr, len).and_then(|()| raw.unpin()) {
                         raw_err = Some(e);
                     }
                 })
@@ -49,11 +52,11 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
             return Err(e);
         }
         if let Some(e) = raw_err {
-            return Err(format!("the raw io_uring baseline failed for {label}: {e}\nhint: raise `ulimit -l` or run with CAP_IPC_LOCK"));
+            return Err(format!("the raw baseline ({}) failed: {e}\nhint: raise `ulimit -l` or run with CAP_IPC_LOCK", raw.name(label)));
         }
         out.push(
             Measurement::new("pin", format!("map_unmap_{label}"), "us", ours)
-                .with_baseline(format!("io_uring_register_unregister_{label}"), base),
+                .with_baseline(raw.name(label), base),
         );
     }
     Ok(out)

@@ -1,42 +1,67 @@
-//! cache and invalidate: the registry's costs.
+//! cache and invalidate: the registry's costs, on the reference device or (with
+//! `--device`) an NVMe function through VFIO, where a command that moves no data is
+//! an NVMe Flush instead of a NOP and the busy invalidation waits for a READ.
 
 use super::measure::{interleaved, repeat, time_us, Mem, Sample};
+use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
-use crate::raw_pin::RawPin;
 use std::time::{Duration, Instant};
+use userptr::driver::nvme::NvmeCommand;
 use userptr::driver::registry::interval::IntervalMap;
-use userptr::{Cause, Descriptor, Driver, Perm, Registry, RegistryConfig, WaitMode};
+use userptr::{Cause, Descriptor, Perm, Registry, RegistryConfig, Userptr, WaitMode};
 
 const T: Duration = Duration::from_secs(30);
 
-pub fn cache(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+pub fn cache(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
+    let drv = target.driver()?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
+    let nvq = target.nvme_queue()?;
+    let q = match nvq {
+        Some(_) => None,
+        None => Some(drv.queue(0, 256).map_err(|e| crate::explain(&e))?),
+    };
     let mem = Mem::new(128 * (64 << 10))?;
     let us = (0..64)
         .map(|i| reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| crate::explain(&e))?;
     let mut out = Vec::new();
-    // Submissions of one NOP referencing n cached buffers, 32 per wait.
-    let (reg_r, q_r, us_r) = (&reg, &q, &us);
+    // Submissions of one command that moves no data (a NOP; an NVMe Flush) referencing
+    // n cached buffers: 32 per wait (8 on NVMe, whose queue holds 16).
+    let (reg_r, q_r, nvq_r, us_r) = (&reg, &q, &nvq, &us);
     let per_submit = |n: usize| {
-        let refs: Vec<_> = us_r.iter().take(n).collect();
-        let (reg, q) = (reg_r, q_r);
-        move || {
-            let t = Instant::now();
-            let mut last = None;
-            for _ in 0..32 {
-                last = Some(
-                    reg.submit(q, &refs, |_| vec![Descriptor::nop()])
-                        .expect("submit"),
-                );
+        let refs: Vec<&Userptr> = us_r.iter().take(n).collect();
+        let reg = reg_r;
+        move || match (q_r, nvq_r) {
+            (Some(q), _) => {
+                let t = Instant::now();
+                let mut last = None;
+                for _ in 0..32 {
+                    last = Some(
+                        reg.submit(q, &refs, |_| vec![Descriptor::nop()])
+                            .expect("submit"),
+                    );
+                }
+                let el = t.elapsed();
+                q.wait(last.expect("one submitted").end, WaitMode::Poll, T)
+                    .expect("wait");
+                el.as_secs_f64() * 1e6 / 32.0
             }
-            let el = t.elapsed();
-            q.wait(last.expect("one submitted").end, WaitMode::Poll, T)
-                .expect("wait");
-            el.as_secs_f64() * 1e6 / 32.0
+            (None, Some(q)) => {
+                let t = Instant::now();
+                let batches: Vec<_> = (0..8)
+                    .map(|_| {
+                        reg.submit(q, &refs, |_| vec![nvme_flush(q)])
+                            .expect("submit")
+                    })
+                    .collect();
+                let el = t.elapsed();
+                for b in batches {
+                    nvme_wait(q, b).expect("wait");
+                }
+                el.as_secs_f64() * 1e6 / 8.0
+            }
+            (None, None) => unreachable!("one queue or the other"),
         }
     };
     let (s64, s1) = interleaved(ctx.samples, 3, per_submit(64), per_submit(1));
@@ -87,11 +112,15 @@ pub fn cache(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     Ok(out)
 }
 
-pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
+    let drv = target.driver()?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let q = drv.queue(0, 64).map_err(|e| crate::explain(&e))?;
-    let raw = RawPin::new().map_err(|e| format!("io_uring for the raw baseline: {e}"))?;
+    let nvq = target.nvme_queue()?;
+    let q = match nvq {
+        Some(_) => None,
+        None => Some(drv.queue(0, 64).map_err(|e| crate::explain(&e))?),
+    };
+    let raw = target.raw()?;
     let len = 2usize << 20;
     let mem = Mem::new(len)?;
     let range = mem.addr as u64..(mem.addr + len) as u64;
@@ -128,16 +157,35 @@ pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
         return Err(e);
     }
     out.push(
-        Measurement::new("invalidate", "idle_2MiB_discard", "us", ours)
-            .with_baseline("raw_madvise_unpin_2MiB", base),
+        Measurement::new("invalidate", "idle_2MiB_discard", "us", ours).with_baseline(
+            match target {
+                Target::Reference => "raw_madvise_unpin_2MiB",
+                Target::Vfio { .. } => "raw_madvise_vfio_unmap_dma_2MiB",
+            },
+            base,
+        ),
     );
     let busy = repeat(ctx.samples, 1, || {
         let u = reg
             .register(mem.addr, len, Perm::READ_WRITE)
             .expect("register");
-        let f = reg
-            .submit(&q, &[&u], |i| vec![Descriptor::fill(i[0], len as u64, 7)])
-            .expect("submit");
+        // Device work on the range in flight: a FILL of all of it, or an NVMe READ
+        // into it (as large as the controller takes).
+        let inflight = match (&q, &nvq) {
+            (Some(q), _) => InFlight::Ring(
+                reg.submit(q, &[&u], |i| vec![Descriptor::fill(i[0], len as u64, 7)])
+                    .expect("submit"),
+            ),
+            (None, Some(q)) => {
+                let n = (len as u32).min(q.nvme().info().max_transfer.unwrap_or(128 << 10));
+                let ns = *q.nvme().namespace();
+                InFlight::Nvme(
+                    reg.submit(q, &[&u], |i| vec![NvmeCommand::read(&ns, 0, i[0], n)])
+                        .expect("submit"),
+                )
+            }
+            (None, None) => unreachable!("one queue or the other"),
+        };
         let t = time_us(|| {
             let inv = reg
                 .invalidate_start(range.clone(), Cause::Discard)
@@ -145,7 +193,15 @@ pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
             madvise(&mem);
             reg.invalidate_end(inv);
         });
-        let _ = q.wait(f.end, WaitMode::Block, T);
+        match (inflight, &q, &nvq) {
+            (InFlight::Ring(f), Some(q), _) => {
+                let _ = q.wait(f.end, WaitMode::Block, T);
+            }
+            (InFlight::Nvme(b), _, Some(q)) => {
+                let _ = nvme_wait(q, b);
+            }
+            _ => {}
+        }
         t
     });
     out.push(Measurement::new(
@@ -174,4 +230,10 @@ pub fn invalidate(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     }
     reg.clear().map_err(|e| crate::explain(&e))?;
     Ok(out)
+}
+
+/// The device work a busy invalidation waits for.
+enum InFlight {
+    Ring(userptr::BatchFences),
+    Nvme(userptr::driver::nvme::NvmeBatch),
 }

@@ -1,15 +1,21 @@
 //! ring: NOP submit + complete throughput by batch size and by ring count, and the
-//! fence round trip (one command, polling).
+//! fence round trip (one command, polling). With `--device`, the same on an NVMe I/O
+//! queue, with Flush (no data) as the NOP: `flush_batch_<n>` and `fence_roundtrip`.
 
 use super::measure::{repeat, time_us, Sample};
+use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
 use std::time::{Duration, Instant};
-use userptr::{Backpressure, Descriptor, Driver, WaitMode};
+use userptr::driver::nvme::IoQueue;
+use userptr::{Backpressure, Descriptor, WaitMode};
 
 const T: Duration = Duration::from_secs(30);
 
-pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
-    let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
+pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
+    if let Some(q) = target.nvme_queue()? {
+        return run_nvme(ctx, &q);
+    }
+    let drv = target.driver()?;
     let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
     let mut out = Vec::new();
     let rounds = if ctx.quick { 20 } else { 100 };
@@ -86,4 +92,49 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
         ));
     }
     Ok(out)
+}
+
+/// The NVMe form: batches of Flush commands per doorbell, and one command's round trip.
+fn run_nvme(ctx: &Ctx, q: &IoQueue) -> Result<Vec<Measurement>, String> {
+    let mut out = Vec::new();
+    let rounds = if ctx.quick { 10 } else { 50 };
+    let mut err = None;
+    for batch in [1usize, 8, 16] {
+        let cmds = vec![nvme_flush(q); batch];
+        let s = repeat(ctx.samples, 2, || {
+            let t = Instant::now();
+            for _ in 0..rounds {
+                if let Err(e) = q
+                    .submit_batch(&cmds)
+                    .map_err(|e| crate::explain(&e))
+                    .and_then(|b| nvme_wait(q, b))
+                {
+                    err = Some(e);
+                }
+            }
+            (rounds * batch) as f64 / t.elapsed().as_secs_f64() / 1e6
+        });
+        out.push(Measurement::new(
+            "ring",
+            format!("flush_batch_{batch}"),
+            "Mops/s",
+            s,
+        ));
+    }
+    let rt = repeat(ctx.samples * 5, 5, || {
+        time_us(|| {
+            if let Err(e) = q
+                .submit_batch(&[nvme_flush(q)])
+                .map_err(|e| crate::explain(&e))
+                .and_then(|b| nvme_wait(q, b))
+            {
+                err = Some(e);
+            }
+        })
+    });
+    out.push(Measurement::new("ring", "fence_roundtrip", "us", rt));
+    match err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }

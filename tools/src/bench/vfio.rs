@@ -12,14 +12,16 @@
 //!   same with a VFIO map + unmap around every command.
 
 use super::measure::{interleaved, time_us, Measurement, Sample};
+use super::target::Target;
 use super::Ctx;
-use crate::vfio_cmd::{iops, open, qd1_latency};
-use userptr::driver::nvme::Nvme;
+use crate::vfio_cmd::{iops, qd1_latency};
 use userptr::{Driver, Perm};
 
-pub fn run(ctx: &Ctx, bdf: &str) -> Result<Vec<Measurement>, String> {
+pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     let e = |e: userptr::Error| crate::explain(&e);
-    let (pci, drv) = open(bdf)?;
+    let Target::Vfio { drv, .. } = target else {
+        return Err("the vfio suite needs a device: --device BDF".into());
+    };
     let reference = Driver::reference().map_err(e)?;
     let mut out = Vec::new();
     let sizes: &[(usize, &str)] = if ctx.quick {
@@ -40,25 +42,26 @@ pub fn run(ctx: &Ctx, bdf: &str) -> Result<Vec<Measurement>, String> {
                 u.unmap().expect("unmap");
             })
         };
-        let (ours, base) = interleaved(ctx.samples, 3, || once(&drv), || once(&reference));
+        let (ours, base) = interleaved(ctx.samples, 3, || once(drv), || once(&reference));
         out.push(
             Measurement::new("vfio", format!("vfio_map_unmap_{label}"), "µs", ours)
                 .with_baseline("reference io_uring map+unmap", base),
         );
     }
-    let nvme = Nvme::new(pci, &drv).map_err(e)?;
-    let q = nvme.io_queue(1, 17).map_err(e)?;
+    let q = target
+        .nvme_queue()?
+        .expect("a VFIO target has an NVMe queue");
     let n = if ctx.quick { 200 } else { 1000 };
-    let cached = qd1_latency(&q, &drv, n, true)?;
-    let repinned = qd1_latency(&q, &drv, n, false)?;
+    let cached = qd1_latency(&q, drv, n, true)?;
+    let repinned = qd1_latency(&q, drv, n, false)?;
     out.push(
         Measurement::new("vfio", "nvme_read4k_qd1", "µs", cached)
             .with_baseline("re-pinned each command", repinned),
     );
     let (mut cached, mut repinned) = (Vec::new(), Vec::new());
     for _ in 0..ctx.samples.min(5) {
-        cached.push(iops(&q, &drv, n, 16, true)?);
-        repinned.push(iops(&q, &drv, n, 16, false)?);
+        cached.push(iops(&q, drv, n, 16, true)?);
+        repinned.push(iops(&q, drv, n, 16, false)?);
     }
     out.push(
         Measurement::new(
