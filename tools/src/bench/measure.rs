@@ -189,6 +189,40 @@ impl Mem {
         }
     }
 
+    /// `munmap` the whole buffer between `before` and `after` (an invalidation window,
+    /// or the unpin a raw baseline owes), timing the three, then map fresh touched
+    /// pages back at the same address (not timed). Returns the µs.
+    pub fn unmap_timed(&self, before: impl FnOnce(), then: impl FnOnce()) -> Result<f64, String> {
+        let t = std::time::Instant::now();
+        before();
+        // SAFETY: our own mapping; it is mapped again right below, before anyone reads
+        // it (the bench is single-threaded around this call).
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+        then();
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        // SAFETY: NOREPLACE: only the hole we just made; fails instead of clobbering.
+        let p = unsafe {
+            libc::mmap(
+                self.addr as *mut _,
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize != self.addr {
+            return Err(format!(
+                "re-mapping {:#x} after munmap failed: {}",
+                self.addr,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the fresh mapping above, `len` bytes.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 1, self.len) };
+        Ok(us)
+    }
+
     /// A copy of the bytes.
     pub fn bytes(&self) -> Vec<u8> {
         let mut v = vec![0u8; self.len];

@@ -1,5 +1,6 @@
 //! `--plot DIR`: SVG charts of the figures that have a shape: map+unmap cost against
-//! size (ours next to the raw io_uring pin), and NOP throughput against batch size.
+//! size (ours next to the raw kernel pin: io_uring, or VFIO with `--device`), and
+//! NOP (NVMe: Flush) throughput against batch size.
 
 use super::Measurement;
 use plotters::prelude::*;
@@ -23,12 +24,14 @@ pub fn write(dir: &Path, results: &[Measurement]) -> Result<Vec<String>, String>
     let mut written = Vec::new();
     let mut ours = Vec::new();
     let mut raw = Vec::new();
+    let mut vfio = false;
     for m in results.iter().filter(|m| m.suite == "pin") {
         let Some(size) = m.name.strip_prefix("map_unmap_").and_then(size_of) else {
             continue;
         };
         ours.push((size, m.ours.median()));
-        if let Some((_, b)) = &m.baseline {
+        if let Some((name, b)) = &m.baseline {
+            vfio |= name.starts_with("vfio_");
             raw.push((size, b.median()));
         }
     }
@@ -64,7 +67,15 @@ pub fn write(dir: &Path, results: &[Measurement]) -> Result<Vec<String>, String>
             .map_err(|e| err(&e))?;
         for (pts, color, name) in [
             (&ours, RED, "userptr map_user + drop"),
-            (&raw, BLUE, "raw io_uring register + unregister"),
+            (
+                &raw,
+                BLUE,
+                if vfio {
+                    "raw VFIO_IOMMU_MAP_DMA + UNMAP_DMA"
+                } else {
+                    "raw io_uring register + unregister"
+                },
+            ),
         ] {
             chart
                 .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
@@ -90,7 +101,11 @@ pub fn write(dir: &Path, results: &[Measurement]) -> Result<Vec<String>, String>
         .filter_map(|m| {
             let b = match m.name.as_str() {
                 "nop_batched" => 64.0,
-                n => n.strip_prefix("nop_batch_")?.parse().ok()?,
+                n => n
+                    .strip_prefix("nop_batch_")
+                    .or_else(|| n.strip_prefix("flush_batch_"))?
+                    .parse()
+                    .ok()?,
             };
             Some((b, m.ours.median()))
         })
@@ -104,7 +119,11 @@ pub fn write(dir: &Path, results: &[Measurement]) -> Result<Vec<String>, String>
         let ymax = ring.iter().map(|p| p.1).fold(0.0, f64::max) * 1.3;
         let mut chart = ChartBuilder::on(&root)
             .caption(
-                "NOP submit + complete throughput vs batch size",
+                if results.iter().any(|m| m.name.starts_with("flush_batch_")) {
+                    "NVMe Flush submit + complete throughput vs batch size"
+                } else {
+                    "NOP submit + complete throughput vs batch size"
+                },
                 ("sans-serif", 18),
             )
             .margin(12)

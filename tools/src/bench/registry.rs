@@ -210,24 +210,75 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
         "us",
         busy,
     ));
-    for (name, cause) in [
-        ("idle_2MiB_unmap", Cause::Unmap),
-        (
-            "idle_2MiB_protect_downgrade",
-            Cause::Protect {
-                new_prot: libc::PROT_READ,
-            },
-        ),
-    ] {
-        let s = repeat(ctx.samples, 2, || {
-            reg.invalidate(range.clone(), Cause::Discard)
-                .expect("reset");
-            reg.register(mem.addr, len, Perm::READ_WRITE)
-                .expect("register");
-            time_us(|| reg.invalidate(range.clone(), cause).expect("invalidate"))
-        });
-        out.push(Measurement::new("invalidate", name, "us", s));
+    // munmap of an idle, mapped 2 MiB userptr inside its invalidation window, next to
+    // munmap + the raw unpin; the memory is mapped back between samples.
+    let (mut err, mut raw_err) = (None, None);
+    let (ours, base) = interleaved(
+        ctx.samples,
+        2,
+        || {
+            if let Err(e) = reg.register(mem.addr, len, Perm::READ_WRITE) {
+                err = Some(crate::explain(&e));
+            }
+            let inv = std::cell::Cell::new(None);
+            mem.unmap_timed(
+                || {
+                    inv.set(Some(
+                        reg.invalidate_start(range.clone(), Cause::Unmap)
+                            .expect("invalidate"),
+                    ))
+                },
+                || reg.invalidate_end(inv.take().expect("started")),
+            )
+            .unwrap_or_else(|e| {
+                err = Some(e);
+                0.0
+            })
+        },
+        || {
+            let _ = raw.pin(mem.addr, len);
+            mem.unmap_timed(
+                || {},
+                || {
+                    let _ = raw.unpin();
+                },
+            )
+            .unwrap_or_else(|e| {
+                raw_err = Some(e);
+                0.0
+            })
+        },
+    );
+    if let Some(e) = err.or(raw_err) {
+        return Err(e);
     }
+    out.push(
+        Measurement::new("invalidate", "idle_2MiB_unmap", "us", ours).with_baseline(
+            match target {
+                Target::Reference => "raw_munmap_unpin_2MiB",
+                Target::Vfio { .. } => "raw_munmap_vfio_unmap_dma_2MiB",
+            },
+            base,
+        ),
+    );
+    // A write-permission downgrade (mprotect PROT_READ): the device mapping stays,
+    // made read-only.
+    let cause = Cause::Protect {
+        new_prot: libc::PROT_READ,
+    };
+    let s = repeat(ctx.samples, 2, || {
+        reg.invalidate(range.clone(), Cause::Discard)
+            .expect("reset");
+        reg.register(mem.addr, len, Perm::READ_WRITE)
+            .expect("register");
+        time_us(|| reg.invalidate(range.clone(), cause).expect("invalidate"))
+    });
+    out.push(Measurement::new(
+        "invalidate",
+        "idle_2MiB_protect_downgrade",
+        "us",
+        s,
+    ));
     reg.clear().map_err(|e| crate::explain(&e))?;
     Ok(out)
 }
