@@ -147,13 +147,21 @@ fn torture_handles_injected_pin_failures_stalls_and_dma_faults() {
     let _ = std::fs::remove_file(&path);
     let n = |k: &str, f: &str| v[k][f].as_u64().unwrap_or_else(|| panic!("{k}.{f}: {v}"));
     // Every kind of fault was injected ...
-    for f in ["pin_enomem", "pin_eagain", "device_stalls", "dma_fault_probes"] {
+    for f in [
+        "pin_enomem",
+        "pin_eagain",
+        "device_stalls",
+        "dma_fault_probes",
+    ] {
         assert!(n("injected_faults", f) > 0, "no {f} injected: {v}");
     }
     // ... and handled: retried or evicted for, reset for, reported per command.
     assert!(n("errors_handled", "pin_retries") > 0, "{v}");
     assert!(n("errors_handled", "dma_faults") > 0, "{v}");
-    assert!(v["device_resets"].as_u64().unwrap() > 0, "no stall met an invalidation: {v}");
+    assert!(
+        v["device_resets"].as_u64().unwrap() > 0,
+        "no stall met an invalidation: {v}"
+    );
     // With nothing leaked and nothing wrong.
     assert_eq!(v["violations"], 0, "{v}");
     assert_eq!(v["deadlocks"], 0, "{v}");
