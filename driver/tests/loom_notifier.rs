@@ -11,6 +11,12 @@
 //! never left waiting on a closed window (loom reports a deadlock otherwise). Drop the
 //! `read_retry` check and loom finds the stale commit.
 //!
+//! This is the read side for an object that exists before it is pinned
+//! (`read_begin`), which the registry itself does not call. The sequences the registry
+//! runs (a fresh pin checked against the invalidation log, a submission's fence attach
+//! against the invalidation's fence wait, eviction's idle check) are modelled in
+//! `tests/loom_registry.rs`.
+//!
 //! Run with: `RUSTFLAGS="--cfg loom" cargo test -p userptr-driver --test loom_notifier --release`
 #![cfg(loom)]
 

@@ -10,14 +10,17 @@
 //!   (clock/LRU under a pinned-bytes budget and the domain's mapping-count limit;
 //!   regions with device work in flight are never evicted).
 //! * Submission and invalidation follow the protocol written down in [`notifier`]:
-//!   `read_begin` → pin outside every lock → shared lock → `read_retry` → write the
-//!   descriptors and attach the fence. Invalidation opens a window (no new mapping of
-//!   the range until it closes), bumps epochs under the exclusive lock, waits for the
-//!   fences of in-flight work (bounded: on timeout the device is reset, so that work
-//!   completes with `Aborted`), then unmaps.
+//!   a cache hit snapshots the region's epoch under the shared lock and re-checks it
+//!   with `read_retry` before it writes the descriptors and attaches the fence; a miss
+//!   pins outside every lock. Invalidation opens a window (no new mapping of the range
+//!   until it closes), bumps epochs under the exclusive lock, waits for the fences of
+//!   in-flight work (bounded: on timeout the device is reset, so that work completes
+//!   with `Aborted`), then unmaps.
 //! * A fresh pin is checked against the invalidations that *started* while it was
-//!   being taken (a short log of their ranges, under the same lock), so a pin that
-//!   raced an invalidation is dropped and retaken, never installed stale.
+//!   being taken ([`notifier::InvalidationLog`]: a generation and a short log of
+//!   ranges, under the same lock), so a pin that raced an invalidation is dropped and
+//!   retaken, never installed stale. `driver/tests/loom_registry.rs` model-checks both
+//!   paths, the fence wait and eviction.
 //! * Causes carry context and the policy uses it (see [`Cause`]).
 
 pub mod interval;
@@ -33,16 +36,13 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
 use interval::IntervalMap;
-use notifier::{Epoch, Notifier, WindowId};
-use std::collections::VecDeque;
+use notifier::{Epoch, InvalidationLog, Notifier, WindowId};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 const PAGE: u64 = 4096;
-/// Invalidation starts remembered for checking fresh pins against.
-const LOG_LEN: usize = 4096;
 
 /// Why a range is being invalidated. The policy depends on it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -225,24 +225,9 @@ struct Index {
     /// Retired by a merge: out of the maps, unmapped once their work is done.
     draining: Vec<Arc<Region>>,
     /// Invalidations started so far, and the ranges of the most recent ones.
-    inval_seq: u64,
-    log: VecDeque<(u64, Range<u64>)>,
+    invalidations: InvalidationLog,
     /// Clock hands for eviction, per map.
     hands: [u64; 3],
-}
-
-impl Index {
-    /// Whether an invalidation that started after `gen` overlaps `r`.
-    fn invalidated_since(&self, gen: u64, r: &Range<u64>) -> bool {
-        if gen < self.inval_seq.saturating_sub(self.log.len() as u64) {
-            return true; // too old to tell: assume the worst
-        }
-        self.log
-            .iter()
-            .rev()
-            .take_while(|(s, _)| *s > gen)
-            .any(|(_, x)| x.start < r.end && r.start < x.end)
-    }
 }
 
 struct Inner {
@@ -355,6 +340,8 @@ fn page_range(addr: u64, len: u64) -> Result<Range<u64>> {
 impl Registry {
     /// A registry over `driver`'s device.
     pub fn new(driver: Driver, cfg: RegistryConfig) -> Registry {
+        // Whatever the domain, a fork child must find the registry fenced off.
+        crate::fork::install();
         let budget = cfg.pin_budget.unwrap_or_else(default_budget);
         let max_mappings = cfg
             .max_mappings
@@ -506,6 +493,13 @@ impl Registry {
             }
         }
         Stats::add(&self.inner.stats.misses, 1);
+        let _span = tracing::debug_span!(
+            "pin_miss",
+            start = u.pages.start,
+            end = u.pages.end,
+            perm = ?u.perm
+        )
+        .entered();
         self.pin(u.pages.clone(), u.perm, true, true)
     }
 
@@ -534,8 +528,8 @@ impl Registry {
         let slot = perm_slot(perm);
         let max_len = inner.driver.domain().max_mapping_len();
         loop {
-            // The generation first, then the window wait: see Index::invalidated_since.
-            let gen = inner.notifier.read().inval_seq;
+            // The generation first, then the window wait: see InvalidationLog.
+            let gen = inner.notifier.read().invalidations.generation();
             if !may_wait && inner.notifier.window_open(&want) {
                 return Err(Error::InvalidationFailed {
                     start: want.start,
@@ -543,8 +537,14 @@ impl Registry {
                     reason: "an invalidation window is open on the range".into(),
                 });
             }
-            if inner.notifier.wait_no_window(&want) {
-                Stats::add(&inner.stats.window_waits, 1);
+            if inner.notifier.window_open(&want) {
+                let _span = tracing::debug_span!("window_wait", start = want.start, end = want.end)
+                    .entered();
+                let t0 = Instant::now();
+                if inner.notifier.wait_no_window(&want) {
+                    Stats::add(&inner.stats.window_waits, 1);
+                    Stats::add(&inner.stats.window_wait_ns, t0.elapsed().as_nanos() as u64);
+                }
             }
             let mut range = want.clone();
             if merge {
@@ -573,6 +573,8 @@ impl Registry {
                 });
             }
             self.make_room(len)?;
+            let pin_span =
+                tracing::debug_span!("pin", start = range.start, end = range.end).entered();
             let iova = match self.map_pinned(range.start, len, perm) {
                 Ok(iova) => iova,
                 // A merged neighbour may cover memory that is gone: pin just the range.
@@ -582,6 +584,7 @@ impl Registry {
                 }
                 Err(e) => return Err(e),
             };
+            drop(pin_span);
             let len = range.end - range.start;
             let pfns = if inner.cfg.validate {
                 validate::pfns(range.start, range.end).ok()
@@ -603,7 +606,7 @@ impl Registry {
             inner.lo.fetch_min(range.start, Ordering::Release);
             inner.hi.fetch_max(range.end, Ordering::Release);
             let mut g = inner.notifier.write();
-            if g.invalidated_since(gen, &range) {
+            if g.invalidations.invalidated_since(gen, &range) {
                 drop(g);
                 let _ = inner.driver.unmap_raw(iova, len);
                 Stats::add(&inner.stats.retries, 1);
@@ -739,6 +742,7 @@ impl Registry {
     /// Evict idle regions in clock order until `need_bytes` bytes and `need_maps`
     /// mappings are free (or nothing idle is left). Returns the bytes unpinned.
     fn evict(&self, mut need_bytes: u64, mut need_maps: usize) -> u64 {
+        let _span = tracing::debug_span!("evict", need_bytes, need_maps).entered();
         let inner = &*self.inner;
         let mut victims = Vec::new();
         {
@@ -922,12 +926,7 @@ impl Registry {
         let mut survivors = Vec::new();
         {
             let mut g = inner.notifier.write();
-            g.inval_seq += 1;
-            let seq = g.inval_seq;
-            g.log.push_back((seq, range.clone()));
-            if g.log.len() > LOG_LEN {
-                g.log.pop_front();
-            }
+            g.invalidations.record(range.clone());
             for slot in 0..3 {
                 let hits: Vec<u64> = g.maps[slot]
                     .overlapping(range.clone())
@@ -988,6 +987,7 @@ impl Registry {
             }
         }
         for (s, perm) in survivors {
+            let _span = tracing::debug_span!("split_repin", start = s.start, end = s.end).entered();
             // Best effort: the pages outside the range are untouched; if re-pinning
             // fails they are re-pinned on next use instead.
             // Never wait for another window here: the caller may be a monitor's only
@@ -1071,6 +1071,13 @@ impl Registry {
                 match q.wait_done(f.seqno, left) {
                     Ok(()) => break,
                     Err(Error::Timeout { .. }) if !reset => {
+                        let _span = tracing::info_span!(
+                            "device_reset",
+                            start = range.start,
+                            end = range.end,
+                            seqno = f.seqno
+                        )
+                        .entered();
                         tracing::warn!(
                             "invalidation timed out waiting for the device: resetting it"
                         );

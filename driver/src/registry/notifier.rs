@@ -1,36 +1,63 @@
 //! The notifier: userspace `mmu_interval_notifier`. This file is the contract.
 //!
-//! Two sides share a reader-writer lock (the *notifier lock*) and per-object sequence
-//! counts (*epochs*):
+//! Submission and invalidation share a reader-writer lock (the *notifier lock*, which
+//! protects the registry's index), per-object sequence counts (*epochs*, changed only
+//! under the exclusive side), a generation count of invalidations with a short log of
+//! their ranges ([`InvalidationLog`], kept in the index, so under the same lock), and
+//! invalidation *windows* (ranges on which no new mapping may be established).
 //!
-//! **Read side (submission).** For each userptr object a command references:
-//! 1. `read_begin(range, epoch)`: snapshot the object's epoch, then wait until no
-//!    invalidation window overlaps the range (in this order: see `read_begin`);
-//! 2. make sure the object is pinned and mapped, **outside every lock** (pinning faults
-//!    pages in, allocates and can block);
-//! 3. take the **shared** side of the notifier lock;
-//! 4. `read_retry(epoch, seq)`: if the epoch moved, an invalidation hit the object after
-//!    step 1: release and start over (the pin may be stale);
-//! 5. write the descriptors, attach this submission's fence to the objects, release.
+//! **Submission, cache hit** (`Registry::submit`, `Registry::resolve`). Under the shared
+//! lock, find the object in the index and snapshot its epoch there (an object in the
+//! index has not been invalidated: invalidation removes it under the exclusive lock).
+//! Then, under the shared lock again, `read_retry(epoch, seq)`: if the epoch moved, an
+//! invalidation hit the object meanwhile: start over. Otherwise write the descriptors
+//! and **attach this submission's fence to the objects before releasing the lock**.
+//! The fast path (`submit_all_hits`) looks up, writes and attaches in *one* shared
+//! section, so it needs no `read_retry`.
 //!
-//! **Write side (invalidation).** `invalidate_start(range)` opens a *window* on the
-//! range (from now on step 1 waits for overlapping ranges: no new device mapping of the
-//! range can be established until `invalidate_end`), takes the **exclusive** side of
-//! the lock, bumps the epoch of every overlapping object, collects their fences,
-//! releases the lock, waits for the fences (the device stops using the pages), then
-//! unmaps. `invalidate_end(range)` closes the window and wakes the waiters.
+//! **Submission, cache miss: a fresh pin** (`Registry::pin`). The object does not exist
+//! until it is installed, so it has no epoch to snapshot; the generation stands in:
+//! 1. `gen = log.generation()` (shared lock);
+//! 2. `wait_no_window(range)` (in this order: see [`InvalidationLog`]);
+//! 3. pin and map the range **outside every lock** (pinning faults pages in,
+//!    allocates and can block);
+//! 4. take the **exclusive** lock; if `log.invalidated_since(gen, range)`, drop the pin
+//!    and start over, else install the object (its epoch starts there).
 //!
-//! Why it holds: an epoch only changes under the exclusive lock, and step 4 reads it
-//! under the shared lock. So a submission either committed before the invalidation's
-//! exclusive section (its fence was attached, so the invalidation waits for it), or
-//! it commits after, sees the new epoch in step 4 and retries, and its retry's step 1
-//! waits for the window to close, by which time the address space change is done and
-//! the re-pin takes the new pages. A pin that began before the window opened is caught
-//! the same way, because the object exists (epoch and all) before it is pinned.
+//! **Invalidation** (`Registry::invalidate_start`). `open_window(range)` (from now on
+//! step 2 waits on overlapping ranges), take the **exclusive** lock, `log.record(range)`,
+//! remove every overlapping object from the index, bump its epoch and *take* its
+//! fences; release the lock; wait for those fences (the device stops using the pages;
+//! on timeout the device is reset), then unmap. `invalidate_end` closes the window and
+//! wakes the waiters. (A protection downgrade keeps the object in the index and bumps
+//! nothing: it takes the fences, waits, then makes the mapping read-only. Eviction
+//! removes only objects that are idle, checked in the same exclusive section.)
 //!
-//! The model test `tests/loom_notifier.rs` checks exactly this protocol under loom
-//! (build with `--cfg loom`): no commit of a stale pin after a window opened, and no
-//! lost wake-up of a waiter when the window closes.
+//! Why it holds:
+//! * A submission to a cached object runs its check and its fence attach in one shared
+//!   section, so it is wholly before or wholly after the invalidation's exclusive
+//!   section: before, and the invalidation took its fence and waits for it; after, and
+//!   the object is gone from the index (fast path) or its epoch moved (`read_retry`).
+//!   Nothing can slip in between.
+//! * A fresh pin: an invalidation recorded after step 1 is newer than `gen` in the log,
+//!   so step 4 sees it (when the ranges overlap) and retries; one recorded before step 1
+//!   opened its window before that, so step 2 waits until the window closes, by which
+//!   time the address-space change is done and step 3 takes the new pages.
+//!
+//! `read_begin` is the read side for an object that exists, epoch and all, before it is
+//! pinned (snapshot the epoch, then wait for windows). The registry does not call it:
+//! hits snapshot under the lock, misses use the generation.
+//!
+//! Model checks (build with `--cfg loom`, which swaps in loom's lock, condvar and
+//! atomics here): `tests/loom_registry.rs` runs the registry's sequences against the
+//! real [`Notifier`], [`Epoch`] and [`InvalidationLog`]: a fresh pin against an
+//! invalidation (no stale pin installed), a submission's fence attach, fast and general
+//! path, against the invalidation's fence wait (no device access after
+//! `invalidate_start` returns, no lost wake-up), and eviction's idle check against a
+//! fast-path submission. The steps around those types (the index lookup, the fence
+//! list, the queue's completion wait) are copies in the test, because the registry
+//! itself needs a device; the test says what each copy stands for.
+//! `tests/loom_notifier.rs` checks `read_begin`/`read_retry` and the window wake-ups.
 
 #[cfg(loom)]
 use loom::sync::{
@@ -43,6 +70,7 @@ use std::sync::{
     Condvar, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
 
+use std::collections::VecDeque;
 use std::ops::Range;
 
 /// An object's sequence count. Changed only under the exclusive notifier lock.
@@ -116,8 +144,9 @@ impl<T> Notifier<T> {
         }
     }
 
-    /// Step 1 of the read side: snapshot `epoch`, then wait until no window overlaps
-    /// `range`. Returns the snapshot and whether it had to wait.
+    /// The read side for an object that exists before it is pinned: snapshot `epoch`,
+    /// then wait until no window overlaps `range`. Returns the snapshot and whether it
+    /// had to wait. (Not used by the registry: see the module docs.)
     pub fn read_begin(&self, range: &Range<u64>, epoch: &Epoch) -> (u64, bool) {
         // Snapshot first, then wait: the other order lets a whole exclusive section
         // (window opened, epoch bumped) slip between the window check and the
@@ -146,8 +175,8 @@ impl<T> Notifier<T> {
         w.active.iter().any(|x| overlaps(&x.range, range))
     }
 
-    /// Step 4 of the read side: whether the object was invalidated since `seq`
-    /// (retry if true). Caller holds the shared guard.
+    /// Whether the object was invalidated since its epoch read `seq` (retry if true).
+    /// Caller holds the shared guard, and attaches its fence before releasing it.
     pub fn read_retry(&self, _held: &ReadGuard<'_, T>, epoch: &Epoch, seq: u64) -> bool {
         epoch.get() != seq
     }
@@ -187,5 +216,110 @@ impl<T> Notifier<T> {
             .expect("notifier windows poisoned")
             .active
             .len()
+    }
+}
+
+/// Invalidation starts a default [`InvalidationLog`] remembers the ranges of.
+pub const LOG_LEN: usize = 4096;
+
+/// The generation count of invalidation starts and the ranges of the most recent
+/// ones: what a fresh pin is checked against (steps 1 and 4 of the miss path in the
+/// module docs). It lives in the data the notifier lock protects, so `record` runs
+/// under the exclusive side (it takes `&mut self`), `generation` under either side.
+///
+/// Why a pin reads the generation *before* waiting for windows: the other order lets a
+/// whole invalidation start (window opened, range recorded) slip between the wait and
+/// the read; the pin, taken before the address-space change, would then not be newer
+/// than anything in the log and be installed stale. In this order, an invalidation
+/// recorded after the read is in the log, and one recorded before it had opened its
+/// window before it, so the wait covers it.
+#[derive(Clone, Debug)]
+pub struct InvalidationLog {
+    /// Invalidations recorded so far (the generation).
+    seq: u64,
+    /// `(generation, range)` of the most recent ones, oldest first.
+    log: VecDeque<(u64, Range<u64>)>,
+    cap: usize,
+}
+
+impl Default for InvalidationLog {
+    fn default() -> Self {
+        InvalidationLog::with_capacity(LOG_LEN)
+    }
+}
+
+impl InvalidationLog {
+    /// A log remembering the ranges of the last `cap` invalidations (at least one).
+    pub fn with_capacity(cap: usize) -> InvalidationLog {
+        InvalidationLog {
+            seq: 0,
+            log: VecDeque::new(),
+            cap: cap.max(1),
+        }
+    }
+
+    /// The generation now: how many invalidations were recorded.
+    pub fn generation(&self) -> u64 {
+        self.seq
+    }
+
+    /// Record an invalidation of `range` starting (under the exclusive lock, in the
+    /// same section that removes the objects it hits). Returns its generation.
+    pub fn record(&mut self, range: Range<u64>) -> u64 {
+        self.seq += 1;
+        self.log.push_back((self.seq, range));
+        if self.log.len() > self.cap {
+            self.log.pop_front();
+        }
+        self.seq
+    }
+
+    /// Whether an invalidation recorded after generation `gen` overlaps `r`. True as
+    /// well when `gen` is older than the log remembers (assume the worst).
+    pub fn invalidated_since(&self, gen: u64, r: &Range<u64>) -> bool {
+        if gen < self.seq.saturating_sub(self.log.len() as u64) {
+            return true; // too old to tell
+        }
+        self.log
+            .iter()
+            .rev()
+            .take_while(|(s, _)| *s > gen)
+            .any(|(_, x)| overlaps(x, r))
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::InvalidationLog;
+
+    #[test]
+    fn log_reports_overlapping_invalidations_after_gen() {
+        let mut l = InvalidationLog::with_capacity(4);
+        let g0 = l.generation();
+        assert!(!l.invalidated_since(g0, &(0..10)));
+        l.record(20..30);
+        assert!(!l.invalidated_since(g0, &(0..10)), "disjoint");
+        assert!(l.invalidated_since(g0, &(25..26)));
+        let g1 = l.generation();
+        l.record(5..6);
+        assert!(l.invalidated_since(g0, &(0..10)));
+        assert!(l.invalidated_since(g1, &(0..10)));
+        assert!(
+            !l.invalidated_since(l.generation(), &(0..10)),
+            "nothing newer"
+        );
+        assert!(!l.invalidated_since(g1, &(20..30)), "recorded before g1");
+    }
+
+    #[test]
+    fn log_assumes_the_worst_when_gen_is_too_old() {
+        let mut l = InvalidationLog::with_capacity(2);
+        let g0 = l.generation();
+        for _ in 0..3 {
+            l.record(100..200);
+        }
+        // Three recorded, two remembered: whatever came right after g0 is forgotten.
+        assert!(l.invalidated_since(g0, &(0..10)));
+        assert!(!l.invalidated_since(g0 + 1, &(0..10)));
     }
 }
