@@ -7,6 +7,7 @@ mod common;
 
 use common::{is_child, run_child, Anon, PinCheck};
 use std::time::Duration;
+use userptr::proc_status::pinned_bytes;
 use userptr::ring::DescriptorError;
 use userptr::{
     AccessKind, Backpressure, Descriptor, Driver, Error, Perm, ReferenceConfig, Status,
@@ -162,6 +163,58 @@ fn mapping_count_limit_and_size_limit_are_errors() {
         .map(0x4000_0000, buf.addr as u64, 2 << 30, Perm::READ)
         .unwrap_err();
     assert!(matches!(e, Error::MappingTooLarge { .. }), "{e}");
+    drop(drv);
+    pins.check();
+}
+
+#[test]
+fn an_iova_outside_the_domain_ranges_is_refused() {
+    let pins = PinCheck::start();
+    let (lo, hi) = (0x10_0000, 0x10_0000 + 16 * 4096);
+    let drv = small_device(64, lo..hi);
+    let buf = Anon::new(4 * 4096);
+    let host = buf.addr as u64;
+    let d = drv.domain();
+    for (iova, len) in [
+        (hi, 4096),             // just above
+        (lo - 4096, 4096),      // just below
+        (hi - 4096, 8192),      // runs off the end
+        (lo - 4096, 8192),      // starts below, ends inside
+        (0x7_0000_0000, 16384), // far away
+    ] {
+        let e = d.map(iova, host, len, Perm::READ_WRITE).unwrap_err();
+        assert!(
+            matches!(e, Error::IovaOutOfRange { iova: i, len: l } if (i, l) == (iova, len)),
+            "{iova:#x} + {len:#x}: {e}"
+        );
+    }
+    assert_eq!(d.mappings(), 0, "refused maps leave no mapping behind");
+    // The edges themselves are inside.
+    for iova in [lo, hi - 4096] {
+        d.map(iova, host, 4096, Perm::READ_WRITE).unwrap();
+        d.unmap(iova, 4096).unwrap();
+    }
+    drop(drv);
+    pins.check();
+}
+
+/// Positive control for every `PinCheck` here: `VmPin` does see the reference
+/// device's pins (a check that could never move would prove nothing).
+#[test]
+fn vm_pin_counts_a_live_mapping_and_drops_with_it() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let base = pinned_bytes().unwrap();
+    let buf = Anon::new(4 << 20);
+    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let live = pinned_bytes().unwrap();
+    assert!(
+        live >= base + buf.len as u64,
+        "VmPin {base} -> {live} with {} bytes mapped",
+        buf.len
+    );
+    drop(m);
+    assert_eq!(pinned_bytes().unwrap(), base, "VmPin returns after drop");
     drop(drv);
     pins.check();
 }
@@ -362,16 +415,27 @@ fn pin_limit_child() {
             assert_eq!(libc::setuid(65534), 0);
         }
     }
+    let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
+    let base = pinned_bytes().unwrap();
     let buf = Anon::new(4 << 20);
     let e = drv
         .map_user(buf.addr, 4 << 20, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinLimit { .. }), "{e}");
     assert!(e.to_string().contains("RLIMIT_MEMLOCK"));
-    // Within the budget it works.
+    assert_eq!(
+        pinned_bytes().unwrap(),
+        base,
+        "the failed pin left pages pinned"
+    );
+    // Within the budget it works, and the pin is released with the mapping.
     let m = drv.map_user(buf.addr, 256 << 10, Perm::READ_WRITE).unwrap();
+    assert!(pinned_bytes().unwrap() >= base + (256 << 10));
     drop(m);
+    assert_eq!(pinned_bytes().unwrap(), base);
+    drop(drv);
+    pins.check();
     println!("PinLimit ok: {e}");
 }
 
@@ -415,6 +479,7 @@ fn io_uring_blocked_child() {
         stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
         stmt(ret, libc::SECCOMP_RET_ALLOW),
     ];
+    let pins = PinCheck::start();
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut _,
@@ -435,6 +500,8 @@ fn io_uring_blocked_child() {
     assert!(matches!(e, Error::IoUringUnavailable { .. }), "{e}");
     let msg = e.to_string();
     assert!(msg.contains("seccomp") && msg.contains("io_uring"), "{msg}");
+    // The failed creation left nothing pinned (ring or device memory, say).
+    pins.check();
     println!("unavailable ok: {msg}");
 }
 

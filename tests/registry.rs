@@ -7,8 +7,9 @@ mod common;
 
 use common::{Anon, PinCheck};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use userptr::proc_status::pinned_bytes;
 use userptr::{
     Cause, CommandQueue, Descriptor, Driver, Error, Perm, Registry, RegistryConfig, Status,
     Userptr, WaitMode,
@@ -330,7 +331,217 @@ fn no_new_mapping_is_established_inside_an_invalidation_window() {
         assert_eq!(fill(&reg, &q, &u, 0x66), Status::Ok);
     });
     assert!(buf.read().iter().all(|&b| b == 0x66));
-    assert!(reg.stats().window_waits >= 1);
+    let s = reg.stats();
+    assert!(s.window_waits >= 1, "{s}");
+    assert!(s.window_wait_ns > 0, "the window wait was not timed: {s}");
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn concurrent_invalidations_of_disjoint_ranges_do_not_serialise() {
+    let pins = PinCheck::start();
+    // A fence timeout far beyond the test: A's invalidation cannot give up and reset
+    // the device on its own, it returns only once the device is resumed.
+    let (drv, q, reg) = setup(RegistryConfig {
+        fence_timeout: Duration::from_secs(600),
+        ..Default::default()
+    });
+    let (a, b) = (Anon::new(MIB), Anon::new(MIB));
+    let range = |x: &Anon| x.addr as u64..(x.addr + x.len) as u64;
+    let ua = reg.register(a.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ub = reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!(reg.mappings(), 2, "two separate regions");
+    drv.set_enabled(false);
+    let f = reg
+        .submit(&q, &[&ua], |i| {
+            vec![Descriptor::fill(i[0], MIB as u64, 0x5a)]
+        })
+        .unwrap();
+    let a_returned = AtomicBool::new(false);
+    let r = &reg;
+    std::thread::scope(|s| {
+        let ha = s.spawn(|| {
+            r.invalidate(range(&a), Cause::Discard).unwrap();
+            a_returned.store(true, Ordering::SeqCst);
+        });
+        // A is waiting for the paused device once it counted its fence wait.
+        let deadline = Instant::now() + T;
+        while reg.stats().fence_waits == 0 {
+            assert!(Instant::now() < deadline, "A's invalidation never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!a_returned.load(Ordering::SeqCst));
+        // B, disjoint and with no work in flight, must finish while A still waits.
+        // (It runs on its own thread so that a B stuck behind A fails the test after
+        // the bound below instead of hanging it.)
+        let (tx, rx) = mpsc::channel();
+        let br = range(&b);
+        s.spawn(move || {
+            r.invalidate(br, Cause::Unmap).unwrap();
+            tx.send(()).unwrap();
+        });
+        let b_returned = rx.recv_timeout(T).is_ok();
+        let a_still_waiting = !a_returned.load(Ordering::SeqCst);
+        let after_b = reg.stats();
+        drv.set_enabled(true);
+        assert!(b_returned, "B's invalidation waited for A's in-flight work");
+        assert!(
+            a_still_waiting,
+            "A returned while its device work was paused"
+        );
+        assert_eq!(
+            after_b.unpins, 1,
+            "B's region was unmapped, A's not yet: {after_b}"
+        );
+        assert_eq!(after_b.fence_waits, 1, "B waited for no fence: {after_b}");
+        ha.join().unwrap();
+    });
+    assert_eq!(
+        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
+    assert!(a.read().iter().all(|&x| x == 0x5a));
+    let s = reg.stats();
+    assert_eq!((s.unpins, reg.mappings()), (2, 0), "{s}");
+    for (u, x, byte) in [(&ua, &a, 1u8), (&ub, &b, 2)] {
+        assert_eq!(fill(&reg, &q, u, byte), Status::Ok);
+        assert!(x.read().iter().all(|&v| v == byte));
+    }
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn release_tears_regions_down_and_registrations_repin_on_next_use() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    // VmPin with the driver's own ring memory pinned, no registry region yet.
+    let base = pinned_bytes().unwrap();
+    let (a, b) = (Anon::new(2 * MIB), Anon::new(MIB));
+    let ua = reg.register(a.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
+    let ub = reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ub_ro = reg.register(b.addr, MIB, Perm::READ).unwrap();
+    assert_eq!(fill(&reg, &q, &ua, 1), Status::Ok);
+    assert_eq!(fill(&reg, &q, &ub, 2), Status::Ok);
+    assert_eq!(reg.mappings(), 3);
+    assert!(pinned_bytes().unwrap() >= base + 4 * MIB as u64);
+
+    // Releasing a range drops every region over it, of every permission, and
+    // nothing else.
+    reg.invalidate(b.addr as u64..(b.addr + MIB) as u64, Cause::Release)
+        .unwrap();
+    let s = reg.stats();
+    assert_eq!(s.invalidations[5], 1, "{s}");
+    assert_eq!((s.unpins, reg.mappings()), (2, 1), "{s}");
+    assert_eq!(reg.pinned_bytes(), 2 * MIB as u64);
+
+    // Teardown releases everything: no region, no pin left, with the registry alive.
+    reg.clear().unwrap();
+    let s = reg.stats();
+    assert_eq!(s.invalidations[5], 2, "{s}");
+    assert_eq!((reg.mappings(), reg.pinned_bytes()), (0, 0), "{s}");
+    assert!(reg.regions().is_empty());
+    assert_eq!(
+        pinned_bytes().unwrap(),
+        base,
+        "VmPin back to the driver's own"
+    );
+
+    // The registrations stay valid: their next use pins again, and the device
+    // reaches the memory the process sees.
+    let pins_before = s.pins;
+    assert_eq!(fill(&reg, &q, &ua, 3), Status::Ok);
+    assert_eq!(fill(&reg, &q, &ub, 4), Status::Ok);
+    assert_eq!(fill(&reg, &q, &ub_ro, 5), Status::DmaFault);
+    assert!(a.read().iter().all(|&x| x == 3));
+    assert!(b.read().iter().all(|&x| x == 4));
+    assert_eq!(reg.stats().pins, pins_before + 3);
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn non_destructive_madvise_costs_nothing() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(2 * MIB);
+    let range = buf.addr as u64..(buf.addr + 2 * MIB) as u64;
+    let u = reg.register(buf.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
+    let before = reg.stats();
+    let regions = reg.regions();
+    let vm_pin = pinned_bytes().unwrap();
+    let validate = userptr::driver::registry::validate::available();
+    let pfns = || userptr::driver::registry::validate::pfns(range.start, range.end).unwrap();
+    let pfns_before = validate.then(pfns);
+    // Only MADV_DONTNEED, MADV_FREE and MADV_REMOVE are discards (Cause::Discard); the
+    // monitors let every other advice through with no invalidation at all. So nobody
+    // tells the registry here, and the pinned pages must still be the process's.
+    for advice in [
+        libc::MADV_WILLNEED,
+        libc::MADV_SEQUENTIAL,
+        libc::MADV_RANDOM,
+        libc::MADV_COLD,
+        libc::MADV_NORMAL,
+    ] {
+        buf.madvise(advice);
+        let byte = 0x40 + advice as u8;
+        assert_eq!(fill(&reg, &q, &u, byte), Status::Ok);
+        assert!(
+            buf.read().iter().all(|&x| x == byte),
+            "after advice {advice} the device wrote pages the process no longer maps"
+        );
+    }
+    let after = reg.stats();
+    assert_eq!(
+        (after.pins, after.unpins, after.misses, after.retries),
+        (before.pins, before.unpins, before.misses, before.retries),
+        "{after}"
+    );
+    assert_eq!(after.invalidations, before.invalidations);
+    assert_eq!(reg.regions(), regions, "same region, same IOVA");
+    assert_eq!(pinned_bytes().unwrap(), vm_pin, "VmPin unchanged");
+    if let Some(p) = pfns_before {
+        assert_eq!(pfns(), p, "the same physical pages");
+    }
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn large_mappings_get_iovas_congruent_to_the_host_address_modulo_2mib() {
+    const HUGE: u64 = 2 << 20;
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(8 * MIB);
+    // Distinct host phases modulo 2 MiB, each mapping at least 2 MiB (the first exactly).
+    for (off, len) in [
+        (0x5000, 2 * MIB),
+        (0x13_3000, 2 * MIB + 4096),
+        (3 * MIB / 2 + 0x1000, 3 * MIB),
+    ] {
+        let host = (buf.addr + off) as u64;
+        let m = drv.map_user(buf.addr + off, len, Perm::READ_WRITE).unwrap();
+        assert_eq!(
+            m.iova() % HUGE,
+            host % HUGE,
+            "IOVA {:#x} for host {host:#x}",
+            m.iova()
+        );
+    }
+    // The registry's regions are placed the same way.
+    let u = reg
+        .register(buf.addr + 0x7000, 3 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    let r = reg.regions();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].iova % HUGE, r[0].range.start % HUGE, "{r:?}");
+    assert_eq!(reg.iova(&u).unwrap() % HUGE, u.addr() % HUGE);
+    assert_eq!(fill(&reg, &q, &u, 0x21), Status::Ok);
+    assert!(buf.read()[0x7000..0x7000 + 3 * MIB]
+        .iter()
+        .all(|&x| x == 0x21));
     drop((q, reg));
     pins.check();
 }

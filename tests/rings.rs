@@ -5,7 +5,9 @@ mod common;
 
 use common::{Anon, PinCheck};
 use std::time::Duration;
-use userptr::{Backpressure, Descriptor, Driver, Flags, Perm, Status, WaitMode};
+use userptr::{
+    Backpressure, CommandQueue, Completion, Descriptor, Driver, Flags, Perm, Status, WaitMode,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -96,23 +98,70 @@ fn completions_arrive_in_order_with_monotonic_fences_in_both_wait_modes() {
     pins.check();
 }
 
+/// Submit `desc` with the device paused, then wait for it blocking while another
+/// thread resumes the device, so that the wait starts before the completion exists.
+/// Returns the completion and the eventfd wake-ups the wait counted.
+fn paused_blocking_wait(drv: &Driver, q: &CommandQueue, desc: Descriptor) -> (Completion, u64) {
+    drv.set_enabled(false);
+    let f = q.submit(desc, Backpressure::Wait).unwrap();
+    let before = q.irq_wakeups();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(20));
+            drv.set_enabled(true);
+        });
+        let c = q.wait(f, WaitMode::Block, T).unwrap();
+        (c, q.irq_wakeups() - before)
+    })
+}
+
 #[test]
 fn blocking_wait_sleeps_on_the_ring_eventfd() {
+    use userptr::driver::regs::IRQ_MASK;
+    const RING: u32 = 2;
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
-    let q = drv.queue(2, 8).unwrap();
-    let buf = Anon::new(64 << 20);
+    let q = drv.queue(RING, 8).unwrap();
+    let buf = Anon::new(8 << 20);
     let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
-    // A long command, so the waiter really sleeps.
-    let f = q
-        .submit(
-            Descriptor::fill(m.iova(), m.len(), 3).with_flags(Flags::INTERRUPT),
-            Backpressure::Wait,
-        )
-        .unwrap();
-    let c = q.wait(f, WaitMode::Block, T).unwrap();
+    let dev = drv.device().unwrap();
+    let mask = dev.read32(IRQ_MASK);
+    assert_ne!(mask & 1 << RING, 0, "an open queue's interrupt is enabled");
+
+    // Control: with the ring's interrupt masked and no INTERRUPT flag the device does
+    // not signal. The wait still completes (its safety slice re-checks), but counts no
+    // eventfd wake-up: the counter sees only the device's signals.
+    dev.write32(IRQ_MASK, mask & !(1 << RING));
+    let (c, woke) = paused_blocking_wait(&drv, &q, Descriptor::fill(m.iova(), m.len(), 1));
     assert_eq!(c.status, Status::Ok);
-    assert!(buf.read().iter().all(|&b| b == 3));
+    assert_eq!(woke, 0, "no interrupt, yet an eventfd wake-up was counted");
+
+    // Masked, but the command asks for an interrupt; then unmasked, every batch
+    // signals. Either way the blocked waiter must be woken through the eventfd. (A
+    // wait that finds its completion on its first check reads no eventfd: a few
+    // tries, in case the resumer thread outran the waiter; a device that does not
+    // signal fails every one.)
+    for (irq_mask, flags) in [
+        (mask & !(1 << RING), Flags::INTERRUPT),
+        (mask, Flags::default()),
+    ] {
+        dev.write32(IRQ_MASK, irq_mask);
+        let mut woke = 0;
+        for byte in 2..7u8 {
+            let desc = Descriptor::fill(m.iova(), m.len(), byte).with_flags(flags);
+            let (c, w) = paused_blocking_wait(&drv, &q, desc);
+            assert_eq!(c.status, Status::Ok);
+            assert!(buf.read().iter().all(|&b| b == byte));
+            woke = w;
+            if woke > 0 {
+                break;
+            }
+        }
+        assert!(
+            woke > 0,
+            "the completion ({flags:?}, IRQ_MASK {irq_mask:#x}) was not signalled through the eventfd"
+        );
+    }
     drop((m, q, drv));
     pins.check();
 }

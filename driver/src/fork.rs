@@ -27,7 +27,10 @@ extern "C" fn in_child() {
     FORKED_CHILD.store(true, Ordering::Relaxed);
 }
 
-/// Install the atfork handler (once per process).
+/// Install the atfork handler (once per process). Every domain constructor (the
+/// reference device's io_uring domain, [`crate::vfio::VfioDomain::new`]) and
+/// [`crate::registry::Registry::new`] call it, so [`in_forked_child`] holds whatever
+/// domain the driver runs on.
 pub fn install() {
     INSTALL.call_once(|| {
         // SAFETY: registers a plain extern "C" function with no captured state; it only

@@ -128,6 +128,8 @@ pub struct QueueCore {
     timeout_ms: AtomicU64,
     /// Set when the owning CommandQueue is dropped (the ring is disabled).
     closed: AtomicBool,
+    /// Blocking-wait wake-ups that found the eventfd signalled (see `irq_wakeups`).
+    irq_wakeups: AtomicU64,
 }
 
 impl std::fmt::Debug for CommandQueue {
@@ -193,6 +195,7 @@ impl CommandQueue {
             ),
             timeout_ms: AtomicU64::new(30_000),
             closed: AtomicBool::new(false),
+            irq_wakeups: AtomicU64::new(0),
         };
         // From here on, Drop undoes whatever was done.
         let q = CommandQueue { core: Arc::new(q) };
@@ -275,6 +278,15 @@ impl QueueCore {
         let mut st = self.lock();
         let _ = self.reap(&mut st);
         st.in_flight
+    }
+
+    /// How many times a blocking wait ([`WaitMode::Block`]) on this queue found the
+    /// ring's eventfd signalled by the device: the wake-ups that came from the
+    /// interrupt, not from the waiter's safety time slice (which reads the eventfd
+    /// empty). For tests and diagnostics: a device that never signals leaves it at 0.
+    pub fn irq_wakeups(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.irq_wakeups.load(Ordering::Relaxed)
     }
 
     /// The last seqno the device wrote into the fence word (a hint: see module doc).
@@ -492,7 +504,13 @@ impl QueueCore {
                     };
                     let _ = rustix::event::poll(&mut fds, Some(&ts));
                     let mut buf = [0u8; 8];
-                    let _ = rustix::io::read(&*self.eventfd, &mut buf);
+                    // The read succeeds only if the device signalled since the last
+                    // read (a nonzero counter); a slice that merely ran out, or a
+                    // waiter beaten to the signal by another, reads EAGAIN.
+                    if let Ok(8) = rustix::io::read(&*self.eventfd, &mut buf) {
+                        // Relaxed: a statistic.
+                        self.irq_wakeups.fetch_add(1, Ordering::Relaxed);
+                    }
                     self.dev().write32(regs::IRQ_STATUS, 1 << self.ring);
                 }
             }

@@ -69,6 +69,7 @@ counters! {
     pin_retries: "Pin attempts retried after the kernel refused (EAGAIN, or ENOMEM after an eviction).",
     pin_failures: "Pin attempts that failed for good (the error went to the caller).",
     validation_failures: "Cache hits whose pages no longer matched (validation mode).",
+    window_wait_ns: "Time pins spent waiting for invalidation windows to close, in ns.",
 }
 
 impl Stats {

@@ -84,6 +84,7 @@ impl std::fmt::Debug for VfioDomain {
 impl VfioDomain {
     /// Open `/dev/vfio/vfio` and check for the type1v2 IOMMU.
     pub fn new() -> Result<Arc<VfioDomain>> {
+        crate::fork::install();
         let container = VfioContainer::new(None).map_err(|e| {
             let op = match e {
                 vfio_ioctls::VfioError::OpenContainer(_) => "open container",
