@@ -30,6 +30,53 @@ fn demo_verifies_and_says_so_on_its_last_line() {
 }
 
 #[test]
+fn demo_stats_prints_every_registry_counter() {
+    let (ok, out, err) = userptr(&["demo", "--elements", "65536", "--stats"]);
+    assert!(ok, "demo --stats failed:\n{out}\n{err}");
+    let value = |name: &str| -> u64 {
+        out.lines()
+            .find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
+            })
+            .unwrap_or_else(|| panic!("no counter {name} in:\n{out}"))
+    };
+    for name in [
+        "registrations",
+        "hits",
+        "misses",
+        "pins",
+        "pinned_bytes",
+        "unpins",
+        "unpinned_bytes",
+        "merges",
+        "splits",
+        "retries",
+        "window_waits",
+        "fence_waits",
+        "wait_ns",
+        "window_wait_ns",
+        "device_resets",
+        "evictions",
+        "pin_retries",
+        "pin_failures",
+        "validation_failures",
+        "invalidations_unmap",
+        "invalidations_discard",
+        "invalidations_remap",
+        "invalidations_protect",
+        "invalidations_fork",
+        "invalidations_release",
+    ] {
+        value(name);
+    }
+    // The demo's own work, counted: its buffers registered and pinned once, then hit.
+    assert!(value("registrations") >= 3 && value("pins") >= 3, "{out}");
+    assert!(value("hits") > value("misses"), "{out}");
+    assert!(value("pinned_bytes") >= 3 * 65536 * 4, "{out}");
+}
+
+#[test]
 fn bench_writes_the_contract_names_as_json() {
     let path = std::env::temp_dir().join(format!("userptr-bench-{}.json", std::process::id()));
     let p = path.to_str().unwrap();
