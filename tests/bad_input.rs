@@ -434,6 +434,16 @@ fn pin_limit_child() {
     assert!(pinned_bytes().unwrap() >= base + (256 << 10));
     drop(m);
     assert_eq!(pinned_bytes().unwrap(), base);
+    // The registry's default pin budget is this RLIMIT_MEMLOCK (no CAP_IPC_LOCK now),
+    // and a request over it is refused with a clear error before the kernel is asked.
+    let reg = userptr::Registry::new(drv.clone(), userptr::RegistryConfig::default());
+    assert_eq!(reg.budget(), 1 << 20);
+    let e = reg
+        .register(buf.addr, 4 << 20, Perm::READ_WRITE)
+        .unwrap_err();
+    assert!(matches!(e, Error::PinBudget { .. }), "{e}");
+    assert_eq!(reg.stats().pin_failures, 0, "refused before pinning");
+    drop(reg);
     drop(drv);
     pins.check();
     println!("PinLimit ok: {e}");

@@ -792,3 +792,49 @@ fn an_enomem_pin_failure_evicts_idle_regions_and_retries() {
     drop((u, q, reg, drv));
     pins.check();
 }
+
+#[test]
+fn the_default_pin_budget_follows_rlimit_memlock_or_ram() {
+    // (The RLIMIT_MEMLOCK case, without CAP_IPC_LOCK, runs as nobody in
+    // tests/bad_input.rs `pin_limit_child`.)
+    let (_drv, _q, reg) = setup(RegistryConfig::default());
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|h| u64::from_str_radix(h.trim(), 16).unwrap())
+        .unwrap();
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads this process's limit into a local.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) },
+        0
+    );
+    // SAFETY: fills a local struct.
+    let ram = unsafe {
+        let mut si: libc::sysinfo = std::mem::zeroed();
+        assert_eq!(libc::sysinfo(&mut si), 0);
+        si.totalram as u64 * si.mem_unit as u64
+    };
+    if caps & (1 << 14) != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        // CAP_IPC_LOCK or no limit: a quarter of RAM (or the limit, if larger and
+        // below RAM).
+        assert_eq!(reg.budget(), (ram / 4).max(lim.rlim_cur.min(ram)));
+    } else {
+        assert_eq!(reg.budget(), lim.rlim_cur);
+    }
+    // A request larger than the budget is refused with a clear error.
+    let cfg = RegistryConfig {
+        pin_budget: Some(MIB as u64),
+        ..Default::default()
+    };
+    let (_drv2, _q2, small) = setup(cfg);
+    let buf = Anon::new(2 * MIB);
+    let e = small
+        .register(buf.addr, 2 * MIB, Perm::READ_WRITE)
+        .unwrap_err();
+    assert!(matches!(e, Error::PinBudget { .. }), "{e}");
+}
