@@ -22,6 +22,8 @@ struct Inner {
     domain: Arc<dyn IommuDomain>,
     iova: Mutex<IovaAllocator>,
     irq_mask: Mutex<()>,
+    /// Serialises read-modify-writes of CONTROL (pause/resume against a reset).
+    control: Mutex<()>,
 }
 
 /// A driver instance bound to one device. Cheap to clone (shared).
@@ -65,6 +67,7 @@ impl Driver {
                 domain,
                 iova: Mutex::new(iova),
                 irq_mask: Mutex::new(()),
+                control: Mutex::new(()),
             }),
         }
     }
@@ -184,6 +187,7 @@ impl Driver {
     /// next one.
     pub fn set_enabled(&self, on: bool) {
         let Some(dev) = self.device() else { return };
+        let _g = self.inner.control.lock().expect("control lock poisoned");
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
     }
 
@@ -191,8 +195,12 @@ impl Driver {
     /// Waits up to `timeout` for the reset to finish.
     pub fn reset(&self, timeout: std::time::Duration) -> Result<()> {
         let dev = self.ring_device()?;
-        let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
-        dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
+        {
+            // A pause or resume between the read and the write would be undone by it.
+            let _g = self.inner.control.lock().expect("control lock poisoned");
+            let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
+            dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
+        }
         let deadline = std::time::Instant::now() + timeout;
         while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
             if std::time::Instant::now() > deadline {
