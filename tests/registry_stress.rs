@@ -1,30 +1,56 @@
-//! Stress: submitter threads FILL random ranges of one buffer through the registry
-//! while invalidator threads discard (`MADV_DONTNEED`) or replace (`mmap(MAP_FIXED)`)
-//! random overlapping ranges, telling the registry first, as a monitor would. Every
-//! completed command is checked: each page it filled must show its byte, unless that
-//! page was discarded after the command was submitted. A page that shows zero without
-//! such a discard is a device write lost to a stale pin: a violation.
+//! Stress: submitter threads write one buffer through the registry while invalidator
+//! threads discard (`MADV_DONTNEED`) or replace (`mmap(MAP_FIXED)`) random overlapping
+//! page ranges of it, telling the registry first, as a monitor would.
+//!
+//! The buffer is cut into slots; slot `s` belongs to submitter `s % SUBMITTERS`, the
+//! only one whose commands write it. A submitter's registrations, though, reach over
+//! its neighbours' slots (up to two slots either side, at unaligned byte boundaries,
+//! read-write or write-only), so the submitters register, miss, pin, merge and retire
+//! overlapping regions concurrently, and their in-flight commands use regions other
+//! submitters' merges retire. Each command FILLs its owned slots with a byte, or COPYs
+//! into them from a constant source buffer (a read registration at a random byte
+//! offset; invalidators also release random ranges of it, which leaves its bytes as
+//! they are). Every completed command is checked byte for byte, every byte of every
+//! slot it wrote: a byte must be the one the command wrote, or zero if a discard or
+//! replacement of its page *started* after the command was prepared (its count is
+//! snapshotted before the registration). Any other byte is a device write lost to a
+//! stale pin, or a write where none belongs: a violation. Because one slot has one
+//! writer, nobody else's command can explain a byte.
 //!
 //! The same run with the invalidators *not* telling the registry must find violations:
 //! that proves the checker can see the bug the registry prevents. A watchdog aborts the
-//! process on a deadlock; pins must be back to zero at the end.
+//! process on a deadlock; the registry's pins and `VmPin` must be back at the start.
 
 mod common;
 
 use common::{Anon, PinCheck};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userptr::{Cause, Descriptor, Driver, Perm, Registry, RegistryConfig, Status, WaitMode};
 
 const SLOTS: usize = 32;
 const SLOT: usize = 64 << 10;
-const PAGES_PER_SLOT: usize = SLOT / 4096;
+const PAGE: usize = 4096;
+const PAGES_PER_SLOT: usize = SLOT / PAGE;
+const SUBMITTERS: usize = 3;
+/// The COPY source: constant, never zero (a zero byte in a slot means "discarded").
+const SRC_LEN: usize = 4 * SLOT;
 
+/// The source byte at offset `i`: position-dependent, so that a copy from the wrong
+/// offset shows; high bit set, so never zero and never a FILL byte (1..=0x7f).
+fn pattern(i: usize) -> u8 {
+    0x80 | ((i as u32).wrapping_mul(0x9e37_79b1) >> 25) as u8
+}
+
+#[derive(Default)]
 struct Outcome {
-    commands: u64,
-    invalidations: u64,
-    violations: u64,
+    fills: AtomicU64,
+    copies: AtomicU64,
+    checked_bytes: AtomicU64,
+    invalidations: AtomicU64,
+    source_releases: AtomicU64,
+    violations: AtomicU64,
 }
 
 /// A small xorshift, so the test needs no RNG crate and each thread differs.
@@ -36,82 +62,170 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn range(&mut self, max: usize) -> (usize, usize) {
-        let a = self.next() as usize % max;
-        let len = 1 + self.next() as usize % 4;
-        (a, (a + len).min(max))
+    fn below(&mut self, n: usize) -> usize {
+        self.next() as usize % n
     }
+}
+
+/// Compare the page at `addr` with `expect` (one page). Returns `None` when they are
+/// equal, else whether every differing byte is zero (what a discard leaves).
+fn compare_page(addr: usize, expect: &[u8]) -> Option<bool> {
+    let mut equal = true;
+    let mut zeros = true;
+    for (w, e) in expect.chunks_exact(8).enumerate() {
+        // SAFETY: the buffer stays mapped (MAP_FIXED replaces, never unmaps) and the
+        // slot is written by no device command now (only its owner's, which has
+        // completed); a read races only the invalidators' zapping, which is what is
+        // being checked.
+        let got = unsafe { std::ptr::read_volatile((addr + w * 8) as *const u64) };
+        let want = u64::from_ne_bytes(e.try_into().unwrap());
+        if got != want {
+            equal = false;
+            for (g, e) in got.to_ne_bytes().iter().zip(e) {
+                if g != e && *g != 0 {
+                    zeros = false;
+                }
+            }
+        }
+    }
+    (!equal).then_some(zeros)
 }
 
 fn run(protect: bool, seconds: f64) -> Outcome {
     let drv = Driver::reference().unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let buf = Anon::new(SLOTS * SLOT);
-    let base = buf.addr;
-    let discards: Arc<Vec<AtomicU64>> = Arc::new(
-        (0..SLOTS * PAGES_PER_SLOT)
-            .map(|_| AtomicU64::new(0))
-            .collect(),
-    );
-    let slot_locks: Arc<Vec<Mutex<()>>> = Arc::new((0..SLOTS).map(|_| Mutex::new(())).collect());
+    let src = Anon::new(SRC_LEN);
+    let source: Vec<u8> = (0..SRC_LEN).map(pattern).collect();
+    // SAFETY: `src` is mapped read-write for SRC_LEN bytes and nothing else uses it yet.
+    unsafe { std::ptr::copy_nonoverlapping(source.as_ptr(), src.addr as *mut u8, SRC_LEN) };
+    let (base, src_base) = (buf.addr, src.addr);
+    // Per page of `buf`: discards and replacements started so far.
+    let discards: Vec<AtomicU64> = (0..SLOTS * PAGES_PER_SLOT)
+        .map(|_| AtomicU64::new(0))
+        .collect();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
-    let commands = AtomicU64::new(0);
-    let invalidations = AtomicU64::new(0);
-    let violations = AtomicU64::new(0);
+    let out = Outcome::default();
 
     std::thread::scope(|s| {
-        for t in 0..2u32 {
-            let q = drv.queue(t, 16).unwrap();
-            let (reg, discards, slot_locks) = (&reg, discards.clone(), slot_locks.clone());
-            let (commands, violations) = (&commands, &violations);
+        for t in 0..SUBMITTERS {
+            let q = drv.queue(t as u32, 16).unwrap();
+            let (reg, discards, source, out) = (&reg, &discards, &source, &out);
             s.spawn(move || {
                 let mut rng = Rng(0x9e37_79b9 + t as u64);
+                let owned = (t..SLOTS).step_by(SUBMITTERS).count();
                 let mut byte = 0u8;
                 while Instant::now() < deadline {
-                    let (a, b) = rng.range(SLOTS);
-                    let _held: Vec<_> = (a..b).map(|i| slot_locks[i].lock().unwrap()).collect();
-                    byte = byte.wrapping_add(1).max(1);
-                    let pages = a * PAGES_PER_SLOT..b * PAGES_PER_SLOT;
-                    let before: Vec<u64> = pages
-                        .clone()
-                        .map(|p| discards[p].load(Ordering::SeqCst))
+                    // A slot of ours, and a registration reaching 0..=2 slots past it
+                    // on either side, into the neighbours' slots.
+                    let o = t + SUBMITTERS * rng.below(owned);
+                    let a = o.saturating_sub(rng.below(3));
+                    let b = (o + 1 + rng.below(3)).min(SLOTS);
+                    let mine: Vec<usize> = (a..b).filter(|s| s % SUBMITTERS == t).collect();
+                    // Unaligned ends where the end slot is someone else's.
+                    let head = if a % SUBMITTERS == t {
+                        0
+                    } else {
+                        rng.below(SLOT)
+                    };
+                    let tail = if (b - 1) % SUBMITTERS == t {
+                        0
+                    } else {
+                        rng.below(SLOT)
+                    };
+                    let (start, end) = (base + a * SLOT + head, base + b * SLOT - tail);
+                    let perm = if rng.below(4) == 0 {
+                        Perm::WRITE
+                    } else {
+                        Perm::READ_WRITE
+                    };
+                    let copy = rng.below(2) == 0;
+                    let src_off = rng.below(SRC_LEN - SLOT + 1);
+                    byte = byte % 0x7f + 1;
+                    // The discard counts of the pages we check, before anything is
+                    // prepared: a discard counted later may legitimately zero a page.
+                    let before: Vec<Vec<u64>> = mine
+                        .iter()
+                        .map(|&s| {
+                            (s * PAGES_PER_SLOT..(s + 1) * PAGES_PER_SLOT)
+                                .map(|p| discards[p].load(Ordering::SeqCst))
+                                .collect()
+                        })
                         .collect();
-                    let u = reg
-                        .register(base + a * SLOT, (b - a) * SLOT, Perm::READ_WRITE)
-                        .unwrap();
-                    let len = u.len();
-                    let f = reg
-                        .submit(&q, &[&u], |i| vec![Descriptor::fill(i[0], len, byte)])
-                        .unwrap();
+                    let dst = reg.register(start, end - start, perm).unwrap();
+                    let offsets: Vec<u64> = mine
+                        .iter()
+                        .map(|&s| (base + s * SLOT - start) as u64)
+                        .collect();
+                    let f = if copy {
+                        let from = reg.register(src_base + src_off, SLOT, Perm::READ).unwrap();
+                        reg.submit(&q, &[&from, &dst], |i| {
+                            offsets
+                                .iter()
+                                .map(|&off| Descriptor::copy(i[0], i[1] + off, SLOT as u64))
+                                .collect()
+                        })
+                    } else {
+                        reg.submit(&q, &[&dst], |i| {
+                            offsets
+                                .iter()
+                                .map(|&off| Descriptor::fill(i[0] + off, SLOT as u64, byte))
+                                .collect()
+                        })
+                    }
+                    .unwrap();
                     let c = q
                         .wait(f.end, WaitMode::Poll, Duration::from_secs(30))
                         .unwrap();
                     assert_eq!(c.status, Status::Ok);
-                    commands.fetch_add(1, Ordering::Relaxed);
-                    for (k, p) in pages.enumerate() {
-                        // SAFETY: the buffer stays mapped (MAP_FIXED replaces, never
-                        // unmaps); a byte read races only the invalidators' zapping,
-                        // which is what is being checked.
-                        let first =
-                            unsafe { std::ptr::read_volatile((base + p * 4096) as *const u8) };
-                        if first != byte {
-                            let discarded = discards[p].load(Ordering::SeqCst) != before[k];
-                            if first != 0 || !discarded {
-                                violations.fetch_add(1, Ordering::Relaxed);
+                    if copy {
+                        out.copies.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        out.fills.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let fill = [byte; PAGE];
+                    for (k, &s) in mine.iter().enumerate() {
+                        for i in 0..PAGES_PER_SLOT {
+                            let expect = if copy {
+                                &source[src_off + i * PAGE..src_off + (i + 1) * PAGE]
+                            } else {
+                                &fill[..]
+                            };
+                            let p = s * PAGES_PER_SLOT + i;
+                            if let Some(only_zeros) = compare_page(base + p * PAGE, expect) {
+                                // Loaded after the page was read: a zap seen there was
+                                // counted before it happened.
+                                let discarded = discards[p].load(Ordering::SeqCst) != before[k][i];
+                                if !(only_zeros && discarded) {
+                                    out.violations.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
+                        out.checked_bytes.fetch_add(SLOT as u64, Ordering::Relaxed);
                     }
                 }
             });
         }
         for t in 0..2u64 {
-            let (reg, discards) = (&reg, discards.clone());
-            let invalidations = &invalidations;
+            let (reg, discards, out) = (&reg, &discards, &out);
             s.spawn(move || {
                 let mut rng = Rng(0x1234_5678 + t);
                 while Instant::now() < deadline {
-                    let (a, b) = rng.range(SLOTS);
-                    let (start, len) = (base + a * SLOT, (b - a) * SLOT);
+                    if rng.below(5) == 0 {
+                        // Release part of the source: its pins go, its bytes stay.
+                        if protect {
+                            let a = rng.below(SRC_LEN / PAGE);
+                            let b = (a + 1 + rng.below(SRC_LEN / PAGE)).min(SRC_LEN / PAGE);
+                            let r = (src_base + a * PAGE) as u64..(src_base + b * PAGE) as u64;
+                            reg.invalidate(r, Cause::Release).unwrap();
+                            out.source_releases.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    // Any page range up to four slots long.
+                    let a = rng.below(SLOTS * PAGES_PER_SLOT);
+                    let b = (a + 1 + rng.below(4 * PAGES_PER_SLOT)).min(SLOTS * PAGES_PER_SLOT);
+                    let (start, len) = (base + a * PAGE, (b - a) * PAGE);
                     let replace = rng.next() % 2 == 0;
                     let cause = if replace {
                         Cause::Unmap
@@ -124,8 +238,8 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                     });
                     // Counted before the change: a checker that reads a zapped page
                     // then sees the count moved.
-                    for p in a * PAGES_PER_SLOT..b * PAGES_PER_SLOT {
-                        discards[p].fetch_add(1, Ordering::SeqCst);
+                    for d in &discards[a..b] {
+                        d.fetch_add(1, Ordering::SeqCst);
                     }
                     // SAFETY: changes the test's own buffer in place; it stays mapped.
                     unsafe {
@@ -146,7 +260,7 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                     if let Some(inv) = inv {
                         reg.invalidate_end(inv);
                     }
-                    invalidations.fetch_add(1, Ordering::Relaxed);
+                    out.invalidations.fetch_add(1, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_micros(200));
                 }
             });
@@ -154,18 +268,28 @@ fn run(protect: bool, seconds: f64) -> Outcome {
     });
     let stats = reg.stats();
     eprintln!(
-        "protect={protect}: {} commands, {} invalidations, {} violations\n{stats}",
-        commands.load(Ordering::Relaxed),
-        invalidations.load(Ordering::Relaxed),
-        violations.load(Ordering::Relaxed)
+        "protect={protect}: {} fills, {} copies, {} MiB checked, {} invalidations, \
+         {} source releases, {} violations\n{stats}",
+        out.fills.load(Ordering::Relaxed),
+        out.copies.load(Ordering::Relaxed),
+        out.checked_bytes.load(Ordering::Relaxed) >> 20,
+        out.invalidations.load(Ordering::Relaxed),
+        out.source_releases.load(Ordering::Relaxed),
+        out.violations.load(Ordering::Relaxed)
+    );
+    if protect {
+        // Overlapping registrations from different threads must have merged.
+        assert!(stats.merges > 0, "no merges: the run did not exercise them");
+    }
+    reg.clear().unwrap();
+    assert_eq!(
+        (reg.pinned_bytes(), reg.mappings()),
+        (0, 0),
+        "the registry holds pins after clear"
     );
     drop(reg);
-    drop(buf);
-    Outcome {
-        commands: commands.into_inner(),
-        invalidations: invalidations.into_inner(),
-        violations: violations.into_inner(),
-    }
+    drop((buf, src));
+    out
 }
 
 fn watchdog(limit: Duration) -> Arc<AtomicBool> {
@@ -190,11 +314,17 @@ fn submitters_and_invalidators_never_see_a_stale_pin() {
     let done = watchdog(Duration::from_secs(120));
     let o = run(true, 2.0);
     done.store(true, Ordering::SeqCst);
+    let (fills, copies) = (o.fills.into_inner(), o.copies.into_inner());
     assert!(
-        o.commands > 50 && o.invalidations > 50,
+        fills > 25 && copies > 25 && o.invalidations.into_inner() > 50,
         "the run did too little to mean anything"
     );
-    assert_eq!(o.violations, 0, "device writes were lost to stale pins");
+    assert!(o.source_releases.into_inner() > 0);
+    assert_eq!(
+        o.violations.into_inner(),
+        0,
+        "device writes were lost to stale pins"
+    );
     pins.check();
 }
 
@@ -205,7 +335,7 @@ fn without_the_registry_being_told_the_checker_finds_violations() {
     let o = run(false, 1.0);
     done.store(true, Ordering::SeqCst);
     assert!(
-        o.violations > 0,
+        o.violations.into_inner() > 0,
         "the checker must see lost writes when nobody invalidates"
     );
     pins.check();
