@@ -797,7 +797,8 @@ fn an_enomem_pin_failure_evicts_idle_regions_and_retries() {
 fn the_default_pin_budget_follows_rlimit_memlock_or_ram() {
     // (The RLIMIT_MEMLOCK case, without CAP_IPC_LOCK, runs as nobody in
     // tests/bad_input.rs `pin_limit_child`.)
-    let (_drv, _q, reg) = setup(RegistryConfig::default());
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig::default());
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let caps = status
         .lines()
@@ -837,4 +838,71 @@ fn the_default_pin_budget_follows_rlimit_memlock_or_ram() {
         .register(buf.addr, 2 * MIB, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinBudget { .. }), "{e}");
+    drop((q, reg, drv, _q2, small, _drv2));
+    pins.check();
+}
+
+#[test]
+fn pieces_of_a_downgraded_region_stay_device_read_only() {
+    // Only the registry's policy is under test: the process memory itself is left
+    // writable (the registry is told of a downgrade that the kernel would otherwise
+    // also enforce at pin time), so a piece re-pinned writable would take the write.
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup(RegistryConfig::default());
+    let buf = Anon::new(MIB);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
+    reg.invalidate(
+        range.clone(),
+        Cause::Protect {
+            new_prot: libc::PROT_READ,
+        },
+    )
+    .unwrap();
+    let middle = reg
+        .register(buf.addr + MIB / 2, MIB / 4, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(fill(&reg, &q, &middle, 2), Status::DmaFault);
+
+    // A discard of the first quarter splits the region: the rest comes back, still
+    // device-read-only.
+    reg.invalidate(range.start..range.start + MIB as u64 / 4, Cause::Discard)
+        .unwrap();
+    assert!(reg.stats().splits >= 1);
+    assert_eq!(
+        fill(&reg, &q, &middle, 3),
+        Status::DmaFault,
+        "split piece writable"
+    );
+
+    // A writable registration overlapping the piece does not widen over it: its pages
+    // outside the new region stay device-read-only.
+    let head = reg
+        .register(buf.addr, MIB / 4 + 4096, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(fill(&reg, &q, &head, 4), Status::Ok);
+    assert_eq!(
+        fill(&reg, &q, &middle, 5),
+        Status::DmaFault,
+        "merged writable"
+    );
+    let b = buf.read();
+    assert!(b[..MIB / 4 + 4096].iter().all(|&x| x == 4));
+    assert!(
+        b[MIB / 4 + 4096..].iter().all(|&x| x == 1),
+        "a write landed"
+    );
+
+    // The upgrade gives write back to the device-read-only pieces inside its range.
+    reg.invalidate(
+        range.clone(),
+        Cause::Protect {
+            new_prot: libc::PROT_READ | libc::PROT_WRITE,
+        },
+    )
+    .unwrap();
+    assert_eq!(fill(&reg, &q, &middle, 6), Status::Ok);
+    drop((q, reg));
+    pins.check();
 }

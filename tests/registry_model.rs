@@ -6,18 +6,23 @@
 //!
 //! * **register** `[a, b)` with `P`: a hit (one `P` region covers every page of it)
 //!   changes nothing. A miss pins one new `P` region: the union of the registration's
-//!   pages and every live `P` region that overlaps *or touches* them (the merge probe
-//!   is one byte wider on each side), and retires those regions. The union is limited
+//!   pages and every live `P` region that is not device-read-only and overlaps *or
+//!   touches* them (the merge probe is one byte wider on each side), and retires those
+//!   regions. A device-read-only `P` region (write-protected memory) is never widened
+//!   into a writable one: if the union overlaps it, it is retired and its pages outside
+//!   the union come back as device-read-only regions. The union is limited
 //!   by the domain's mapping length and the pin budget; both are far above the test
 //!   buffer (asserted), so the union is always taken. The new region is not
 //!   device-read-only.
 //! * **invalidate** `[a, b)` (rounded out to pages), per cause:
 //!   - unmap, discard, remap, release, `mprotect` without read and write: every region
 //!     of every permission that overlaps the range is dropped; its parts outside the
-//!     range come back as new regions (split), not device-read-only;
+//!     range come back as new regions (split), device-read-only if the region was
+//!     (re-pinned writable they would hand the device write access to write-protected
+//!     memory);
 //!   - `mprotect` to read-only (write removed): a writable region wholly inside the
 //!     range becomes device-read-only in place; one that sticks out is dropped and its
-//!     outside parts come back (split); read-only regions are untouched;
+//!     outside parts come back (split, as above); read-only regions are untouched;
 //!   - `mprotect` with write: device-read-only regions wholly inside the range get
 //!     write back;
 //!   - fork: nothing.
@@ -128,6 +133,24 @@ const CAUSES: [(Cause, Action); 11] = [
     (Cause::Fork, Action::Nothing),
 ];
 
+/// The pieces of device-read-only region `r` outside pages `start..end`.
+fn ro_leftovers(r: &MRegion, start: usize, end: usize) -> Vec<MRegion> {
+    let mut v = Vec::new();
+    if r.start < start {
+        v.push(MRegion {
+            end: start,
+            ..r.clone()
+        });
+    }
+    if end < r.end {
+        v.push(MRegion {
+            start: end,
+            ..r.clone()
+        });
+    }
+    v
+}
+
 /// The naive model: a flat list of regions, searched linearly.
 #[derive(Default)]
 struct Model {
@@ -156,13 +179,25 @@ impl Model {
         let (mut start, mut end) = (want.start, want.end);
         self.regions.retain(|r| {
             // Overlapping or touching: the probe is one byte wider on each side.
-            let absorbed = r.slot == slot && r.start <= want.end && want.start <= r.end;
+            let absorbed =
+                r.slot == slot && !r.read_only && r.start <= want.end && want.start <= r.end;
             if absorbed {
                 start = start.min(r.start);
                 end = end.max(r.end);
             }
             !absorbed
         });
+        // Device-read-only regions the new one overlaps are retired, not merged; their
+        // pages outside it come back device-read-only.
+        let mut leftovers = Vec::new();
+        self.regions.retain(|r| {
+            let hit = r.slot == slot && r.read_only && r.start < end && start < r.end;
+            if hit {
+                leftovers.extend(ro_leftovers(r, start, end));
+            }
+            !hit
+        });
+        self.regions.extend(leftovers);
         self.regions.push(MRegion {
             slot,
             start,
@@ -203,18 +238,17 @@ impl Model {
                             continue;
                         }
                     }
-                    // Dropped; the parts outside the range are re-pinned, fresh.
+                    // Dropped; the parts outside the range are re-pinned, fresh,
+                    // device-read-only if the region was.
                     if r.start < range.start {
                         survivors.push(MRegion {
                             end: range.start,
-                            read_only: false,
                             ..r.clone()
                         });
                     }
                     if range.end < r.end {
                         survivors.push(MRegion {
                             start: range.end,
-                            read_only: false,
                             ..r
                         });
                     }
@@ -510,10 +544,9 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             );
             let holder = holder.unwrap().clone();
             if *miss {
-                let (absorbed, others): (Vec<_>, Vec<_>) = before
-                    .iter()
-                    .cloned()
-                    .partition(|r| r.slot == *slot && r.start <= want.end && want.start <= r.end);
+                let (absorbed, others): (Vec<_>, Vec<_>) = before.iter().cloned().partition(|r| {
+                    r.slot == *slot && !r.read_only && r.start <= want.end && want.start <= r.end
+                });
                 for a in &absorbed {
                     prop_assert!(
                         holder.start <= a.start && a.end <= holder.end,
@@ -545,7 +578,20 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                      its neighbours",
                     step
                 );
-                let mut expect = others;
+                // Device-read-only regions the merged one overlaps are retired with it,
+                // their pages outside it back as device-read-only pieces.
+                let mut expect = Vec::new();
+                for r in others {
+                    if r.slot == *slot
+                        && r.read_only
+                        && r.start < holder.end
+                        && holder.start < r.end
+                    {
+                        expect.extend(ro_leftovers(&r, holder.start, holder.end));
+                    } else {
+                        expect.push(r);
+                    }
+                }
                 expect.push(holder.clone());
                 expect.sort();
                 prop_assert_eq!(

@@ -500,7 +500,7 @@ impl Registry {
             perm = ?u.perm
         )
         .entered();
-        self.pin(u.pages.clone(), u.perm, true, true)
+        self.pin(u.pages.clone(), u.perm, true, true, false)
     }
 
     fn still_current(&self, r: &Region, pages: &Range<u64>) -> bool {
@@ -516,14 +516,22 @@ impl Registry {
     /// Pin `want` (merged with same-permission neighbours if `merge`) as a new region
     /// and install it, unless an invalidation raced the pin (then retry).
     /// With `may_wait` false, a range under an open window is not pinned (an error)
-    /// instead of waiting for the window to close.
+    /// instead of waiting for the window to close. With `device_ro`, the region is
+    /// mapped device-read-only from the start (a piece of a downgraded region).
+    ///
+    /// A device-read-only region (its memory write-protected) is never widened into a
+    /// writable one: a merge leaves it out, and if the new region overlaps it, it is
+    /// retired and its pages outside the new region come back device-read-only.
     fn pin(
         &self,
         want: Range<u64>,
         perm: Perm,
         merge: bool,
         may_wait: bool,
+        device_ro: bool,
     ) -> Result<(Arc<Region>, u64)> {
+        let merge = merge && !device_ro;
+        let map_perm = if device_ro { Perm::READ } else { perm };
         let inner = &*self.inner;
         let slot = perm_slot(perm);
         let max_len = inner.driver.domain().max_mapping_len();
@@ -550,7 +558,12 @@ impl Registry {
             if merge {
                 let g = inner.notifier.read();
                 let probe = want.start.saturating_sub(1)..want.end.saturating_add(1);
-                for (r, _) in g.maps[slot].overlapping(probe) {
+                for (r, region) in g.maps[slot].overlapping(probe) {
+                    // Not a device-read-only region (see above).
+                    // Relaxed: downgraded is written only under the exclusive lock.
+                    if region.downgraded.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     let u = r.start.min(range.start)..r.end.max(range.end);
                     if u.end - u.start <= max_len {
                         range = u;
@@ -575,12 +588,12 @@ impl Registry {
             self.make_room(len)?;
             let pin_span =
                 tracing::debug_span!("pin", start = range.start, end = range.end).entered();
-            let iova = match self.map_pinned(range.start, len, perm) {
+            let iova = match self.map_pinned(range.start, len, map_perm) {
                 Ok(iova) => iova,
                 // A merged neighbour may cover memory that is gone: pin just the range.
                 Err(Error::BadAddress { .. }) if range != want => {
                     range = want.clone();
-                    self.map_pinned(range.start, range.end - range.start, perm)?
+                    self.map_pinned(range.start, range.end - range.start, map_perm)?
                 }
                 Err(e) => return Err(e),
             };
@@ -596,7 +609,7 @@ impl Registry {
                 perm,
                 iova,
                 epoch: Epoch::new(),
-                downgraded: AtomicBool::new(false),
+                downgraded: AtomicBool::new(device_ro),
                 accessed: AtomicBool::new(true),
                 inflight: Mutex::new(Vec::new()),
                 pfns,
@@ -618,8 +631,18 @@ impl Registry {
                 .overlapping(range.clone())
                 .map(|(r, _)| r.start)
                 .collect();
+            let mut ro_leftovers = Vec::new();
             for s in olds {
                 if let Some((_, old)) = g.maps[slot].remove(s) {
+                    // Relaxed: downgraded is written only under the exclusive lock.
+                    if old.downgraded.load(Ordering::Relaxed) {
+                        if old.range.start < range.start {
+                            ro_leftovers.push(old.range.start..range.start);
+                        }
+                        if range.end < old.range.end {
+                            ro_leftovers.push(range.end..old.range.end);
+                        }
+                    }
                     old.epoch.bump(&g);
                     Stats::add(&inner.stats.merges, 1);
                     g.draining.push(old);
@@ -643,6 +666,10 @@ impl Registry {
                 .clone();
             for o in observers {
                 o.pinned(range.clone());
+            }
+            for piece in ro_leftovers {
+                // Best effort, like a split: on failure they re-pin on next use.
+                let _ = self.pin(piece, perm, false, false, true);
             }
             self.reclaim_draining();
             return Ok((region, seq));
@@ -954,12 +981,17 @@ impl Registry {
                     let (_, r) = g.maps[slot].remove(s).expect("hit is present");
                     r.epoch.bump(&g);
                     fences.extend(r.take_inflight());
+                    // The parts outside the range come back; device-read-only if the
+                    // region was (re-pinned writable, they would give the device write
+                    // access to memory the process write-protected).
+                    // Relaxed: downgraded is written only under the exclusive lock.
+                    let ro = r.downgraded.load(Ordering::Relaxed);
                     if inner.cfg.split {
                         if r.range.start < range.start {
-                            survivors.push((r.range.start..range.start, r.perm));
+                            survivors.push((r.range.start..range.start, r.perm, ro));
                         }
                         if range.end < r.range.end {
-                            survivors.push((range.end..r.range.end, r.perm));
+                            survivors.push((range.end..r.range.end, r.perm, ro));
                         }
                     }
                     victims.push(r);
@@ -986,13 +1018,13 @@ impl Registry {
                 Err(e) => tracing::error!("downgrading region: {e}"),
             }
         }
-        for (s, perm) in survivors {
+        for (s, perm, ro) in survivors {
             let _span = tracing::debug_span!("split_repin", start = s.start, end = s.end).entered();
             // Best effort: the pages outside the range are untouched; if re-pinning
             // fails they are re-pinned on next use instead.
             // Never wait for another window here: the caller may be a monitor's only
             // worker, which must return to close that very window.
-            if self.pin(s, perm, false, false).is_ok() {
+            if self.pin(s, perm, false, false, ro).is_ok() {
                 Stats::add(&inner.stats.splits, 1);
             }
         }
