@@ -51,7 +51,11 @@ pub enum Cause {
     Unmap,
     /// A destructive `madvise`: `MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`.
     Discard,
-    /// `mremap` moved the range to `to`.
+    /// `mremap` moved the range to `to` (0: the kernel chose). The old range is
+    /// dropped like an unmap: the pages now live at `to`, and registrations there pin
+    /// them on their next use (eagerly re-pinning a destination nobody may use would
+    /// only spend pins). With `MREMAP_FIXED`, whatever was mapped at the destination
+    /// goes away too: the monitors report that range separately, as [`Cause::Unmap`].
     Remap { to: u64 },
     /// `mprotect` to `new_prot` (`PROT_*` bits). Write removed: the device mapping
     /// becomes read-only before the call returns. `PROT_NONE`: invalidated. Write
