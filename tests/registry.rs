@@ -906,3 +906,158 @@ fn pieces_of_a_downgraded_region_stay_device_read_only() {
     drop((q, reg));
     pins.check();
 }
+
+/// Runs `second` on its own thread while `first` waits for device work on a paused
+/// device; resumes the device after giving `second` time to return early, and returns
+/// whether the work was done when `second` returned (it must have been).
+fn second_invalidation_waits_too(
+    drv: &Driver,
+    q: &CommandQueue,
+    reg: &Registry,
+    first: impl FnOnce() + Send,
+    second: impl FnOnce() + Send,
+    work: userptr::ring::Fence,
+) -> bool {
+    std::thread::scope(|s| {
+        let ha = s.spawn(first);
+        let deadline = Instant::now() + T;
+        while reg.stats().fence_waits == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first invalidation never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let hb = s.spawn(move || {
+            second();
+            q.is_done(work.seqno)
+        });
+        // Room for a second invalidation that does not wait to return (the old bug);
+        // the assertion below is about order, not time.
+        std::thread::sleep(Duration::from_millis(100));
+        drv.set_enabled(true);
+        ha.join().unwrap();
+        hb.join().unwrap()
+    })
+}
+
+#[test]
+fn an_invalidation_overlapping_one_in_progress_waits_for_the_same_work() {
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig {
+        fence_timeout: Duration::from_secs(600),
+        ..Default::default()
+    });
+    let buf = Anon::new(MIB);
+    let half = buf.addr as u64 + MIB as u64 / 2;
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    drv.set_enabled(false);
+    let f = reg
+        .submit(&q, &[&u], |i| {
+            vec![Descriptor::fill(i[0], MIB as u64, 0x6b)]
+        })
+        .unwrap();
+    // The first invalidation takes the region out of the index and waits; the second,
+    // over the other half, finds no region of its own but the same work in flight.
+    let (r, lo, hi) = (&reg, buf.addr as u64..half, half..(buf.addr + MIB) as u64);
+    let done = second_invalidation_waits_too(
+        &drv,
+        &q,
+        &reg,
+        move || r.invalidate(lo, Cause::Discard).unwrap(),
+        move || r.invalidate(hi, Cause::Unmap).unwrap(),
+        f.end,
+    );
+    assert!(
+        done,
+        "the second invalidation returned while the device still wrote the range"
+    );
+    assert_eq!(
+        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
+    drop((q, reg));
+    pins.check();
+}
+
+/// A paused device with a FILL in flight on a 1 MiB registration.
+fn busy(
+    fill_byte: u8,
+) -> (
+    PinCheck,
+    Driver,
+    CommandQueue,
+    Registry,
+    Anon,
+    Userptr,
+    userptr::ring::Fence,
+) {
+    let pins = PinCheck::start();
+    let (drv, q, reg) = setup(RegistryConfig {
+        fence_timeout: Duration::from_secs(600),
+        ..Default::default()
+    });
+    let buf = Anon::new(MIB);
+    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    drv.set_enabled(false);
+    let f = reg
+        .submit(&q, &[&u], |i| {
+            vec![Descriptor::fill(i[0], MIB as u64, fill_byte)]
+        })
+        .unwrap();
+    (pins, drv, q, reg, buf, u, f.end)
+}
+
+const DOWN: Cause = Cause::Protect {
+    new_prot: libc::PROT_READ,
+};
+
+#[test]
+fn a_second_downgrade_waits_for_the_first() {
+    let (pins, drv, q, reg, buf, u, work) = busy(0x7c);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let (r, r1, r2) = (&reg, range.clone(), range);
+    let done = second_invalidation_waits_too(
+        &drv,
+        &q,
+        &reg,
+        move || r.invalidate(r1, DOWN).unwrap(),
+        move || r.invalidate(r2, DOWN).unwrap(),
+        work,
+    );
+    assert!(
+        done,
+        "the second downgrade returned while the device still wrote the range"
+    );
+    assert_eq!(q.wait(work, WaitMode::Block, T).unwrap().status, Status::Ok);
+    assert_eq!(fill(&reg, &q, &u, 0x22), Status::DmaFault);
+    assert!(buf.read().iter().all(|&x| x == 0x7c));
+    drop((q, reg));
+    pins.check();
+}
+
+#[test]
+fn a_write_submitted_during_a_downgrade_waits_for_the_read_only_mapping() {
+    let (pins, drv, q, reg, buf, u, work) = busy(0x7c);
+    let range = buf.addr as u64..(buf.addr + MIB) as u64;
+    let late = std::sync::Mutex::new(None);
+    let (r, ur, lr, qr) = (&reg, &u, &late, &q);
+    second_invalidation_waits_too(
+        &drv,
+        &q,
+        &reg,
+        move || r.invalidate(range, DOWN).unwrap(),
+        // A cache hit on a region whose device mapping is about to become read-only.
+        move || *lr.lock().unwrap() = Some(fill(r, qr, ur, 0x11)),
+        work,
+    );
+    assert_eq!(q.wait(work, WaitMode::Block, T).unwrap().status, Status::Ok);
+    assert_eq!(
+        late.lock().unwrap().take(),
+        Some(Status::DmaFault),
+        "a write submitted during the downgrade reached the memory"
+    );
+    assert!(buf.read().iter().all(|&x| x == 0x7c));
+    drop((q, reg));
+    pins.check();
+}

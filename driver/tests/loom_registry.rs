@@ -12,7 +12,7 @@
 //! | `pages` (1 before the change, 2 after)  | which physical pages the process maps           |
 //! | `pages.load()` between the locks        | `map_pinned` in `pin` (pins outside every lock) |
 //! | `Region::inflight.lock().push(seqno)`   | `attach` (per-queue latest seqno)               |
-//! | `take(&region.inflight)`                | `Region::take_inflight`                         |
+//! | `region.inflight.clone()`               | `Region::inflight` (copied, not taken)          |
 //! | `Region::idle`                          | `Region::idle` (drop done fences, then empty?)  |
 //! | `Queue::submit`                         | `Submitter::try_submit`                         |
 //! | `Queue::wait_done`                      | `FenceTracker::wait_done` in `wait_fences`      |
@@ -168,8 +168,9 @@ impl Region {
         self.inflight.lock().unwrap().push(seqno);
     }
 
-    fn take_inflight(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.inflight.lock().unwrap())
+    /// `Region::inflight`: a copy, so that an overlapping invalidation sees them too.
+    fn inflight(&self) -> Vec<u64> {
+        self.inflight.lock().unwrap().clone()
     }
 
     /// `Region::idle`: drop the fences that are done, then whether none is left.
@@ -308,7 +309,7 @@ fn invalidate_region(w: &World) -> Vec<u64> {
         if g.mapped {
             g.mapped = false;
             w.region.epoch.bump(&g);
-            w.region.take_inflight()
+            w.region.inflight()
         } else {
             Vec::new()
         }

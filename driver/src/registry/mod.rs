@@ -160,7 +160,7 @@ fn default_budget() -> u64 {
 }
 
 /// A submission the device may still be working on.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct InFlight {
     queue: Weak<dyn FenceTracker>,
     seqno: u64,
@@ -193,6 +193,9 @@ struct Region {
     iova: u64,
     epoch: Epoch,
     downgraded: AtomicBool,
+    /// Set (with `downgraded`) when a downgrade starts, cleared once the device
+    /// mapping is read-only: until then a cache hit waits instead of submitting.
+    perm_pending: AtomicBool,
     accessed: AtomicBool,
     inflight: Mutex<Vec<InFlight>>,
     pfns: Option<Vec<u64>>,
@@ -209,8 +212,22 @@ impl Region {
         f.is_empty()
     }
 
-    fn take_inflight(&self) -> Vec<InFlight> {
-        std::mem::take(&mut *self.inflight.lock().expect("inflight lock poisoned"))
+    /// The fences of the work that may still reach the region. Copied, not taken: a
+    /// concurrent invalidation overlapping the same region must wait for them too.
+    fn inflight(&self) -> Vec<InFlight> {
+        self.inflight
+            .lock()
+            .expect("inflight lock poisoned")
+            .clone()
+    }
+
+    /// Wait (outside every lock) until a downgrade in progress has made the device
+    /// mapping read-only.
+    fn wait_perm(&self) {
+        // Acquire: pairs with the Release store after set_perm.
+        while self.perm_pending.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_micros(20));
+        }
     }
 }
 
@@ -228,6 +245,10 @@ struct Index {
     maps: [IntervalMap<Arc<Region>>; 3],
     /// Retired by a merge: out of the maps, unmapped once their work is done.
     draining: Vec<Arc<Region>>,
+    /// Retired by an invalidation in progress (out of the maps, waited for, then
+    /// unmapped by that invalidation): a concurrent invalidation overlapping them
+    /// waits for their fences too.
+    retiring: Vec<Arc<Region>>,
     /// Invalidations started so far, and the ranges of the most recent ones.
     invalidations: InvalidationLog,
     /// Clock hands for eviction, per map.
@@ -484,9 +505,17 @@ impl Registry {
                 .covering(u.pages.clone())
                 .map(|(_, r)| (r.clone(), r.epoch.get()))
         };
-        if let Some((r, seq)) = hit {
+        if let Some((r, mut seq)) = hit {
             // Relaxed: the clock bit is a hint for eviction.
             r.accessed.store(true, Ordering::Relaxed);
+            // A downgrade in progress: no submission until the device mapping is
+            // read-only. Its epoch bump came before the flag, so the epoch read after
+            // the wait is the post-downgrade one.
+            // Relaxed: a hint; wait_perm's Acquire load decides.
+            if r.perm_pending.load(Ordering::Relaxed) {
+                r.wait_perm();
+                seq = r.epoch.get();
+            }
             if self.inner.cfg.validate && !self.still_current(&r, &u.pages) {
                 Stats::add(&self.inner.stats.validation_failures, 1);
                 let inv = self.invalidate_start(u.pages.clone(), Cause::Release)?;
@@ -614,6 +643,7 @@ impl Registry {
                 iova,
                 epoch: Epoch::new(),
                 downgraded: AtomicBool::new(device_ro),
+                perm_pending: AtomicBool::new(false),
                 accessed: AtomicBool::new(true),
                 inflight: Mutex::new(Vec::new()),
                 pfns,
@@ -897,6 +927,11 @@ impl Registry {
         let mut iovas = Vec::with_capacity(refs.len());
         for u in refs {
             let (_, r) = g.maps[perm_slot(u.perm)].covering(u.pages.clone())?;
+            // Relaxed: under the shared lock, which orders it after the downgrade's
+            // exclusive section that set it; the general path waits for it to clear.
+            if r.perm_pending.load(Ordering::Relaxed) {
+                return None;
+            }
             iovas.push(r.iova + (u.addr - r.range.start));
             hits.push(r);
         }
@@ -953,6 +988,7 @@ impl Registry {
         let window = inner.notifier.open_window(range.clone());
         let mut victims = Vec::new();
         let mut downgrades = Vec::new();
+        let mut others_downgrading = Vec::new();
         let mut fences = Vec::new();
         let mut survivors = Vec::new();
         {
@@ -974,17 +1010,26 @@ impl Registry {
                         // outside parts must stay writable for the device.
                         if range.start <= rr.start && rr.end <= range.end {
                             let r = r.clone();
+                            // Whatever may still write it is waited for, even when
+                            // another downgrade got there first (then its set_perm is
+                            // waited for too, below).
+                            fences.extend(r.inflight());
                             // Relaxed: downgraded is written only under the exclusive lock.
                             if !r.downgraded.swap(true, Ordering::Relaxed) {
-                                fences.extend(r.take_inflight());
+                                // Relaxed: under the exclusive lock (see submit_all_hits).
+                                r.perm_pending.store(true, Ordering::Relaxed);
+                                // Submissions that read the epoch before this retry and
+                                // then wait for perm_pending (see resolve).
+                                r.epoch.bump(&g);
                                 downgrades.push(r);
+                            } else {
+                                others_downgrading.push(r);
                             }
                             continue;
                         }
                     }
                     let (_, r) = g.maps[slot].remove(s).expect("hit is present");
                     r.epoch.bump(&g);
-                    fences.extend(r.take_inflight());
                     // The parts outside the range come back; device-read-only if the
                     // region was (re-pinned writable, they would give the device write
                     // access to memory the process write-protected).
@@ -1001,26 +1046,46 @@ impl Registry {
                     victims.push(r);
                 }
             }
+            let overlaps = |r: &Arc<Region>| r.range.start < range.end && range.start < r.range.end;
+            // Regions another invalidation has retired and is still waiting for.
+            for r in g.retiring.iter().filter(|r| overlaps(r)) {
+                fences.extend(r.inflight());
+            }
             if action == Action::Drop {
                 let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut g.draining)
                     .into_iter()
-                    .partition(|r| r.range.start < range.end && range.start < r.range.end);
+                    .partition(overlaps);
                 g.draining = keep;
-                for r in hit {
-                    fences.extend(r.take_inflight());
-                    victims.push(r);
+                victims.extend(hit);
+            } else {
+                for r in g.draining.iter().filter(|r| overlaps(r)) {
+                    fences.extend(r.inflight());
                 }
             }
+            for r in &victims {
+                fences.extend(r.inflight());
+            }
+            g.retiring.extend(victims.iter().cloned());
         }
         let waited = self.wait_fences(&fences, &range);
         for r in &victims {
             self.unmap_region(r);
+        }
+        if !victims.is_empty() {
+            let mut g = inner.notifier.write();
+            g.retiring
+                .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
         }
         for r in &downgrades {
             match inner.driver.domain().set_perm(r.iova, r.len(), Perm::READ) {
                 Ok(()) => Stats::add(&inner.stats.downgrades, 1),
                 Err(e) => tracing::error!("downgrading region: {e}"),
             }
+            // Release: the read-only device mapping is in place before hits proceed.
+            r.perm_pending.store(false, Ordering::Release);
+        }
+        for r in &others_downgrading {
+            r.wait_perm();
         }
         for (s, perm, ro) in survivors {
             let _span = tracing::debug_span!("split_repin", start = s.start, end = s.end).entered();
@@ -1153,7 +1218,7 @@ impl Drop for Inner {
         }
         drop(g);
         for r in all {
-            for f in r.take_inflight() {
+            for f in r.inflight() {
                 if let Some(q) = f.queue.upgrade() {
                     let _ = q.wait_done(f.seqno, self.cfg.fence_timeout);
                 }

@@ -26,17 +26,22 @@
 //!
 //! **Invalidation** (`Registry::invalidate_start`). `open_window(range)` (from now on
 //! step 2 waits on overlapping ranges), take the **exclusive** lock, `log.record(range)`,
-//! remove every overlapping object from the index, bump its epoch and *take* its
-//! fences; release the lock; wait for those fences (the device stops using the pages;
-//! on timeout the device is reset), then unmap. `invalidate_end` closes the window and
-//! wakes the waiters. (A protection downgrade keeps the object in the index and bumps
-//! nothing: it takes the fences, waits, then makes the mapping read-only. Eviction
-//! removes only objects that are idle, checked in the same exclusive section.)
+//! remove every overlapping object from the index, bump its epoch and *copy* its
+//! fences, together with those of overlapping objects another invalidation retired and
+//! is still waiting for (they stay listed until unmapped, so overlapping invalidations
+//! each wait for the same work); release the lock; wait for those fences (the device
+//! stops using the pages; on timeout the device is reset), then unmap. `invalidate_end`
+//! closes the window and wakes the waiters. (A protection downgrade keeps the object in
+//! the index: it copies the fences, marks the object's permission change pending and
+//! bumps its epoch, waits, makes the mapping read-only, then clears the mark; a cache
+//! hit on a marked object waits for that before it submits, and a second downgrade of
+//! it waits for the first. Eviction removes only objects that are idle, checked in the
+//! same exclusive section.)
 //!
 //! Why it holds:
 //! * A submission to a cached object runs its check and its fence attach in one shared
 //!   section, so it is wholly before or wholly after the invalidation's exclusive
-//!   section: before, and the invalidation took its fence and waits for it; after, and
+//!   section: before, and the invalidation copied its fence and waits for it; after, and
 //!   the object is gone from the index (fast path) or its epoch moved (`read_retry`).
 //!   Nothing can slip in between.
 //! * A fresh pin: an invalidation recorded after step 1 is newer than `gen` in the log,
