@@ -12,7 +12,9 @@
 //! command was prepared or started since (then the change may legitimately have hidden
 //! it). A command that failed with a DMA fault
 //! is accepted only if a protection change hit its range. Anything else is a
-//! violation: a device write lost to a stale pin.
+//! violation: a device write lost to a stale pin. And a command in flight on a range
+//! when a mutation of it begins must be finished (completed, or aborted by a reset)
+//! when the mutating call returns: the invalidation waits for the device first.
 //!
 //! `--inject` adds faults the run must survive: every 7th pin attempt fails in the
 //! reference IOMMU (`PinFaults`: ENOMEM and EAGAIN in turn, which the registry retries
@@ -89,6 +91,7 @@ struct Counts {
     aborted: AtomicU64,
     dma_faults: AtomicU64,
     register_errors: AtomicU64,
+    inflight_after_invalidation: AtomicU64,
     submit_errors: AtomicU64,
     stalls: AtomicU64,
     lost_writes: AtomicU64,
@@ -178,6 +181,9 @@ pub fn run(a: Args) -> Result<(), String> {
     let lost: Vec<std::sync::atomic::AtomicBool> = (0..SLOTS)
         .map(|_| std::sync::atomic::AtomicBool::new(false))
         .collect();
+    // Per slot: the command in flight on it (`seqno << 1 | queue`, 0: none). One
+    // submitter at a time holds a slot (its lock), so one word per slot suffices.
+    let inflight: Vec<AtomicU64> = (0..SLOTS).map(|_| AtomicU64::new(0)).collect();
     let c = Counts::default();
     let deadline = t0 + Duration::from_secs_f64(a.seconds);
     let finished = AtomicU64::new(0);
@@ -206,6 +212,7 @@ pub fn run(a: Args) -> Result<(), String> {
         });
         for (t, q) in queues.iter().enumerate() {
             let (reg, gens, ends, locks, c, usrc) = (&reg, &gens, &ends, &locks, &c, &usrc);
+            let inflight = &inflight;
             let lost = &lost;
             let finished = &finished;
             s.spawn(move || {
@@ -299,7 +306,16 @@ pub fn run(a: Args) -> Result<(), String> {
                         c.submit_errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    let Ok(done_c) = q.wait(f.end, WaitMode::Block, Duration::from_secs(30)) else {
+                    // SeqCst: a mutator that snapshots this after the store knows the
+                    // command was submitted before its invalidation began.
+                    for w in &inflight[a..b] {
+                        w.store(f.end.seqno << 1 | t as u64, Ordering::SeqCst);
+                    }
+                    let waited = q.wait(f.end, WaitMode::Block, Duration::from_secs(30));
+                    for w in &inflight[a..b] {
+                        w.store(0, Ordering::SeqCst);
+                    }
+                    let Ok(done_c) = waited else {
                         continue;
                     };
                     c.commands.fetch_add(1, Ordering::Relaxed);
@@ -349,6 +365,7 @@ pub fn run(a: Args) -> Result<(), String> {
         }
         for t in 0..2u64 {
             let (gens, ends, c, scratch) = (&gens, &ends, &c, &scratches[t as usize]);
+            let (inflight, queues) = (&inflight, &queues);
             let (lost, mlocks) = (&lost, &mlocks);
             let explicit = a.explicit.then_some(&reg);
             let finished = &finished;
@@ -377,9 +394,27 @@ pub fn run(a: Args) -> Result<(), String> {
                     let _held: Vec<_> = (a..b)
                         .map(|i| mlocks[i].lock().unwrap_or_else(|p| p.into_inner()))
                         .collect();
+                    // Commands in flight on the range now were submitted before the
+                    // invalidation begins: it must wait for them (or reset the device),
+                    // so each is done by the time the call returns.
+                    let before: Vec<u64> = inflight[a..b]
+                        .iter()
+                        .map(|w| w.load(Ordering::SeqCst))
+                        .filter(|&e| e != 0)
+                        .collect();
                     if !mutate(kind, start, len, scratch) {
                         for l in &lost[a..b] {
                             l.store(true, Ordering::SeqCst);
+                        }
+                    }
+                    // (fork invalidates nothing: the parent keeps its pages.)
+                    if MUTATIONS[kind] != "fork" {
+                        for e in before {
+                            if !queues[(e & 1) as usize].is_done(e >> 1) {
+                                c.inflight_after_invalidation
+                                    .fetch_add(1, Ordering::Relaxed);
+                                c.violations.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     if let Some(Ok(inv)) = inv {
@@ -437,6 +472,7 @@ pub fn run(a: Args) -> Result<(), String> {
         "violations_by_kind": {
             "lost_writes": c.lost_writes.load(Ordering::Relaxed),
             "unexpected_status": c.bad_status.load(Ordering::Relaxed),
+            "in_flight_after_invalidation": c.inflight_after_invalidation.load(Ordering::Relaxed),
         },
         "aborted_by_reset": c.aborted.load(Ordering::Relaxed),
         "device_resets": stats.device_resets,

@@ -162,6 +162,10 @@ fn torture_finds_no_violation_with_the_monitor_and_some_without() {
     let _ = std::fs::remove_file(&path);
     assert!(v["commands"].as_u64().unwrap() > 100, "{v}");
     assert_eq!(v["violations"], 0, "{v}");
+    assert_eq!(
+        v["violations_by_kind"]["in_flight_after_invalidation"], 0,
+        "{v}"
+    );
     assert_eq!(v["deadlocks"], 0, "{v}");
     assert_eq!(v["pins_start"], v["pins_end"], "{v}");
     assert!(
