@@ -15,7 +15,9 @@
 //! replacement of its page *started* after the command was prepared (its count is
 //! snapshotted before the registration). Any other byte is a device write lost to a
 //! stale pin, or a write where none belongs: a violation. Because one slot has one
-//! writer, nobody else's command can explain a byte.
+//! writer, nobody else's command can explain a byte. And a command writing a range
+//! when its invalidation begins must be finished when `invalidate_start` returns (the
+//! invalidation waits for the device): one still running is a violation too.
 //!
 //! The same run with the invalidators *not* telling the registry must find violations:
 //! that proves the checker can see the bug the registry prevents. A watchdog aborts the
@@ -51,6 +53,8 @@ struct Outcome {
     invalidations: AtomicU64,
     source_releases: AtomicU64,
     violations: AtomicU64,
+    /// Commands still in flight on a range when its `invalidate_start` returned.
+    in_flight_after_invalidation: AtomicU64,
 }
 
 /// A small xorshift, so the test needs no RNG crate and each thread differs.
@@ -106,11 +110,17 @@ fn run(protect: bool, seconds: f64) -> Outcome {
         .collect();
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let out = Outcome::default();
+    let queues: Vec<_> = (0..SUBMITTERS)
+        .map(|t| drv.queue(t as u32, 16).unwrap())
+        .collect();
+    // Per slot: the command writing it now (`seqno << 2 | submitter`, 0: none). A slot
+    // has one writer, so one word per slot.
+    let inflight: Vec<AtomicU64> = (0..SLOTS).map(|_| AtomicU64::new(0)).collect();
 
     std::thread::scope(|s| {
-        for t in 0..SUBMITTERS {
-            let q = drv.queue(t as u32, 16).unwrap();
-            let (reg, discards, source, out) = (&reg, &discards, &source, &out);
+        for (t, q) in queues.iter().enumerate() {
+            let (reg, discards, source, out, inflight) =
+                (&reg, &discards, &source, &out, &inflight);
             s.spawn(move || {
                 let mut rng = Rng(0x9e37_79b9 + t as u64);
                 let owned = (t..SLOTS).step_by(SUBMITTERS).count();
@@ -159,14 +169,14 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                         .collect();
                     let f = if copy {
                         let from = reg.register(src_base + src_off, SLOT, Perm::READ).unwrap();
-                        reg.submit(&q, &[&from, &dst], |i| {
+                        reg.submit(q, &[&from, &dst], |i| {
                             offsets
                                 .iter()
                                 .map(|&off| Descriptor::copy(i[0], i[1] + off, SLOT as u64))
                                 .collect()
                         })
                     } else {
-                        reg.submit(&q, &[&dst], |i| {
+                        reg.submit(q, &[&dst], |i| {
                             offsets
                                 .iter()
                                 .map(|&off| Descriptor::fill(i[0] + off, SLOT as u64, byte))
@@ -174,9 +184,17 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                         })
                     }
                     .unwrap();
+                    // SeqCst: an invalidator that reads this before it starts knows the
+                    // command was submitted before its invalidation began.
+                    for &s in &mine {
+                        inflight[s].store(f.end.seqno << 2 | t as u64, Ordering::SeqCst);
+                    }
                     let c = q
                         .wait(f.end, WaitMode::Poll, Duration::from_secs(30))
                         .unwrap();
+                    for &s in &mine {
+                        inflight[s].store(0, Ordering::SeqCst);
+                    }
                     assert_eq!(c.status, Status::Ok);
                     if copy {
                         out.copies.fetch_add(1, Ordering::Relaxed);
@@ -207,7 +225,8 @@ fn run(protect: bool, seconds: f64) -> Outcome {
             });
         }
         for t in 0..2u64 {
-            let (reg, discards, out) = (&reg, &discards, &out);
+            let (reg, discards, out, inflight, queues) =
+                (&reg, &discards, &out, &inflight, &queues);
             s.spawn(move || {
                 let mut rng = Rng(0x1234_5678 + t);
                 while Instant::now() < deadline {
@@ -232,10 +251,25 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                     } else {
                         Cause::Discard
                     };
+                    // Commands writing the range now were submitted before the
+                    // invalidation begins: it must wait for them, so each is done when
+                    // invalidate_start returns.
+                    let busy: Vec<u64> = inflight[a / PAGES_PER_SLOT..b.div_ceil(PAGES_PER_SLOT)]
+                        .iter()
+                        .map(|w| w.load(Ordering::SeqCst))
+                        .filter(|&e| e != 0)
+                        .collect();
                     let inv = protect.then(|| {
                         reg.invalidate_start(start as u64..(start + len) as u64, cause)
                             .unwrap()
                     });
+                    for e in busy {
+                        if !queues[(e & 3) as usize].is_done(e >> 2) {
+                            out.in_flight_after_invalidation
+                                .fetch_add(1, Ordering::Relaxed);
+                            out.violations.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                     // Counted before the change: a checker that reads a zapped page
                     // then sees the count moved.
                     for d in &discards[a..b] {
@@ -269,13 +303,14 @@ fn run(protect: bool, seconds: f64) -> Outcome {
     let stats = reg.stats();
     eprintln!(
         "protect={protect}: {} fills, {} copies, {} MiB checked, {} invalidations, \
-         {} source releases, {} violations\n{stats}",
+         {} source releases, {} violations ({} in flight after invalidate_start)\n{stats}",
         out.fills.load(Ordering::Relaxed),
         out.copies.load(Ordering::Relaxed),
         out.checked_bytes.load(Ordering::Relaxed) >> 20,
         out.invalidations.load(Ordering::Relaxed),
         out.source_releases.load(Ordering::Relaxed),
-        out.violations.load(Ordering::Relaxed)
+        out.violations.load(Ordering::Relaxed),
+        out.in_flight_after_invalidation.load(Ordering::Relaxed)
     );
     if protect {
         // Overlapping registrations from different threads must have merged.
@@ -288,7 +323,7 @@ fn run(protect: bool, seconds: f64) -> Outcome {
         "the registry holds pins after clear"
     );
     drop(reg);
-    drop((buf, src));
+    drop((queues, buf, src));
     out
 }
 
