@@ -1,7 +1,8 @@
 //! e2e: device COPY and SAXPY bandwidth next to `memcpy` and a single-threaded CPU
-//! SAXPY, interleaved; and COPY again with an invalidation storm beside it.
+//! SAXPY, interleaved; and both again through the registry with an invalidation storm
+//! beside them, next to the same without the storm.
 
-use super::measure::{interleaved, repeat, Mem};
+use super::measure::{interleaved, Mem};
 use super::{Ctx, Measurement};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -87,48 +88,74 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     );
     drop((mx, my));
 
-    // COPY through the registry while another thread invalidates unrelated and
-    // related ranges (a storm of discards on a third buffer and on the destination).
+    // COPY and SAXPY through the registry while another thread invalidates unrelated
+    // and related ranges (a storm of discards on a third buffer and on the
+    // destination), each next to the same command with the storm paused, interleaved.
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let clen = 16usize << 20;
     let (a, b, c) = (Mem::new(clen)?, Mem::new(clen)?, Mem::new(clen)?);
-    let ua = reg
-        .register(a.addr, clen, Perm::READ)
-        .map_err(|e| crate::explain(&e))?;
-    let ub = reg
-        .register(b.addr, clen, Perm::READ_WRITE)
-        .map_err(|e| crate::explain(&e))?;
-    let _uc = reg
-        .register(c.addr, clen, Perm::READ_WRITE)
-        .map_err(|e| crate::explain(&e))?;
-    let stop = AtomicBool::new(false);
-    let storm = std::thread::scope(|s| {
+    let e = |e: userptr::Error| crate::explain(&e);
+    let ua = reg.register(a.addr, clen, Perm::READ).map_err(e)?;
+    let ub = reg.register(b.addr, clen, Perm::READ_WRITE).map_err(e)?;
+    let _uc = reg.register(c.addr, clen, Perm::READ_WRITE).map_err(e)?;
+    let (stop, storming) = (AtomicBool::new(false), AtomicBool::new(false));
+    let n = (clen / 4) as u64;
+    type Build = fn(&[u64], u64) -> Vec<Descriptor>;
+    let ops: [(&str, Build, u64); 2] = [
+        (
+            "copy_16MiB",
+            |i, len| vec![Descriptor::copy(i[0], i[1], len)],
+            clen as u64,
+        ),
+        // y = 2x + y over 4 M f32: 16 MiB read twice, written once.
+        (
+            "saxpy_4M",
+            |i, n| vec![Descriptor::saxpy(2.0, i[0], i[1], n)],
+            n,
+        ),
+    ];
+    std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
-                for m in [&c, &b] {
-                    let _ = reg.invalidate(m.addr as u64..(m.addr + 4096) as u64, Cause::Discard);
+                if storming.load(Ordering::Relaxed) {
+                    for m in [&c, &b] {
+                        let _ =
+                            reg.invalidate(m.addr as u64..(m.addr + 4096) as u64, Cause::Discard);
+                    }
                 }
                 std::thread::sleep(Duration::from_micros(100));
             }
         });
-        let r = repeat(samples, 1, || {
-            let t = Instant::now();
-            let f = reg.submit(&q, &[&ua, &ub], |i| {
-                vec![Descriptor::copy(i[0], i[1], clen as u64)]
-            });
-            if let Ok(f) = f {
-                let _ = q.wait(f.end, userptr::WaitMode::Block, Duration::from_secs(30));
-            }
-            clen as f64 / t.elapsed().as_secs_f64() / 1e9
-        });
+        for (name, build, arg) in ops {
+            let bytes = if name.starts_with("saxpy") {
+                3 * clen
+            } else {
+                clen
+            };
+            // Four commands back to back per sample, so that the re-pins a storm
+            // causes land in the storm's own samples; the quiet samples start pinned.
+            const K: usize = 4;
+            let run = |storm: bool| {
+                if !storm {
+                    let _ = (reg.iova(&ua), reg.iova(&ub));
+                }
+                storming.store(storm, Ordering::Relaxed);
+                let t = Instant::now();
+                for _ in 0..K {
+                    if let Ok(f) = reg.submit(&q, &[&ua, &ub], |i| build(i, arg)) {
+                        let _ = q.wait(f.end, userptr::WaitMode::Block, Duration::from_secs(30));
+                    }
+                }
+                storming.store(false, Ordering::Relaxed);
+                (K * bytes) as f64 / t.elapsed().as_secs_f64() / 1e9
+            };
+            let (ours, quiet) = interleaved(samples, 1, || run(true), || run(false));
+            out.push(
+                Measurement::new("e2e", format!("{name}_invalidation_storm"), "GB/s", ours)
+                    .with_baseline(format!("{name}_no_storm"), quiet),
+            );
+        }
         stop.store(true, Ordering::Relaxed);
-        r
     });
-    out.push(Measurement::new(
-        "e2e",
-        "copy_16MiB_invalidation_storm",
-        "GB/s",
-        storm,
-    ));
     Ok(out)
 }
