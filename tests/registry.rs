@@ -17,6 +17,13 @@ use userptr::{
 
 const MIB: usize = 1 << 20;
 const T: Duration = Duration::from_secs(30);
+/// `mprotect` taking write away, and giving it back.
+const DOWN: Cause = Cause::Protect {
+    new_prot: libc::PROT_READ,
+};
+const UP: Cause = Cause::Protect {
+    new_prot: libc::PROT_READ | libc::PROT_WRITE,
+};
 
 fn setup(cfg: RegistryConfig) -> (Driver, CommandQueue, Registry) {
     let drv = Driver::reference().unwrap();
@@ -132,14 +139,7 @@ fn protection_downgrade_makes_the_device_mapping_read_only_and_upgrade_restores_
     assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
     let before = reg.stats();
 
-    let inv = reg
-        .invalidate_start(
-            range.clone(),
-            Cause::Protect {
-                new_prot: libc::PROT_READ,
-            },
-        )
-        .unwrap();
+    let inv = reg.invalidate_start(range.clone(), DOWN).unwrap();
     buf.mprotect(libc::PROT_READ);
     reg.invalidate_end(inv);
     // The device can still read, but a write faults instead of landing silently.
@@ -160,13 +160,7 @@ fn protection_downgrade_makes_the_device_mapping_read_only_and_upgrade_restores_
 
     // Upgrade: write back, and nothing was unpinned or re-pinned for either change.
     buf.mprotect(libc::PROT_READ | libc::PROT_WRITE);
-    reg.invalidate(
-        range.clone(),
-        Cause::Protect {
-            new_prot: libc::PROT_READ | libc::PROT_WRITE,
-        },
-    )
-    .unwrap();
+    reg.invalidate(range.clone(), UP).unwrap();
     assert_eq!(fill(&reg, &q, &u, 3), Status::Ok);
     assert!(buf.read().iter().all(|&b| b == 3));
     let after = reg.stats();
@@ -853,13 +847,7 @@ fn pieces_of_a_downgraded_region_stay_device_read_only() {
     let range = buf.addr as u64..(buf.addr + MIB) as u64;
     let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
-    reg.invalidate(
-        range.clone(),
-        Cause::Protect {
-            new_prot: libc::PROT_READ,
-        },
-    )
-    .unwrap();
+    reg.invalidate(range.clone(), DOWN).unwrap();
     let middle = reg
         .register(buf.addr + MIB / 2, MIB / 4, Perm::READ_WRITE)
         .unwrap();
@@ -895,13 +883,7 @@ fn pieces_of_a_downgraded_region_stay_device_read_only() {
     );
 
     // The upgrade gives write back to the device-read-only pieces inside its range.
-    reg.invalidate(
-        range.clone(),
-        Cause::Protect {
-            new_prot: libc::PROT_READ | libc::PROT_WRITE,
-        },
-    )
-    .unwrap();
+    reg.invalidate(range.clone(), UP).unwrap();
     assert_eq!(fill(&reg, &q, &middle, 6), Status::Ok);
     drop((q, reg));
     pins.check();
@@ -1007,10 +989,6 @@ fn busy(
         .unwrap();
     (pins, drv, q, reg, buf, u, f.end)
 }
-
-const DOWN: Cause = Cause::Protect {
-    new_prot: libc::PROT_READ,
-};
 
 #[test]
 fn a_second_downgrade_waits_for_the_first() {
