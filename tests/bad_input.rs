@@ -360,7 +360,7 @@ fn dma_faults_are_reported_per_command_and_the_device_keeps_running() {
     assert!(
         drv.device()
             .unwrap()
-            .read32(userptr::driver::regs::FAULT_COUNT)
+            .read32(userptr::ring::regs::FAULT_COUNT)
             >= 4
     );
     // The device is still running.
@@ -558,7 +558,7 @@ fn a_corrupt_completion_head_stops_the_ring_with_an_error() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 8).unwrap();
     q.run(Descriptor::nop()).unwrap();
-    use userptr::driver::regs::{ring, ring_reg};
+    use userptr::ring::regs::{ring, ring_reg};
     drv.device()
         .unwrap()
         .write32(ring_reg(0, ring::CQ_HEAD), 1000);

@@ -117,7 +117,7 @@ fn paused_blocking_wait(drv: &Driver, q: &CommandQueue, desc: Descriptor) -> (Co
 
 #[test]
 fn blocking_wait_sleeps_on_the_ring_eventfd() {
-    use userptr::driver::regs::IRQ_MASK;
+    use userptr::ring::regs::IRQ_MASK;
     const RING: u32 = 2;
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();

@@ -7,7 +7,7 @@ use crate::iommu::IommuDomain;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-/// A device with the reference register map (see [`crate::regs`]).
+/// A device with the reference register map (see [`userptr_ring::regs`]).
 pub trait Device: Send + Sync {
     /// A short description for messages.
     fn name(&self) -> String;

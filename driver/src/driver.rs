@@ -12,9 +12,8 @@ use crate::iommu::{IommuDomain, Perm, PAGE_2M, PAGE_4K};
 use crate::iova::IovaAllocator;
 use crate::mapping::UserMapping;
 use crate::queue::CommandQueue;
-use crate::reference::{ReferenceConfig, ReferenceDevice};
-use crate::regs;
 use std::sync::{Arc, Mutex};
+use userptr_ring::regs;
 
 struct Inner {
     device: Option<Arc<dyn Device>>,
@@ -70,17 +69,6 @@ impl Driver {
                 control: Mutex::new(()),
             }),
         }
-    }
-
-    /// A new reference device with the default configuration.
-    pub fn reference() -> Result<Driver> {
-        Driver::with_reference(ReferenceConfig::default())
-    }
-
-    /// A new reference device with `cfg`.
-    pub fn with_reference(cfg: ReferenceConfig) -> Result<Driver> {
-        let dev: Arc<dyn Device> = ReferenceDevice::new(cfg)?;
-        Ok(Driver::new(dev))
     }
 
     /// The ring-protocol device, if this driver has one.

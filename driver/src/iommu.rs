@@ -4,7 +4,7 @@
 //! pages that back a virtual range *at that moment* (VFIO type1 semantics) and makes
 //! them reachable at an IOVA with the given permissions; `unmap` removes the
 //! translation and releases the pin. Two implementations: the reference device's
-//! io_uring-backed domain ([`crate::uring_iommu::UringIommu`]) and VFIO type1v2
+//! io_uring-backed domain ([`crate::reference::uring_iommu::UringIommu`]) and VFIO type1v2
 //! ([`crate::vfio::VfioDomain`]).
 
 use crate::error::Result;

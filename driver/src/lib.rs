@@ -40,7 +40,6 @@ pub mod dma_memory;
 pub mod driver;
 pub mod edu;
 pub mod error;
-pub mod fault_injection;
 pub mod fork;
 pub mod iommu;
 pub mod iova;
@@ -52,21 +51,18 @@ pub mod proc_status;
 pub mod queue;
 pub mod reference;
 pub mod registry;
-pub mod regs;
-pub mod uring_iommu;
 pub mod vfio;
-pub mod vram;
 
 pub use device::Device;
 pub use driver::Driver;
 pub use error::{Error, Result};
-pub use fault_injection::PinFaults;
 pub use iommu::{IommuDomain, Perm};
 pub use mapping::UserMapping;
 pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};
+pub use reference::fault_injection::PinFaults;
+pub use reference::uring_iommu::UringIommuConfig;
 pub use reference::{ReferenceConfig, ReferenceDevice};
 pub use registry::{
     Cause, Invalidation, RegionInfo, RegionObserver, Registry, RegistryConfig, StatsSnapshot,
     Userptr, CAUSE_NAMES,
 };
-pub use uring_iommu::UringIommuConfig;

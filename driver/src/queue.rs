@@ -20,12 +20,12 @@ use crate::dma_memory::DmaMemory;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
-use crate::regs::{self, ring, ring_reg};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use userptr_ring::regs::{self, ring, ring_reg};
 use userptr_ring::{
     Completion, Consumer, Descriptor, Fence, Geometry, Producer, SharedIndices, Status,
     COMPLETION_SIZE, DESCRIPTOR_SIZE,

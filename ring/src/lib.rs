@@ -18,16 +18,21 @@
 //! * [`completion`]: completion entries, statuses, fault records;
 //! * [`index`]: the producer/consumer index protocol (free-running `u32` head and
 //!   tail, power-of-two wraparound, acquire/release ordering) shared by both queues;
-//! * [`fence`]: fence seqnos and their ordering.
+//! * [`fence`]: fence seqnos and their ordering;
+//! * [`regs`]: the device's BAR0 register map, through which a driver programs the
+//!   rings and rings their doorbells (the reference device implements it; a hardware
+//!   implementation would too).
 //!
 //! The crate is pure protocol: it owns no memory and no threads. The driver
 //! (`userptr-driver`) places the queues in mapped memory and implements the doorbell
-//! for each device.
+//! for each device. Both ends import from here, so the register map sits below the
+//! driver's queue and the device model alike.
 
 pub mod completion;
 pub mod descriptor;
 pub mod fence;
 pub mod index;
+pub mod regs;
 
 pub use completion::{AccessKind, Completion, FaultRecord, Status, COMPLETION_SIZE};
 pub use descriptor::{

@@ -2,7 +2,7 @@
 //! and the process's pinned-memory budget; `userptr info BDF`: a device opened through
 //! VFIO (see `vfio_cmd`).
 
-use userptr::driver::regs;
+use userptr::ring::regs;
 use userptr::Driver;
 
 #[derive(clap::Args)]

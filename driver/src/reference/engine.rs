@@ -14,12 +14,12 @@
 //! Idle, it spins briefly and then parks; a doorbell write unparks it.
 
 use super::Shared;
-use crate::regs::{self, ring};
-use crate::uring_iommu::{Direction, DmaError, DmaPort, Transfer, CHUNK};
-use crate::vram::Vram;
+use crate::reference::uring_iommu::{Direction, DmaError, DmaPort, Transfer, CHUNK};
+use crate::reference::vram::Vram;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use userptr_ring::regs::{self, ring};
 use userptr_ring::{
     AccessKind, Completion, Consumer, Descriptor, FaultRecord, Geometry, Opcode, Producer, Status,
     COMPLETION_SIZE, DESCRIPTOR_SIZE,

@@ -1,26 +1,37 @@
-//! The reference device: a software device with a documented BAR0 (see
-//! [`crate::regs`] and `docs/reference-device.md`), an IOMMU built on io_uring fixed
-//! buffers ([`crate::uring_iommu`]), device-local memory in a memfd
-//! ([`crate::vram`]), and an engine thread ([`engine`]) that executes the ring
-//! protocol. It is the embedded default device: everything the driver does against a
-//! real device it does against this one, with real kernel pins.
+//! The reference device: a software device with a documented BAR0 (the register map
+//! is [`userptr_ring::regs`], the prose `docs/reference-device.md`). Everything that is
+//! the reference device lives in this folder:
+//! * this file: the register file ([`ReferenceDevice`], the [`Device`] it implements)
+//!   and the [`Driver`] constructors for it;
+//! * [`uring_iommu`]: its IOMMU, built on io_uring fixed buffers (real kernel pins);
+//! * [`fault_injection`]: [`PinFaults`](fault_injection::PinFaults), failing the IOMMU's
+//!   pin attempts on purpose (`userptr torture --inject`);
+//! * [`vram`]: device-local memory in a memfd;
+//! * `engine`: the engine thread that executes the ring protocol.
+//!
+//! It is the embedded default device: everything the driver does against a real
+//! device it does against this one, with real kernel pins.
 //!
 //! Its BAR0 is process memory (atomics) rather than MMIO; a register write's side
 //! effect, such as waking the engine on a doorbell, happens in the writing thread, the
 //! way a trapped MMIO write would be handled.
 
 mod engine;
+pub mod fault_injection;
+pub mod uring_iommu;
+pub mod vram;
 
 use crate::device::Device;
+use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::IommuDomain;
-use crate::regs::{self, ring};
-use crate::uring_iommu::{UringIommu, UringIommuConfig};
-use crate::vram::Vram;
+use crate::reference::uring_iommu::{UringIommu, UringIommuConfig};
+use crate::reference::vram::Vram;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
+use userptr_ring::regs::{self, ring};
 use userptr_ring::{RingIndices, SharedIndices};
 
 /// How to build a reference device.
@@ -283,6 +294,20 @@ impl ReferenceDevice {
     /// The io_uring IOMMU (for tests and the bench harness).
     pub fn iommu(&self) -> &Arc<UringIommu> {
         &self.iommu
+    }
+}
+
+/// The reference device as a [`Driver`]: the embedded default.
+impl Driver {
+    /// A new reference device with the default configuration.
+    pub fn reference() -> Result<Driver> {
+        Driver::with_reference(ReferenceConfig::default())
+    }
+
+    /// A new reference device with `cfg`.
+    pub fn with_reference(cfg: ReferenceConfig) -> Result<Driver> {
+        let dev: Arc<dyn Device> = ReferenceDevice::new(cfg)?;
+        Ok(Driver::new(dev))
     }
 }
 

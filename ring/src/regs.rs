@@ -1,5 +1,7 @@
-//! The reference device's BAR0 register map: the ABI between the driver and the device.
-//! `docs/reference-device.md` is the prose version of this file; keep them in step.
+//! The BAR0 register map of a device that speaks the ring protocol: the ABI between
+//! the driver (`userptr-driver`'s queues) and the device (the reference device's
+//! register file and engine). `docs/reference-device.md` is the prose version of this
+//! file; keep them in step.
 //!
 //! All registers are 32 bits wide, little-endian, at 4-byte-aligned offsets. 64-bit
 //! addresses are split into `_LO`/`_HI` halves. Reads have Acquire and writes Release

@@ -22,8 +22,8 @@
 //! crate's buffer-registration and submission contract, justified at each block.
 
 use crate::error::{Error, Result};
-use crate::fault_injection::PinFaults;
 use crate::iommu::{IommuDomain, Perm, PAGE_1G, PAGE_2M, PAGE_4K};
+use crate::reference::fault_injection::PinFaults;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::BTreeMap;
 use std::io;
