@@ -25,10 +25,10 @@ pub use userptr_driver as driver;
 pub use userptr_ring as ring;
 
 pub use userptr_driver::{
-    pci, proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device,
-    Driver, Error, Invalidation, IommuDomain, Perm, PinFaults, ReferenceConfig, ReferenceDevice,
-    Registry, RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr,
-    WaitMode, CAUSE_NAMES,
+    proc_status, Backpressure, BatchFences, Cause, CommandQueue, CompletionExt, Device, Driver,
+    Error, Invalidation, IommuDomain, Perm, PinFaults, ReferenceConfig, ReferenceDevice, Registry,
+    RegistryConfig, Result, StatsSnapshot, UringIommuConfig, UserMapping, Userptr, WaitMode,
+    CAUSE_NAMES,
 };
 pub use userptr_ring::{
     AccessKind, Completion, Descriptor, FaultRecord, Fence, Flags, Opcode, Status,

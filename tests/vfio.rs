@@ -22,8 +22,8 @@ mod common;
 
 use common::{is_child, run_child, Anon};
 use std::time::Duration;
-use userptr::driver::nvme::{IoQueue, Nvme, NvmeCommand, NvmeCompletion};
 use userptr::driver::proc_status::{locked_bytes, pinned_bytes};
+use userptr::driver::vfio::nvme::{IoQueue, Nvme, NvmeCommand, NvmeCompletion};
 use userptr::driver::vfio::VfioDomain;
 use userptr::{Driver, Perm, Registry, RegistryConfig, WaitMode};
 
@@ -380,7 +380,7 @@ fn two_devices_in_one_container_share_one_iommu_domain() {
         let edu_pci = domain.open(&eb).unwrap();
         let nvme_pci = domain.open(&nb).unwrap();
         let drv = Driver::for_domain(domain.clone(), "vfio");
-        let edu = userptr::driver::edu::Edu::new(edu_pci).unwrap();
+        let edu = userptr::driver::vfio::edu::Edu::new(edu_pci).unwrap();
         let nvme = Nvme::new(nvme_pci, &drv).unwrap();
         let q = nvme.io_queue(1, 8).unwrap();
         let ns = *nvme.namespace();
@@ -444,7 +444,7 @@ fn nvme_completions_arrive_by_msix_and_edu_interrupts_by_msi_and_intx() {
     // edu: MSI, then INTx, each delivered to an eventfd.
     let domain = VfioDomain::new().unwrap();
     let pci = domain.open(&eb).unwrap();
-    let edu = userptr::driver::edu::Edu::new(pci.clone()).unwrap();
+    let edu = userptr::driver::vfio::edu::Edu::new(pci.clone()).unwrap();
     for kind in [IrqKind::Msi, IrqKind::Intx] {
         let fd = EventFd::new(EFD_NONBLOCK).unwrap();
         pci.enable_irqs(kind, &[&fd]).unwrap();

@@ -4,7 +4,7 @@
 //!
 //! A driver made with [`Driver::for_domain`] has no ring-protocol device: it maps
 //! memory into a domain that another engine drives (the NVMe engine over VFIO, see
-//! [`crate::nvme`]); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
+//! [`crate::vfio::nvme`]); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
 
 use crate::device::Device;
 use crate::error::{Error, Result};

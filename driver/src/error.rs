@@ -162,14 +162,14 @@ pub enum Error {
         .path.display()
     )]
     NoSuchPciDevice {
-        bdf: crate::pci::Bdf,
+        bdf: crate::vfio::pci::Bdf,
         path: std::path::PathBuf,
     },
     #[error("{bdf}: {op} failed ({}): {source}; likely cause: {hint}", .path.display())]
     PciSysfs {
         /// What was being done (`set driver_override`, `unbind from its driver`, ...).
         op: &'static str,
-        bdf: crate::pci::Bdf,
+        bdf: crate::vfio::pci::Bdf,
         /// The sysfs file read or written.
         path: std::path::PathBuf,
         #[source]
@@ -179,8 +179,8 @@ pub enum Error {
     },
     #[error("{bdf} cannot be used through VFIO: {reason}; {}", .reason.hint())]
     PciVfioUnusable {
-        bdf: crate::pci::Bdf,
-        reason: crate::pci::VfioUnusable,
+        bdf: crate::vfio::pci::Bdf,
+        reason: crate::vfio::pci::VfioUnusable,
     },
     #[error(
         "vfio-pci did not take {bdf}; rolled back (driver_override cleared, device \
@@ -188,7 +188,7 @@ pub enum Error {
         driver_text(.driver)
     )]
     PciBindFailed {
-        bdf: crate::pci::Bdf,
+        bdf: crate::vfio::pci::Bdf,
         /// The driver the device is on after the roll-back.
         driver: Option<String>,
     },
@@ -226,7 +226,7 @@ impl Error {
     /// A failed sysfs read or write on a PCI device, with the likely cause from the errno.
     pub(crate) fn pci_sysfs(
         op: &'static str,
-        bdf: crate::pci::Bdf,
+        bdf: crate::vfio::pci::Bdf,
         path: std::path::PathBuf,
         source: io::Error,
     ) -> Error {

@@ -38,15 +38,12 @@
 pub mod device;
 pub mod dma_memory;
 pub mod driver;
-pub mod edu;
 pub mod error;
 pub mod fork;
 pub mod iommu;
 pub mod iova;
 pub mod mapping;
 pub mod monitor;
-pub mod nvme;
-pub mod pci;
 pub mod proc_status;
 pub mod queue;
 pub mod reference;

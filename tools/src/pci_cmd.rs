@@ -1,7 +1,7 @@
 //! `userptr list`, `userptr bind BDF`, `userptr unbind BDF`: VFIO bring-up. Which PCI
 //! devices there are and what each lacks for VFIO; moving one to vfio-pci and back.
 
-use userptr::driver::pci::{self, Bdf, HostSupport, PciDevice, SysRoot};
+use userptr::driver::vfio::pci::{self, Bdf, HostSupport, PciDevice, SysRoot};
 
 #[derive(clap::Args)]
 pub struct ListArgs {

@@ -7,9 +7,9 @@ use clap::Args as ClapArgs;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use userptr::driver::edu::{Edu, EDU_DMA_LIMIT};
-use userptr::driver::nvme::{IoQueue, Nvme, NvmeCommand};
-use userptr::driver::pci::{Bdf, HostSupport, SysRoot};
+use userptr::driver::vfio::edu::{Edu, EDU_DMA_LIMIT};
+use userptr::driver::vfio::nvme::{IoQueue, Nvme, NvmeCommand};
+use userptr::driver::vfio::pci::{Bdf, HostSupport, SysRoot};
 use userptr::driver::vfio::{IrqKind, VfioDomain, VfioPci};
 use userptr::{Driver, Perm, Registry, RegistryConfig, WaitMode};
 
@@ -370,7 +370,7 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     Ok(out)
 }
 
-fn outcome(c: userptr::driver::nvme::NvmeCompletion) -> String {
+fn outcome(c: userptr::driver::vfio::nvme::NvmeCompletion) -> String {
     match c.into_result() {
         Ok(_) => "completed without error and no IOMMU fault record was seen (the kernel \
                   prints at most 10 fault lines per 5 s; /dev/kmsg must be readable)"

@@ -3,7 +3,7 @@
 //!
 //! The registry is not tied to one ring format. The reference device's
 //! [`CommandQueue`](crate::queue::CommandQueue) (userptr ring protocol, in-order
-//! completion) and the NVMe I/O queue ([`crate::nvme::IoQueue`], phase-bit completion
+//! completion) and the NVMe I/O queue ([`crate::vfio::nvme::IoQueue`], phase-bit completion
 //! queue, completions in any order) both implement these traits, so the same pin
 //! cache, epoch protocol and invalidation waits drive both.
 //!

@@ -8,6 +8,11 @@
 //!   config space, bus mastering, function reset, MSI/MSI-X/INTx to eventfds.
 //! * [`faults`]: [`FaultLog`], the IOMMU faults the kernel logged (the only way a
 //!   blocked DMA write ever becomes visible to a userspace driver).
+//! * [`pci`]: PCI devices in sysfs, their VFIO readiness, binding to vfio-pci and back.
+//!
+//! The device drivers that run on a function opened here:
+//! * [`nvme`]: an NVMe controller, its I/O queues driven by the registry;
+//! * [`edu`]: QEMU's edu DMA device, for bring-up checks.
 //!
 //! Built on the rust-vmm crates: `vfio-ioctls` opens the container, groups and devices
 //! and does the read-write DMA map and the unmap; `vfio-bindings` gives the ABI structs
@@ -20,7 +25,10 @@
 
 pub mod device;
 pub mod domain;
+pub mod edu;
 pub mod faults;
+pub mod nvme;
+pub mod pci;
 
 pub use device::{wait_irq, BarInfo, IrqKind, Mmio, VfioPci};
 pub use domain::{Type1Info, VfioDomain};

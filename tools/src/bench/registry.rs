@@ -6,8 +6,8 @@ use super::measure::{interleaved, repeat, time_us, Mem, Sample};
 use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
 use std::time::{Duration, Instant};
-use userptr::driver::nvme::NvmeCommand;
 use userptr::driver::registry::interval::IntervalMap;
+use userptr::driver::vfio::nvme::NvmeCommand;
 use userptr::{Cause, Descriptor, Perm, Registry, RegistryConfig, Userptr, WaitMode};
 
 const T: Duration = Duration::from_secs(30);
@@ -345,5 +345,5 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
 /// The device work a busy invalidation waits for.
 enum InFlight {
     Ring(userptr::BatchFences),
-    Nvme(userptr::driver::nvme::NvmeBatch),
+    Nvme(userptr::driver::vfio::nvme::NvmeBatch),
 }

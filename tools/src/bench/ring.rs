@@ -6,7 +6,7 @@ use super::measure::{repeat, time_us, Sample};
 use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
 use std::time::{Duration, Instant};
-use userptr::driver::nvme::IoQueue;
+use userptr::driver::vfio::nvme::IoQueue;
 use userptr::{Backpressure, Descriptor, WaitMode};
 
 const T: Duration = Duration::from_secs(30);

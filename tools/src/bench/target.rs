@@ -9,7 +9,7 @@
 use crate::raw_pin::RawPin;
 use std::sync::Arc;
 use std::time::Duration;
-use userptr::driver::nvme::{IoQueue, Nvme, NvmeCommand};
+use userptr::driver::vfio::nvme::{IoQueue, Nvme, NvmeCommand};
 use userptr::{Driver, Perm, WaitMode};
 
 pub enum Target {
@@ -149,7 +149,7 @@ impl RawMap {
 }
 
 /// Wait for an NVMe batch and check every completion.
-pub fn nvme_wait(q: &IoQueue, b: userptr::driver::nvme::NvmeBatch) -> Result<(), String> {
+pub fn nvme_wait(q: &IoQueue, b: userptr::driver::vfio::nvme::NvmeBatch) -> Result<(), String> {
     for c in q
         .wait(b, WaitMode::Poll, Duration::from_secs(30))
         .map_err(|e| crate::explain(&e))?
