@@ -565,7 +565,7 @@ fn memlock_limit_is_a_pin_limit_error() {
 fn invalidation_waits_for_nvme_commands_in_flight() {
     let Some(bdf) = nvme_bdf() else { return };
     let _g = common::serial();
-    use userptr::driver::registry::Submitter;
+    use userptr::driver::Submitter;
     let start = pins();
     {
         let r = rig(&bdf);

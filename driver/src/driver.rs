@@ -3,8 +3,8 @@
 //! (mappings, queues, the registry) is created from here.
 //!
 //! A driver made with [`Driver::for_domain`] has no ring-protocol device: it maps
-//! memory into a domain that another engine drives (the NVMe engine over VFIO, see
-//! [`crate::vfio::nvme`]); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
+//! memory into a domain that another engine drives (the NVMe engine over VFIO,
+//! `vfio::nvme`); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
 
 use crate::device::Device;
 use crate::error::{Error, Result};

@@ -162,14 +162,16 @@ pub enum Error {
         .path.display()
     )]
     NoSuchPciDevice {
-        bdf: crate::vfio::pci::Bdf,
+        /// The PCI address, `DDDD:BB:DD.F`.
+        bdf: String,
         path: std::path::PathBuf,
     },
     #[error("{bdf}: {op} failed ({}): {source}; likely cause: {hint}", .path.display())]
     PciSysfs {
         /// What was being done (`set driver_override`, `unbind from its driver`, ...).
         op: &'static str,
-        bdf: crate::vfio::pci::Bdf,
+        /// The PCI address, `DDDD:BB:DD.F`.
+        bdf: String,
         /// The sysfs file read or written.
         path: std::path::PathBuf,
         #[source]
@@ -177,10 +179,14 @@ pub enum Error {
         /// The likely cause, from the errno.
         hint: &'static str,
     },
-    #[error("{bdf} cannot be used through VFIO: {reason}; {}", .reason.hint())]
+    #[error("{bdf} cannot be used through VFIO: {reason}; {hint}")]
     PciVfioUnusable {
-        bdf: crate::vfio::pci::Bdf,
-        reason: crate::vfio::pci::VfioUnusable,
+        /// The PCI address, `DDDD:BB:DD.F`.
+        bdf: String,
+        /// Why (`vfio::pci::VfioUnusable`, in words).
+        reason: String,
+        /// What to do about it.
+        hint: &'static str,
     },
     #[error(
         "vfio-pci did not take {bdf}; rolled back (driver_override cleared, device \
@@ -188,7 +194,8 @@ pub enum Error {
         driver_text(.driver)
     )]
     PciBindFailed {
-        bdf: crate::vfio::pci::Bdf,
+        /// The PCI address, `DDDD:BB:DD.F`.
+        bdf: String,
         /// The driver the device is on after the roll-back.
         driver: Option<String>,
     },
@@ -226,7 +233,7 @@ impl Error {
     /// A failed sysfs read or write on a PCI device, with the likely cause from the errno.
     pub(crate) fn pci_sysfs(
         op: &'static str,
-        bdf: crate::vfio::pci::Bdf,
+        bdf: impl std::fmt::Display,
         path: std::path::PathBuf,
         source: io::Error,
     ) -> Error {
@@ -251,7 +258,7 @@ impl Error {
         };
         Error::PciSysfs {
             op,
-            bdf,
+            bdf: bdf.to_string(),
             path,
             source,
             hint,

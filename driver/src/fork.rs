@@ -28,9 +28,8 @@ extern "C" fn in_child() {
 }
 
 /// Install the atfork handler (once per process). Every domain constructor (the
-/// reference device's io_uring domain, [`crate::vfio::VfioDomain::new`]) and
-/// [`crate::registry::Registry::new`] call it, so [`in_forked_child`] holds whatever
-/// domain the driver runs on.
+/// reference device's io_uring domain, VFIO's `VfioDomain::new`) and `Registry::new`
+/// call it, so [`in_forked_child`] holds whatever domain the driver runs on.
 pub fn install() {
     INSTALL.call_once(|| {
         // SAFETY: registers a plain extern "C" function with no captured state; it only

@@ -3,9 +3,9 @@
 //! A domain translates device addresses (IOVAs) to host memory. `map` pins the host
 //! pages that back a virtual range *at that moment* (VFIO type1 semantics) and makes
 //! them reachable at an IOVA with the given permissions; `unmap` removes the
-//! translation and releases the pin. Two implementations: the reference device's
-//! io_uring-backed domain ([`crate::reference::uring_iommu::UringIommu`]) and VFIO type1v2
-//! ([`crate::vfio::VfioDomain`]).
+//! translation and releases the pin. Two implementations, each in its wing: the
+//! reference device's io_uring-backed domain (`reference::uring_iommu::UringIommu`) and
+//! VFIO type1v2 (`vfio::VfioDomain`).
 
 use crate::error::Result;
 use std::ops::Range;

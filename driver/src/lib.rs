@@ -38,6 +38,7 @@
 pub mod device;
 pub mod dma_memory;
 pub mod driver;
+pub mod driver_section;
 pub mod error;
 pub mod fork;
 pub mod iommu;
@@ -48,6 +49,7 @@ pub mod proc_status;
 pub mod queue;
 pub mod reference;
 pub mod registry;
+pub mod submitter;
 pub mod vfio;
 
 pub use device::Device;
@@ -63,3 +65,4 @@ pub use registry::{
     Cause, Invalidation, RegionInfo, RegionObserver, Registry, RegistryConfig, StatsSnapshot,
     Userptr, CAUSE_NAMES,
 };
+pub use submitter::{FenceTracker, Submitter};

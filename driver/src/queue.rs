@@ -608,7 +608,7 @@ impl QueueCore {
     }
 }
 
-impl crate::registry::FenceTracker for QueueCore {
+impl crate::submitter::FenceTracker for QueueCore {
     fn is_done(&self, seqno: u64) -> bool {
         QueueCore::is_done(self, seqno)
     }
@@ -625,7 +625,7 @@ impl crate::registry::FenceTracker for QueueCore {
 
 /// The reference ring as the registry drives it: completions come in order, so the
 /// batch's last seqno stands for the whole prefix.
-impl crate::registry::Submitter for CommandQueue {
+impl crate::submitter::Submitter for CommandQueue {
     type Command = Descriptor;
     type Fence = BatchFences;
 
@@ -646,7 +646,7 @@ impl crate::registry::Submitter for CommandQueue {
         QueueCore::wait_for_room(self, n.min(u32::MAX as usize) as u32)
     }
 
-    fn tracker(&self) -> std::sync::Weak<dyn crate::registry::FenceTracker> {
+    fn tracker(&self) -> std::sync::Weak<dyn crate::submitter::FenceTracker> {
         let w: std::sync::Weak<QueueCore> = Arc::downgrade(&self.core);
         w
     }

@@ -461,7 +461,7 @@ pub fn iops(q: &IoQueue, drv: &Driver, n: usize, depth: u16, cached: bool) -> Re
             let b = loop {
                 match q.submit_batch(&[NvmeCommand::read(&ns, lba, m.iova(), 4096)]) {
                     Err(userptr::Error::RingFull { .. }) => {
-                        userptr::driver::registry::Submitter::wait_for_room(q, 1).map_err(e)?
+                        userptr::driver::Submitter::wait_for_room(q, 1).map_err(e)?
                     }
                     r => break r.map_err(e)?,
                 }

@@ -13,38 +13,11 @@
 //!   cannot install a filter (blind to glibc-internal and raw calls);
 //! * explicit: the application calls the registry itself around its own changes.
 //!
-//! Re-entrancy: while a thread runs driver code ([`driver_section`]), the calls it
-//! makes (freeing its own buffers, say) pass through unmonitored: the driver never
+//! Re-entrancy: while a thread runs driver code ([`crate::driver_section`]), the calls
+//! it makes (freeing its own buffers, say) pass through unmonitored: the driver never
 //! changes memory the application registered, and monitoring its own calls while it
 //! holds its locks would deadlock.
 
 pub mod preload;
 pub mod seccomp;
 pub mod uffd;
-
-use std::cell::Cell;
-
-thread_local! {
-    // const-initialised, no destructor: safe to touch from a signal handler.
-    static IN_DRIVER: Cell<u32> = const { Cell::new(0) };
-}
-
-/// Marks the current thread as running driver code until dropped.
-pub struct DriverSection(());
-
-/// Enter a driver section (nests).
-pub fn driver_section() -> DriverSection {
-    IN_DRIVER.with(|c| c.set(c.get() + 1));
-    DriverSection(())
-}
-
-impl Drop for DriverSection {
-    fn drop(&mut self) {
-        IN_DRIVER.with(|c| c.set(c.get() - 1));
-    }
-}
-
-/// Whether the current thread is inside a driver section.
-pub fn in_driver() -> bool {
-    IN_DRIVER.with(|c| c.get() > 0)
-}

@@ -59,7 +59,7 @@ struct Hooks {
 }
 
 extern "C" fn on_start(ctx: *mut c_void, start: u64, end: u64, kind: u32, arg: u64) -> u64 {
-    if super::in_driver() {
+    if crate::driver_section::in_driver() {
         return 0; // the driver's own calls pass through
     }
     // SAFETY: ctx is the Gate leaked by `PreloadMonitor::install`, never freed.

@@ -31,7 +31,7 @@
 //!   stack). So the filter also traps `rt_sigprocmask` and `rt_sigaction`, and the
 //!   handler strips SIGSYS from every mask the process sets: SIGSYS is never blocked;
 //!   installing another SIGSYS handler fails with `EINVAL`;
-//! * the driver's own calls: threads inside a [`super::driver_section`], and the
+//! * the driver's own calls: threads inside a [`crate::driver_section`], and the
 //!   worker itself, pass through;
 //! * another SIGSYS user at install time: refused with [`Error::MonitorConflict`];
 //! * threads starting up at install time: a thread that glibc is still creating has
@@ -331,7 +331,7 @@ fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {
     }
     // Relaxed: statistics.
     s.counters.traps.fetch_add(1, Ordering::Relaxed);
-    if super::in_driver() {
+    if crate::driver_section::in_driver() {
         s.counters.reentrant.fetch_add(1, Ordering::Relaxed);
         return raw_syscall(nr, a);
     }
@@ -498,7 +498,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, _info: *mut libc::siginfo_t, ctx: *mu
 /// The worker: runs the registry side of trapped calls.
 fn worker(shared: &'static Shared, wake: OwnedFd, stop: Arc<AtomicBool>) {
     // The worker's own calls (its allocations) pass through.
-    let _section = super::driver_section();
+    let _section = crate::driver_section::enter();
     let mut tokens: Vec<Option<Invalidation>> = (0..SLOTS).map(|_| None).collect();
     let mut buf = [0u8; 8];
     loop {

@@ -66,7 +66,7 @@
 //! * Events are process-wide and asynchronous; a monitor thread must never change a
 //!   registered range itself (a thread that does so while nobody reads the
 //!   userfaultfd blocks in uninterruptible sleep). Neither thread here does, and both
-//!   run inside a [`super::driver_section`]. The same holds for anything that stops
+//!   run inside a [`crate::driver_section`]. The same holds for anything that stops
 //!   the reader (a debugger, `SIGSTOP` of that thread alone).
 //! * When the monitor stops, events still queued are handled, then the userfaultfd is
 //!   closed (unregistering every range); an event raised between the last read and
@@ -576,7 +576,7 @@ impl Drop for ReaderExit<'_> {
 
 fn reader(shared: Arc<Shared>, ctl: Arc<Control>) {
     // The reader's own calls (freeing its buffers) pass through other monitors.
-    let _section = super::driver_section();
+    let _section = crate::driver_section::enter();
     let _exit = ReaderExit {
         shared: &shared,
         ctl: &ctl,
@@ -696,7 +696,7 @@ impl Drop for HandlerExit<'_> {
 }
 
 fn handler(registry: Registry, shared: Arc<Shared>, ctl: Arc<Control>) {
-    let _section = super::driver_section();
+    let _section = crate::driver_section::enter();
     let _exit = HandlerExit(&ctl);
     loop {
         // Ends once the reader has exited and the queue is empty.

@@ -74,7 +74,7 @@ impl Engine {
     pub(super) fn run(mut self) {
         // The engine is driver code: its own calls (its allocator trimming memory, say)
         // must pass through a monitor, which may be waiting for this very engine.
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         let mut idle_since = Instant::now();
         loop {
             // Acquire: pairs with the Release stores of the device's owner / register

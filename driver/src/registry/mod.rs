@@ -26,15 +26,14 @@
 pub mod interval;
 pub mod notifier;
 mod stats;
-pub mod submitter;
 pub mod validate;
 
 pub use stats::{Stats, StatsSnapshot, CAUSE_NAMES};
-pub use submitter::{FenceTracker, Submitter};
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
+use crate::submitter::{FenceTracker, Submitter};
 use interval::IntervalMap;
 use notifier::{Epoch, InvalidationLog, Notifier, WindowId};
 use std::ops::Range;
@@ -439,7 +438,7 @@ impl Registry {
     /// The live regions (pinned mappings), ascending by address within each
     /// permission: for inspection, tests and the tool.
     pub fn regions(&self) -> Vec<RegionInfo> {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         let g = self.inner.notifier.read();
         g.maps
             .iter()
@@ -462,7 +461,7 @@ impl Registry {
     /// Register `len` bytes at `addr` for device access with `perm`, pinning them now
     /// (so errors surface here) or reusing / merging cached mappings.
     pub fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr> {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
@@ -491,7 +490,7 @@ impl Registry {
     /// until the next invalidation: submit through [`Registry::submit`], which
     /// validates it.
     pub fn iova(&self, u: &Userptr) -> Result<u64> {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         let (r, _) = self.resolve(u)?;
         Ok(r.iova + (u.addr - r.range.start))
     }
@@ -854,7 +853,7 @@ impl Registry {
         Q: Submitter,
         F: Fn(&[u64]) -> Vec<Q::Command>,
     {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
@@ -961,7 +960,7 @@ impl Registry {
     /// longer uses the range (or its work failed after a device reset), and no new
     /// mapping of it can be established until [`Registry::invalidate_end`].
     pub fn invalidate_start(&self, range: Range<u64>, cause: Cause) -> Result<Invalidation> {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         let inner = &*self.inner;
         Stats::add(&inner.stats.invalidations[cause.index()], 1);
         let range = if range.start >= range.end {
@@ -1106,7 +1105,7 @@ impl Registry {
 
     /// End an invalidation: new mappings of the range may be established again.
     pub fn invalidate_end(&self, inv: Invalidation) {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         if let Some(w) = inv.window {
             self.inner.notifier.close_window(w);
         }
@@ -1207,7 +1206,7 @@ impl Registry {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let _section = crate::monitor::driver_section();
+        let _section = crate::driver_section::enter();
         if crate::fork::in_forked_child() {
             return; // the parent owns the pins
         }

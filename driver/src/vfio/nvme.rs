@@ -36,7 +36,7 @@ use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
 use crate::queue::WaitMode;
-use crate::registry::{FenceTracker, Submitter};
+use crate::submitter::{FenceTracker, Submitter};
 use crate::vfio::{IrqKind, Mmio, VfioPci};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

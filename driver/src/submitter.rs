@@ -1,9 +1,11 @@
-//! What the registry needs from a command queue: submit a batch without waiting, and
-//! later tell whether (or wait until) that batch is done.
+//! The traits every device queue implements: submit a batch without waiting, and
+//! later tell whether (or wait until) that batch is done. They sit beside the queue
+//! abstraction ([`crate::queue`]) so that queues implement them without knowing who
+//! drives them; the registry (a layer above) is what does.
 //!
 //! The registry is not tied to one ring format. The reference device's
 //! [`CommandQueue`](crate::queue::CommandQueue) (userptr ring protocol, in-order
-//! completion) and the NVMe I/O queue ([`crate::vfio::nvme::IoQueue`], phase-bit completion
+//! completion) and the NVMe I/O queue (`vfio::nvme::IoQueue`, phase-bit completion
 //! queue, completions in any order) both implement these traits, so the same pin
 //! cache, epoch protocol and invalidation waits drive both.
 //!
