@@ -1,0 +1,55 @@
+//! Registry settings and their defaults.
+
+use std::time::Duration;
+
+/// Registry settings.
+#[derive(Clone, Debug)]
+pub struct RegistryConfig {
+    /// Most bytes pinned at once (soft: concurrent pins may overshoot by one region).
+    /// Default: RLIMIT_MEMLOCK, or a quarter of RAM with CAP_IPC_LOCK / no limit.
+    pub pin_budget: Option<u64>,
+    /// Most regions mapped at once. Default: the domain's limit less 64 (kept for
+    /// ring memory and direct mappings).
+    pub max_mappings: Option<usize>,
+    /// How long an invalidation waits for in-flight work before resetting the device.
+    pub fence_timeout: Duration,
+    /// Split partially invalidated regions (re-map the surviving parts) instead of
+    /// dropping them whole.
+    pub split: bool,
+    /// Validation mode: on every cache hit, check via `/proc/self/pagemap` that the
+    /// pinned pages are still the ones the process maps (root only; a debugging aid).
+    pub validate: bool,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            pin_budget: None,
+            max_mappings: None,
+            fence_timeout: Duration::from_secs(5),
+            split: true,
+            validate: false,
+        }
+    }
+}
+
+pub(super) fn default_budget() -> u64 {
+    let limit = crate::proc_status::memlock_limit();
+    let cap_ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 14/* CAP_IPC_LOCK */) != 0);
+    if limit == u64::MAX || cap_ipc_lock {
+        let ram = rustix::system::sysinfo().totalram as u64;
+        (ram / 4).max(limit.min(ram))
+    } else {
+        limit
+    }
+}

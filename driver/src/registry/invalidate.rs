@@ -1,0 +1,263 @@
+//! Invalidation: the write side of the notifier contract. Open the window, retire or
+//! downgrade the overlapping regions under the exclusive lock, wait for the device,
+//! unmap, re-pin the parts outside the range (split); restore on an upgrade.
+
+use super::cause::{policy, Action};
+use super::region::{InFlight, Region};
+use super::stats::Stats;
+use super::{page_range, Cause, Invalidation, Registry, PAGE};
+use crate::error::{Error, Result};
+use crate::iommu::Perm;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+impl Registry {
+    /// Begin invalidating `[start, end)` for `cause`. When this returns, the device no
+    /// longer uses the range (or its work failed after a device reset), and no new
+    /// mapping of it can be established until [`Registry::invalidate_end`].
+    pub fn invalidate_start(&self, range: Range<u64>, cause: Cause) -> Result<Invalidation> {
+        let _section = crate::driver_section::enter();
+        let inner = &*self.inner;
+        Stats::add(&inner.stats.invalidations[cause.index()], 1);
+        let range = if range.start >= range.end {
+            range.start..range.start
+        } else {
+            page_range(range.start, range.end - range.start)?
+        };
+        let none = Invalidation {
+            window: None,
+            range: range.clone(),
+        };
+        if range.is_empty() || crate::fork::in_forked_child() {
+            return Ok(none);
+        }
+        let action = policy(cause);
+        match action {
+            Action::Nothing => return Ok(none),
+            Action::Restore => {
+                self.restore(&range);
+                return Ok(none);
+            }
+            Action::Downgrade | Action::Drop => {}
+        }
+        let window = inner.notifier.open_window(range.clone());
+        let mut victims = Vec::new();
+        let mut downgrades = Vec::new();
+        let mut others_downgrading = Vec::new();
+        let mut fences = Vec::new();
+        let mut survivors = Vec::new();
+        {
+            let mut g = inner.notifier.write();
+            g.invalidations.record(range.clone());
+            for slot in 0..3 {
+                let hits: Vec<u64> = g.maps[slot]
+                    .overlapping(range.clone())
+                    .map(|(r, _)| r.start)
+                    .collect();
+                for s in hits {
+                    if action == Action::Downgrade {
+                        let (rr, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
+                        if !r.perm.write() {
+                            continue;
+                        }
+                        // A region wholly inside the range becomes device-read-only in
+                        // place. One that sticks out is dropped and split instead: its
+                        // outside parts must stay writable for the device.
+                        if range.start <= rr.start && rr.end <= range.end {
+                            let r = r.clone();
+                            // Whatever may still write it is waited for, even when
+                            // another downgrade got there first (then its set_perm is
+                            // waited for too, below).
+                            fences.extend(r.inflight());
+                            // Relaxed: downgraded is written only under the exclusive lock.
+                            if !r.downgraded.swap(true, Ordering::Relaxed) {
+                                // Relaxed: under the exclusive lock (see submit_all_hits).
+                                r.perm_pending.store(true, Ordering::Relaxed);
+                                // Submissions that read the epoch before this retry and
+                                // then wait for perm_pending (see resolve).
+                                r.epoch.bump(&g);
+                                downgrades.push(r);
+                            } else {
+                                others_downgrading.push(r);
+                            }
+                            continue;
+                        }
+                    }
+                    let (_, r) = g.maps[slot].remove(s).expect("hit is present");
+                    r.epoch.bump(&g);
+                    // The parts outside the range come back; device-read-only if the
+                    // region was (re-pinned writable, they would give the device write
+                    // access to memory the process write-protected).
+                    // Relaxed: downgraded is written only under the exclusive lock.
+                    let ro = r.downgraded.load(Ordering::Relaxed);
+                    if inner.cfg.split {
+                        if r.range.start < range.start {
+                            survivors.push((r.range.start..range.start, r.perm, ro));
+                        }
+                        if range.end < r.range.end {
+                            survivors.push((range.end..r.range.end, r.perm, ro));
+                        }
+                    }
+                    victims.push(r);
+                }
+            }
+            let overlaps = |r: &Arc<Region>| r.range.start < range.end && range.start < r.range.end;
+            // Regions another invalidation has retired and is still waiting for.
+            for r in g.retiring.iter().filter(|r| overlaps(r)) {
+                fences.extend(r.inflight());
+            }
+            if action == Action::Drop {
+                let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut g.draining)
+                    .into_iter()
+                    .partition(overlaps);
+                g.draining = keep;
+                victims.extend(hit);
+            } else {
+                for r in g.draining.iter().filter(|r| overlaps(r)) {
+                    fences.extend(r.inflight());
+                }
+            }
+            for r in &victims {
+                fences.extend(r.inflight());
+            }
+            g.retiring.extend(victims.iter().cloned());
+        }
+        let waited = self.wait_fences(&fences, &range);
+        for r in &victims {
+            self.unmap_region(r);
+        }
+        if !victims.is_empty() {
+            let mut g = inner.notifier.write();
+            g.retiring
+                .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
+        }
+        for r in &downgrades {
+            match inner.driver.domain().set_perm(r.iova, r.len(), Perm::READ) {
+                Ok(()) => Stats::add(&inner.stats.downgrades, 1),
+                Err(e) => tracing::error!("downgrading region: {e}"),
+            }
+            // Release: the read-only device mapping is in place before hits proceed.
+            r.perm_pending.store(false, Ordering::Release);
+        }
+        for r in &others_downgrading {
+            r.wait_perm();
+        }
+        for (s, perm, ro) in survivors {
+            let _span = tracing::debug_span!("split_repin", start = s.start, end = s.end).entered();
+            // Best effort: the pages outside the range are untouched; if re-pinning
+            // fails they are re-pinned on next use instead.
+            // Never wait for another window here: the caller may be a monitor's only
+            // worker, which must return to close that very window.
+            if self.pin(s, perm, false, false, ro).is_ok() {
+                Stats::add(&inner.stats.splits, 1);
+            }
+        }
+        waited?;
+        Ok(Invalidation {
+            window: Some(window),
+            range,
+        })
+    }
+
+    /// End an invalidation: new mappings of the range may be established again.
+    pub fn invalidate_end(&self, inv: Invalidation) {
+        let _section = crate::driver_section::enter();
+        if let Some(w) = inv.window {
+            self.inner.notifier.close_window(w);
+        }
+    }
+
+    /// `invalidate_start` + `invalidate_end`, for a change that already happened or
+    /// is being made by the caller with nothing to do in between.
+    pub fn invalidate(&self, range: Range<u64>, cause: Cause) -> Result<()> {
+        let inv = self.invalidate_start(range, cause)?;
+        self.invalidate_end(inv);
+        Ok(())
+    }
+
+    /// Unmap everything (teardown). Waits for in-flight work like any invalidation.
+    pub fn clear(&self) -> Result<()> {
+        self.invalidate(0..!(PAGE - 1), Cause::Release)
+    }
+
+    pub(super) fn restore(&self, range: &Range<u64>) {
+        let inner = &*self.inner;
+        let g = inner.notifier.read();
+        for slot in 0..3 {
+            for (rr, r) in g.maps[slot].overlapping(range.clone()) {
+                // Only a region wholly inside the upgraded range gets write back: part
+                // of one that sticks out may still be read-only in the process.
+                let inside = range.start <= rr.start && rr.end <= range.end;
+                // Relaxed: a flag; set_perm's own lock orders the device update.
+                if inside && r.downgraded.swap(false, Ordering::Relaxed) {
+                    if let Err(e) = inner.driver.domain().set_perm(r.iova, r.len(), r.perm) {
+                        tracing::error!("restoring region permissions: {e}");
+                    } else {
+                        Stats::add(&inner.stats.restores, 1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait for `fences`; on timeout reset the device (queued work completes with
+    /// `Aborted`) and wait again.
+    pub(super) fn wait_fences(&self, fences: &[InFlight], range: &Range<u64>) -> Result<()> {
+        let inner = &*self.inner;
+        let pending: Vec<&InFlight> = fences.iter().filter(|f| !f.done()).collect();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let _span = tracing::debug_span!(
+            "invalidate_wait",
+            start = range.start,
+            end = range.end,
+            fences = pending.len()
+        )
+        .entered();
+        Stats::add(&inner.stats.fence_waits, 1);
+        let t0 = Instant::now();
+        let deadline = t0 + inner.cfg.fence_timeout;
+        let mut reset = false;
+        let mut result = Ok(());
+        for f in pending {
+            let Some(q) = f.queue.upgrade() else { continue };
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match q.wait_done(f.seqno, left) {
+                    Ok(()) => break,
+                    Err(Error::Timeout { .. }) if !reset => {
+                        let _span = tracing::info_span!(
+                            "device_reset",
+                            start = range.start,
+                            end = range.end,
+                            seqno = f.seqno
+                        )
+                        .entered();
+                        tracing::warn!(
+                            "invalidation timed out waiting for the device: resetting it"
+                        );
+                        Stats::add(&inner.stats.device_resets, 1);
+                        reset = true;
+                        if let Err(e) = q.abort(inner.cfg.fence_timeout) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        result = Err(Error::InvalidationFailed {
+                            start: range.start,
+                            end: range.end,
+                            reason: e.to_string(),
+                        });
+                        break;
+                    }
+                }
+            }
+        }
+        Stats::add(&inner.stats.wait_ns, t0.elapsed().as_nanos() as u64);
+        result
+    }
+}
