@@ -1,0 +1,169 @@
+//! Submission: descriptors written into the submission queue, the doorbell, and
+//! back-pressure when the ring is full.
+
+use super::{QueueCore, SqRegs};
+use crate::error::{Error, Result};
+use crate::queue::CommandQueue;
+use std::sync::Arc;
+use std::time::Instant;
+use userptr_ring::{Descriptor, Fence, DESCRIPTOR_SIZE};
+
+/// What `submit` does when the ring is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backpressure {
+    /// Wait for the device to make room (up to the queue's timeout).
+    Wait,
+    /// Return [`Error::RingFull`] at once.
+    WouldBlock,
+}
+
+impl QueueCore {
+    /// Submit one command. Its seqno is assigned here.
+    pub fn submit(&self, desc: Descriptor, bp: Backpressure) -> Result<Fence> {
+        let fences = self.submit_batch(std::slice::from_ref(&desc), bp)?;
+        Ok(fences.end)
+    }
+
+    /// Submit raw descriptor bytes as they are, apart from the seqno field (bytes
+    /// 8..16), which the queue assigns. For bring-up and tests of the device's own
+    /// validation: a malformed descriptor completes with `BadDescriptor`.
+    pub fn submit_raw(&self, mut raw: [u8; DESCRIPTOR_SIZE], bp: Backpressure) -> Result<Fence> {
+        self.submit_encoded(1, bp, |seq, out| {
+            raw[8..16].copy_from_slice(&seq.to_le_bytes());
+            out.copy_from_slice(&raw);
+        })
+        .map(|f| f.end)
+    }
+
+    /// Submit several commands with one doorbell. Returns the fences of the first and
+    /// the last (seqnos are consecutive). With `WouldBlock`, either all are submitted or
+    /// none (`RingFull`) when they do not fit now.
+    pub fn submit_batch(&self, descs: &[Descriptor], bp: Backpressure) -> Result<BatchFences> {
+        for d in descs {
+            d.validate()?;
+        }
+        let mut i = 0;
+        self.submit_encoded(descs.len(), bp, |seq, out| {
+            out.copy_from_slice(&descs[i].with_seqno(seq).encode());
+            i += 1;
+        })
+    }
+
+    pub(super) fn submit_encoded(
+        &self,
+        count: usize,
+        bp: Backpressure,
+        mut encode: impl FnMut(u64, &mut [u8; DESCRIPTOR_SIZE]),
+    ) -> Result<BatchFences> {
+        if count == 0 {
+            return Err(Error::ZeroLength { addr: 0 });
+        }
+        if bp == Backpressure::WouldBlock && count > self.geo.size() as usize {
+            return Err(Error::RingFull {
+                ring: self.ring,
+                size: self.geo.size(),
+            });
+        }
+        let deadline = Instant::now() + self.timeout();
+        let mut first = None;
+        let mut last = 0;
+        let mut rest = count;
+        let mut spins = 0u32;
+        let mut bytes = [0u8; DESCRIPTOR_SIZE];
+        while rest > 0 {
+            let mut st = self.lock();
+            self.reap(&mut st)?;
+            let room = (self.geo.size() - st.in_flight) as usize;
+            let fits = match bp {
+                Backpressure::WouldBlock => room >= rest,
+                Backpressure::Wait => room > 0,
+            };
+            if fits {
+                let n = room.min(rest);
+                let sq = SqRegs(self.dev(), self.ring);
+                for _ in 0..n {
+                    let slot = st
+                        .prod
+                        .next_slot(&sq)
+                        .expect("in-flight bound implies room");
+                    let seq = st.next_seqno;
+                    st.next_seqno += 1;
+                    encode(seq, &mut bytes);
+                    self.mem.write(slot * DESCRIPTOR_SIZE, &bytes);
+                    first.get_or_insert(seq);
+                    last = seq;
+                }
+                st.in_flight += n as u32;
+                // The doorbell: Release store of SQ_TAIL after the descriptors above.
+                st.prod.publish(&sq);
+                rest -= n;
+                continue;
+            }
+            drop(st);
+            if bp == Backpressure::WouldBlock {
+                return Err(Error::RingFull {
+                    ring: self.ring,
+                    size: self.geo.size(),
+                });
+            }
+            self.check_ring()?;
+            if Instant::now() > deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno: last,
+                    waited_ms: self.timeout().as_millis() as u64,
+                });
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        let fence = |seqno| Fence {
+            ring: self.ring,
+            seqno,
+        };
+        Ok(BatchFences {
+            start: fence(first.expect("at least one submitted")),
+            end: fence(last),
+        })
+    }
+}
+
+/// The reference ring as the registry drives it: completions come in order, so the
+/// batch's last seqno stands for the whole prefix.
+impl crate::submitter::Submitter for CommandQueue {
+    type Command = Descriptor;
+    type Fence = BatchFences;
+
+    fn capacity(&self) -> usize {
+        self.size() as usize
+    }
+
+    fn queue_id(&self) -> u32 {
+        self.ring()
+    }
+
+    fn try_submit(&self, cmds: &[Descriptor]) -> Result<(BatchFences, u64)> {
+        let f = self.submit_batch(cmds, Backpressure::WouldBlock)?;
+        Ok((f, f.end.seqno))
+    }
+
+    fn wait_for_room(&self, n: usize) -> Result<()> {
+        QueueCore::wait_for_room(self, n.min(u32::MAX as usize) as u32)
+    }
+
+    fn tracker(&self) -> std::sync::Weak<dyn crate::submitter::FenceTracker> {
+        let w: std::sync::Weak<QueueCore> = Arc::downgrade(&self.core);
+        w
+    }
+}
+
+/// The fences of a submitted batch (inclusive range of consecutive seqnos).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchFences {
+    pub start: Fence,
+    pub end: Fence,
+}

@@ -1,0 +1,260 @@
+//! Completion: reaping the completion queue, and waiting for a fence by polling the
+//! fence word or sleeping on the ring's interrupt eventfd.
+
+use super::submit::Backpressure;
+use super::{CqRegs, QueueCore, State};
+use crate::error::{Error, Result};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use userptr_ring::regs::{self, ring};
+use userptr_ring::{Completion, Descriptor, Fence, Status, COMPLETION_SIZE};
+
+/// How `wait` waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitMode {
+    /// Spin on the fence word (lowest latency, burns a CPU).
+    Poll,
+    /// Sleep on the ring's interrupt eventfd.
+    Block,
+}
+
+/// Completions kept for commands nobody has waited for yet.
+pub(super) const RETAIN: usize = 1 << 16;
+
+impl QueueCore {
+    /// Drain the completion queue into the completion store.
+    pub(super) fn reap(&self, st: &mut State) -> Result<()> {
+        let cq = CqRegs(self.dev(), self.ring);
+        let n = st.cons.available(&cq).map_err(|e| Error::RingStopped {
+            ring: self.ring,
+            reason: e.to_string(),
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut raw = [0u8; COMPLETION_SIZE];
+        for i in 0..n {
+            self.mem
+                .read(self.cq_off + st.cons.slot(i) * COMPLETION_SIZE, &mut raw);
+            let c = Completion::decode(&raw);
+            st.max_reaped = st.max_reaped.max(c.seqno);
+            st.done.insert(c.seqno, c);
+        }
+        st.cons.release(&cq, n);
+        st.in_flight -= n.min(st.in_flight);
+        while st.done.len() > RETAIN {
+            if let Some((s, _)) = st.done.pop_first() {
+                st.dropped_below = st.dropped_below.max(s + 1);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_ring(&self) -> Result<()> {
+        let code = self.dev().read32(self.reg(ring::ERROR));
+        if code != 0 {
+            return Err(Error::RingStopped {
+                ring: self.ring,
+                reason: regs::ring_error_name(code).to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn take(&self, seqno: u64) -> Result<Option<Completion>> {
+        let mut st = self.lock();
+        self.reap(&mut st)?;
+        if let Some(c) = st.done.remove(&seqno) {
+            return Ok(Some(c));
+        }
+        if seqno <= st.max_reaped || seqno >= st.next_seqno || seqno < st.dropped_below {
+            return Err(Error::NoCompletion {
+                ring: self.ring,
+                seqno,
+            });
+        }
+        Ok(None)
+    }
+
+    /// Wait until `fence`'s command completed and return its completion entry (whatever
+    /// its status). Each completion can be claimed once.
+    pub fn wait(&self, fence: Fence, mode: WaitMode, timeout: Duration) -> Result<Completion> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if mode == WaitMode::Block || fence.is_signalled_by(self.completed_seqno()) {
+                if let Some(c) = self.take(fence.seqno)? {
+                    return Ok(c);
+                }
+            }
+            self.check_ring()?;
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno: fence.seqno,
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            match mode {
+                WaitMode::Poll => {
+                    spins += 1;
+                    if spins % 128 == 0 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+                WaitMode::Block => {
+                    // Sleep until the device signals (or a slice passes, so that several
+                    // waiters sharing the eventfd all re-check).
+                    let slice = (deadline - now).min(Duration::from_millis(5));
+                    let mut fds = [rustix::event::PollFd::new(
+                        &*self.eventfd,
+                        rustix::event::PollFlags::IN,
+                    )];
+                    let ts = rustix::event::Timespec {
+                        tv_sec: slice.as_secs() as i64,
+                        tv_nsec: slice.subsec_nanos() as i64,
+                    };
+                    let _ = rustix::event::poll(&mut fds, Some(&ts));
+                    let mut buf = [0u8; 8];
+                    // The read succeeds only if the device signalled since the last
+                    // read (a nonzero counter); a slice that merely ran out, or a
+                    // waiter beaten to the signal by another, reads EAGAIN.
+                    if let Ok(8) = rustix::io::read(&*self.eventfd, &mut buf) {
+                        // Relaxed: a statistic.
+                        self.irq_wakeups.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.dev().write32(regs::IRQ_STATUS, 1 << self.ring);
+                }
+            }
+        }
+    }
+
+    /// Wait until the command with `seqno` has completed (its entry was reaped), without
+    /// claiming its completion; or until the queue was closed (its ring disabled, so
+    /// the device no longer works on it). For invalidation, which must know the device
+    /// stopped using memory but must not steal the submitter's completion.
+    pub fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            // Acquire: pairs with the Release in CommandQueue::drop.
+            if self.closed.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            {
+                let mut st = self.lock();
+                self.reap(&mut st)?;
+                if st.max_reaped >= seqno {
+                    return Ok(());
+                }
+            }
+            self.check_ring()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno,
+                    waited_ms: timeout.as_millis() as u64,
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else if spins < 256 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    /// Wait until `n` more commands fit (the device reaped enough), up to the queue's
+    /// timeout.
+    pub fn wait_for_room(&self, n: u32) -> Result<()> {
+        let deadline = Instant::now() + self.timeout();
+        let mut spins = 0u32;
+        loop {
+            {
+                let mut st = self.lock();
+                self.reap(&mut st)?;
+                if st.in_flight + n <= self.geo.size() {
+                    return Ok(());
+                }
+            }
+            self.check_ring()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    ring: self.ring,
+                    seqno: 0,
+                    waited_ms: self.timeout().as_millis() as u64,
+                });
+            }
+            spins += 1;
+            if spins % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Whether `seqno` is known complete without waiting (cheap: the fence word, then
+    /// the reaped entries).
+    pub fn is_done(&self, seqno: u64) -> bool {
+        // Acquire: see wait_done.
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        if self.completed_seqno() < seqno {
+            return false;
+        }
+        let mut st = self.lock();
+        let _ = self.reap(&mut st);
+        st.max_reaped >= seqno
+    }
+
+    /// Submit `desc`, wait for it (blocking), and turn a non-OK status into an error.
+    pub fn run(&self, desc: Descriptor) -> Result<Completion> {
+        let fence = self.submit(desc, Backpressure::Wait)?;
+        let c = self.wait(fence, WaitMode::Block, self.timeout())?;
+        c.into_result(self.ring)
+    }
+}
+
+impl crate::submitter::FenceTracker for QueueCore {
+    fn is_done(&self, seqno: u64) -> bool {
+        QueueCore::is_done(self, seqno)
+    }
+
+    fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()> {
+        QueueCore::wait_done(self, seqno, timeout)
+    }
+
+    /// A device reset: every queued command of every ring completes `Aborted`.
+    fn abort(&self, timeout: Duration) -> Result<()> {
+        self.driver.reset(timeout)
+    }
+}
+
+/// Turning a completion into a `Result`.
+pub trait CompletionExt {
+    /// `Ok(self)` when the status is OK, else [`Error::Command`].
+    fn into_result(self, ring: u32) -> Result<Completion>;
+}
+
+impl CompletionExt for Completion {
+    fn into_result(self, ring: u32) -> Result<Completion> {
+        if self.status == Status::Ok {
+            Ok(self)
+        } else {
+            Err(Error::Command {
+                ring,
+                seqno: self.seqno,
+                status: self.status,
+                fault: self.fault,
+            })
+        }
+    }
+}
