@@ -21,6 +21,8 @@
 //! # Ok::<(), userptr::Error>(())
 //! ```
 
+#![deny(missing_docs)]
+
 pub use userptr_driver as driver;
 pub use userptr_ring as ring;
 

@@ -200,9 +200,11 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             let n = 4 << 20;
             // SAFETY: plain malloc/free of a large (mmapped) block, then malloc again.
             let p = unsafe { libc::malloc(n) } as usize;
+            // SAFETY: the block just allocated, n bytes.
             unsafe { std::ptr::write_bytes(p as *mut u8, 1, n) };
             let u = ctx.reg.register(p, n, Perm::READ_WRITE).unwrap();
             let mut again = 0;
+            // SAFETY: frees the block, then allocates one of the same size.
             ctx.change(p & !4095..(p + n + 4095) & !4095, Cause::Unmap, || unsafe {
                 libc::free(p as *mut _);
                 again = libc::malloc(n) as usize;
@@ -220,6 +222,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             } else {
                 "stale"
             };
+            // SAFETY: frees the block this case allocated.
             unsafe { libc::free(again as *mut _) };
             r
         }
@@ -228,13 +231,16 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             // SAFETY: malloc/realloc of large blocks; a hole after p is blocked so the
             // realloc must move.
             let p = unsafe { libc::malloc(n) } as usize;
+            // SAFETY: the block just allocated, n bytes.
             unsafe { std::ptr::write_bytes(p as *mut u8, 1, n) };
             let u = ctx.reg.register(p, n, Perm::READ_WRITE).unwrap();
             let mut moved = 0;
+            // SAFETY: grows the block this case allocated (it moves).
             ctx.change(p & !4095..(p + n + 4095) & !4095, Cause::Unmap, || unsafe {
                 moved = libc::realloc(p as *mut _, 64 << 20) as usize;
             });
             if moved == p {
+                // SAFETY: frees the block this case allocated.
                 unsafe { libc::free(moved as *mut _) };
                 return "n/a";
             }
@@ -242,6 +248,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
             let base = p & !4095;
             let len = ((p + n + 4095) & !4095) - base;
             if !try_map_hole(base, len, true) {
+                // SAFETY: frees the block this case allocated.
                 unsafe { libc::free(moved as *mut _) };
                 return HOLE_TAKEN;
             }
@@ -294,6 +301,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                     0,
                 )
             } as usize;
+            // SAFETY: the mapping just made, LEN bytes.
             unsafe { std::ptr::write_bytes(a as *mut u8, 1, LEN) };
             let r = ctx.visible(a, LEN, Perm::READ_WRITE, |c, a| {
                 c.change(a..a + LEN, Cause::Discard, || unsafe {
@@ -302,6 +310,7 @@ fn run_path(ctx: &Ctx<'_>, path: &str) -> &'static str {
                 });
                 a
             });
+            // SAFETY: unmaps the mapping this case made.
             unsafe { libc::munmap(a as *mut _, LEN) };
             r
         }

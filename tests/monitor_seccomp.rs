@@ -171,6 +171,7 @@ fn signals_child() {
         )
     };
     let _m = SeccompMonitor::install(&reg).unwrap();
+    // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {

@@ -317,6 +317,7 @@ in_child!(
             let before = env.invalidations(DISCARD);
             // SAFETY: punching a hole in our own shared mapping.
             assert_eq!(
+                // SAFETY: as above.
                 unsafe { libc::madvise(a as *mut _, LEN, libc::MADV_REMOVE) },
                 0
             );

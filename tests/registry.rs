@@ -805,6 +805,7 @@ fn the_default_pin_budget_follows_rlimit_memlock_or_ram() {
     };
     // SAFETY: reads this process's limit into a local.
     assert_eq!(
+        // SAFETY: as above.
         unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) },
         0
     );

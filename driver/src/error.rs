@@ -8,112 +8,266 @@ use userptr_ring::{DescriptorError, Status};
 /// Everything the driver can refuse or fail at.
 #[derive(Debug, Error)]
 pub enum Error {
+    /// A range of length zero.
     #[error("zero-length range at {addr:#x}")]
-    ZeroLength { addr: u64 },
+    ZeroLength {
+        /// Host virtual address.
+        addr: u64,
+    },
+    /// A range not aligned as the operation requires.
     #[error("range {addr:#x} + {len:#x} is not aligned to {align:#x} bytes")]
-    Unaligned { addr: u64, len: u64, align: u64 },
+    Unaligned {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Required alignment in bytes.
+        align: u64,
+    },
+    /// A range that wraps around the address space.
     #[error("range {addr:#x} + {len:#x} overflows the address space")]
-    Overflow { addr: u64, len: u64 },
+    Overflow {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Host memory the kernel would not pin (unmapped, `PROT_NONE`, read-only).
     #[error(
         "host range {addr:#x} + {len:#x} cannot be pinned: it is not mapped, is PROT_NONE, \
          or is not writable (EFAULT from the kernel)"
     )]
-    BadAddress { addr: u64, len: u64 },
+    BadAddress {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Host memory of a kind the domain cannot pin (a file mapping).
     #[error(
         "host range {addr:#x} + {len:#x} is a file mapping the reference IOMMU cannot pin \
          (only anonymous, shmem and hugetlb memory can be registered)"
     )]
-    UnsupportedMemory { addr: u64, len: u64 },
+    UnsupportedMemory {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The pin would exceed `RLIMIT_MEMLOCK` (the kernel said `ENOMEM`).
     #[error(
         "pinning {len} more bytes exceeds RLIMIT_MEMLOCK ({limit} bytes, {pinned} already \
          pinned): raise `ulimit -l` or grant CAP_IPC_LOCK"
     )]
-    PinLimit { len: u64, limit: u64, pinned: u64 },
+    PinLimit {
+        /// Length in bytes.
+        len: u64,
+        /// The limit.
+        limit: u64,
+        /// Bytes pinned already.
+        pinned: u64,
+    },
+    /// The kernel refused the pin for now (`EAGAIN`), after retries.
     #[error(
         "the kernel could not pin {len:#x} bytes at {addr:#x} right now (EAGAIN); the \
          registry retried and gave up: try again"
     )]
-    PinAgain { addr: u64, len: u64 },
+    PinAgain {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// No free IOVA range of the size and alignment asked for.
     #[error("IOVA space exhausted: no free range of {len:#x} bytes aligned to {align:#x}")]
-    IovaExhausted { len: u64, align: u64 },
+    IovaExhausted {
+        /// Length in bytes.
+        len: u64,
+        /// Required alignment in bytes.
+        align: u64,
+    },
+    /// An IOVA range outside the domain's usable ranges.
     #[error("IOVA range {iova:#x} + {len:#x} is outside the domain's usable IOVA ranges")]
-    IovaOutOfRange { iova: u64, len: u64 },
+    IovaOutOfRange {
+        /// Device address.
+        iova: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// An IOVA range that overlaps an existing mapping.
     #[error("IOVA range {iova:#x} + {len:#x} overlaps an existing mapping")]
-    IovaBusy { iova: u64, len: u64 },
+    IovaBusy {
+        /// Device address.
+        iova: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// An IOVA range that is not a mapping of this domain.
     #[error("IOVA range {iova:#x} + {len:#x} is not a mapping of this domain")]
-    NotMapped { iova: u64, len: u64 },
+    NotMapped {
+        /// Device address.
+        iova: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The domain holds as many mappings as it can.
     #[error("the domain's mapping-count limit ({limit}) is reached")]
-    TooManyMappings { limit: usize },
+    TooManyMappings {
+        /// The limit.
+        limit: usize,
+    },
+    /// One mapping larger than the domain allows.
     #[error("a single mapping of {len:#x} bytes exceeds the domain's largest ({max:#x})")]
-    MappingTooLarge { len: u64, max: u64 },
+    MappingTooLarge {
+        /// Length in bytes.
+        len: u64,
+        /// The largest allowed, in bytes.
+        max: u64,
+    },
+    /// io_uring cannot be used (disabled, seccomp-blocked, too old a kernel).
     #[error("io_uring is unavailable ({source}): the reference device's IOMMU needs it; {hint}")]
     IoUringUnavailable {
+        /// The underlying error.
         source: io::Error,
+        /// What to do about it.
         hint: &'static str,
     },
+    /// A system call failed.
     #[error("{op} failed: {source}")]
     Sys {
+        /// The operation.
         op: &'static str,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// The ring has no room for the commands now.
     #[error("ring {ring} is full ({size} commands in flight)")]
-    RingFull { ring: u32, size: u32 },
+    RingFull {
+        /// The ring index.
+        ring: u32,
+        /// Slots in the ring.
+        size: u32,
+    },
+    /// A ring index the device does not have.
     #[error("ring {ring} does not exist: the device has {count} rings")]
-    NoSuchRing { ring: u32, count: u32 },
+    NoSuchRing {
+        /// The ring index.
+        ring: u32,
+        /// Rings the device has.
+        count: u32,
+    },
+    /// The ring is already open.
     #[error("ring {ring} is already in use")]
-    RingBusy { ring: u32 },
+    RingBusy {
+        /// The ring index.
+        ring: u32,
+    },
+    /// A ring size the protocol cannot use.
     #[error("invalid ring size: {0}")]
     RingSize(#[from] userptr_ring::GeometryError),
+    /// The device refused the ring's configuration.
     #[error("the device refused ring {ring}'s configuration (error code {code})")]
-    RingConfig { ring: u32, code: u32 },
+    RingConfig {
+        /// The ring index.
+        ring: u32,
+        /// The device's error code.
+        code: u32,
+    },
+    /// A descriptor that fails validation.
     #[error("invalid descriptor: {0}")]
     Descriptor(#[from] DescriptorError),
+    /// A wait ran out before the fence was reached.
     #[error("timed out after {waited_ms} ms waiting for fence {seqno} on ring {ring}")]
     Timeout {
+        /// The ring index.
         ring: u32,
+        /// The command's seqno.
         seqno: u64,
+        /// How long it waited, in milliseconds.
         waited_ms: u64,
     },
+    /// A command completed with a status other than OK.
     #[error("command {seqno} on ring {ring} failed: {status:?}{}", fault_text(.fault))]
     Command {
+        /// The ring index.
         ring: u32,
+        /// The command's seqno.
         seqno: u64,
+        /// The completion status.
         status: Status,
+        /// The DMA fault, if the command faulted.
         fault: Option<userptr_ring::FaultRecord>,
     },
+    /// No completion to claim for that seqno.
     #[error(
         "no completion for seqno {seqno} on ring {ring}: never submitted, already claimed, \
          or dropped unclaimed"
     )]
-    NoCompletion { ring: u32, seqno: u64 },
+    NoCompletion {
+        /// The ring index.
+        ring: u32,
+        /// The command's seqno.
+        seqno: u64,
+    },
+    /// The call was made in a fork child, which owns no device state.
     #[error(
         "this is a fork child: it has no device mappings and must not touch the \
          parent's device (open a new Driver after exec)"
     )]
     ForkedChild,
+    /// The pin does not fit the pin budget, even after eviction.
     #[error(
         "pinning {len:#x} bytes would exceed the pin budget ({budget:#x} bytes) even after \
          evicting every idle mapping; raise the budget (RLIMIT_MEMLOCK) or register less"
     )]
-    PinBudget { len: u64, budget: u64 },
+    PinBudget {
+        /// Length in bytes.
+        len: u64,
+        /// The pin budget in bytes.
+        budget: u64,
+    },
+    /// An invalidation could not be completed.
     #[error("invalidation of {start:#x}..{end:#x} gave up waiting for the device: {reason}")]
     InvalidationFailed {
+        /// Start of the range.
         start: u64,
+        /// End of the range.
         end: u64,
+        /// Why, in words.
         reason: String,
     },
+    /// A monitor cannot run here.
     #[error("the {monitor} monitor is unavailable: {reason}")]
     MonitorUnavailable {
+        /// Which monitor.
         monitor: &'static str,
+        /// Why, in words.
         reason: String,
     },
+    /// A monitor cannot be installed alongside what is already there.
     #[error("cannot install the monitor: {what}")]
-    MonitorConflict { what: &'static str },
+    MonitorConflict {
+        /// What was being done.
+        what: &'static str,
+    },
+    /// The device did not finish an operation in time.
     #[error("the device did not finish {what} within {waited_ms} ms")]
-    DeviceTimeout { what: &'static str, waited_ms: u64 },
+    DeviceTimeout {
+        /// What was being done.
+        what: &'static str,
+        /// How long it waited, in milliseconds.
+        waited_ms: u64,
+    },
+    /// The ring stopped (a configuration or DMA fault, a reset).
     #[error("ring {ring} stopped: {reason}")]
-    RingStopped { ring: u32, reason: String },
+    RingStopped {
+        /// The ring index.
+        ring: u32,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A VFIO operation failed.
     #[error("VFIO {op} on {device} failed: {reason}{}; likely cause: {hint}", errno_text(*.errno))]
     Vfio {
         /// The operation (`VFIO_IOMMU_MAP_DMA`, `open group`, ...).
@@ -127,36 +281,61 @@ pub enum Error {
         /// The likely cause, in words.
         hint: &'static str,
     },
+    /// The driver has no ring-protocol device (a domain-only driver).
     #[error("{device} has no userptr ring-protocol device (it is driven by its own engine)")]
-    NoRingDevice { device: String },
+    NoRingDevice {
+        /// The device, for messages.
+        device: String,
+    },
+    /// An NVMe operation failed.
     #[error("NVMe {what} on {device} failed: {reason}")]
     Nvme {
+        /// What was being done.
         what: &'static str,
+        /// The device, for messages.
         device: String,
+        /// Why, in words.
         reason: String,
     },
+    /// An NVMe command whose DMA the IOMMU blocked.
     #[error(
         "NVMe command {opcode:#04x} (cid {cid}) completed, but the IOMMU blocked its DMA at \
          IOVA {iova:#x} ({reason}): its data did not reach memory"
     )]
     NvmeIommuFault {
+        /// The command's opcode.
         opcode: u8,
+        /// The command identifier.
         cid: u16,
+        /// Device address.
         iova: u64,
+        /// Why, in words.
         reason: String,
     },
+    /// An NVMe command that completed with an error status.
     #[error("NVMe command {opcode:#04x} (cid {cid}) failed: status {status:#06x} ({text})")]
     NvmeStatus {
+        /// The command's opcode.
         opcode: u8,
+        /// The command identifier.
         cid: u16,
+        /// The completion status.
         status: u16,
+        /// The status in words.
         text: &'static str,
     },
+    /// A PCI address that does not parse.
     #[error(
         "invalid PCI address `{input}`: {reason}; expected DDDD:BB:DD.F or BB:DD.F in hex, \
          e.g. 0000:00:04.0"
     )]
-    BadBdf { input: String, reason: &'static str },
+    BadBdf {
+        /// What was given.
+        input: String,
+        /// Why, in words.
+        reason: &'static str,
+    },
+    /// No PCI device at that address.
     #[error(
         "no PCI device {bdf}: {} does not exist; `userptr list` shows the devices present",
         .path.display()
@@ -164,8 +343,10 @@ pub enum Error {
     NoSuchPciDevice {
         /// The PCI address, `DDDD:BB:DD.F`.
         bdf: String,
+        /// The sysfs path.
         path: std::path::PathBuf,
     },
+    /// A sysfs read or write on a PCI device failed.
     #[error("{bdf}: {op} failed ({}): {source}; likely cause: {hint}", .path.display())]
     PciSysfs {
         /// What was being done (`set driver_override`, `unbind from its driver`, ...).
@@ -174,11 +355,13 @@ pub enum Error {
         bdf: String,
         /// The sysfs file read or written.
         path: std::path::PathBuf,
+        /// The underlying error.
         #[source]
         source: io::Error,
         /// The likely cause, from the errno.
         hint: &'static str,
     },
+    /// A device VFIO cannot use (yet).
     #[error("{bdf} cannot be used through VFIO: {reason}; {hint}")]
     PciVfioUnusable {
         /// The PCI address, `DDDD:BB:DD.F`.
@@ -188,6 +371,7 @@ pub enum Error {
         /// What to do about it.
         hint: &'static str,
     },
+    /// vfio-pci did not take the device; the bind was rolled back.
     #[error(
         "vfio-pci did not take {bdf}; rolled back (driver_override cleared, device \
          re-probed: now {}); `dmesg` says why vfio-pci refused it",

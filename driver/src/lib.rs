@@ -1,37 +1,58 @@
 //! userptr-driver: map ordinary process memory into a device's IOMMU domain and drive
 //! the device through command rings.
 //!
-//! Modules, each one concept:
+//! # Layout
+//!
+//! One folder per concern, one concept per file. Arrows run downwards only: a module
+//! uses the modules of its own layer and of the layers below, never one above
+//! (`tests/layering.rs` checks it).
+//!
+//! ```text
+//!   monitor/                 address-space monitors feeding the registry
+//!     │
+//!   registry/                epochs, invalidation, pin cache
+//!     │        reference/    the reference device      vfio/   real devices through VFIO
+//!     │            │                                     │
+//!   the core: driver, queue, submitter, mapping, device, iommu, iova, dma_memory,
+//!             driver_section, fork, proc_status, error
+//!     │
+//!   userptr-ring             the ring protocol and the register map, both ends
+//! ```
+//!
+//! The shared core (the root of this crate):
 //! * [`driver`]: the [`Driver`] handle: a device, its domain, its IOVA space;
-//! * [`mapping`]: [`UserMapping`], ordinary memory pinned and mapped at an IOVA;
 //! * [`queue`]: [`CommandQueue`], the driver end of a command ring;
+//! * [`submitter`]: [`Submitter`] and [`FenceTracker`], what every device queue
+//!   implements for whoever drives it (the registry);
+//! * [`mapping`]: [`UserMapping`], ordinary memory pinned and mapped at an IOVA;
+//! * [`device`]: the [`Device`] trait (registers, domain, interrupts);
 //! * [`iommu`]: the [`IommuDomain`] trait every IOMMU backend implements;
 //! * [`iova`]: IOVA space allocation;
-//! * [`device`]: the [`Device`] trait (registers, domain, interrupts);
-//! * [`regs`]: the reference device's BAR0 register map (the device ABI);
-//! * [`reference`]: the reference device: io_uring IOMMU, memfd VRAM, engine thread;
-//! * [`uring_iommu`]: the IOMMU built on io_uring fixed buffers (real kernel pins);
-//! * [`fault_injection`]: [`PinFaults`], failing the reference IOMMU's pin attempts on
-//!   purpose (`userptr torture --inject`);
-//! * [`vram`]: device-local memory (memfd);
 //! * [`dma_memory`]: driver-owned DMA memory for ring structures;
-//! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
-//! * [`registry`]: the userptr registry: epochs, invalidation, pin cache;
-//! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd) feeding the registry;
-//! * [`pci`]: PCI devices in sysfs, their VFIO readiness, binding to vfio-pci and back;
-//! * [`vfio`]: real devices through VFIO: the type1v2 IOMMU domain, PCI functions
-//!   (BARs, config space, interrupts, reset), IOMMU faults from the kernel log;
-//! * [`nvme`]: an NVMe controller over VFIO, its I/O queues driven by the registry;
-//! * [`edu`]: QEMU's edu DMA device, for bring-up checks;
+//! * [`driver_section`]: which address-space calls are the driver's own;
 //! * [`fork`]: the fork policy and its atfork handler;
+//! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
 //! * [`error`]: the [`Error`] type.
 //!
+//! The wings:
+//! * [`mod@reference`]: the reference device: its register file, the io_uring IOMMU
+//!   (real kernel pins), VRAM in a memfd, pin fault injection, the engine thread;
+//! * [`vfio`]: real devices through VFIO: the type1v2 domain, PCI functions, the IOMMU
+//!   fault log, the sysfs model (`vfio::pci`), and the drivers that run on a
+//!   function: NVMe (`vfio::nvme`) and QEMU's edu (`vfio::edu`);
+//! * [`registry`]: the userptr registry: the notifier contract, the cause policy,
+//!   pinning, merging and splitting, eviction;
+//! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd, LD_PRELOAD).
+//!
 //! `unsafe` lives only in the modules that own one kernel interface each:
-//! `uring_iommu` (io_uring), `dma_memory` and `vram` (mmap), `fork` (pthread_atfork),
-//! `monitor::seccomp` (seccomp, signals, the syscall trampoline), `monitor::uffd`
-//! (userfaultfd), `vfio::domain` (VFIO IOMMU ioctls) and `vfio::device` (the device
-//! fd: BAR mmap, MMIO, `VFIO_DEVICE_RESET`).
+//! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
+//! `fork` (pthread_atfork), `monitor::seccomp` (seccomp, signals, the syscall
+//! trampoline), `monitor::uffd` (userfaultfd), `vfio::domain` (VFIO IOMMU ioctls) and
+//! `vfio::device` (the device fd: BAR mmap, MMIO, `VFIO_DEVICE_RESET`). Every `unsafe`
+//! block carries its `// SAFETY:` note (`clippy::undocumented_unsafe_blocks` is denied
+//! workspace-wide, and so is `unsafe_op_in_unsafe_fn`).
 
+#![deny(missing_docs)]
 // IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
 

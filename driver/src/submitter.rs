@@ -34,7 +34,7 @@ pub trait FenceTracker: Send + Sync {
     fn abort(&self, timeout: Duration) -> Result<()>;
 }
 
-/// The submission side of a queue, as [`crate::Registry::submit`] drives it.
+/// The submission side of a queue, as `Registry::submit` (a layer above) drives it.
 pub trait Submitter {
     /// One ring entry (a reference descriptor, an NVMe command).
     type Command;

@@ -14,21 +14,29 @@
 //! Written by hand because no crate offers symbol interposition; it is a thin layer
 //! over `dlsym(RTLD_NEXT, …)`.
 
+#![deny(missing_docs)]
+
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
-/// Kinds passed to the start hook (the driver maps them to its causes).
+/// Kind passed to the start hook (the driver maps them to its causes): the pages go.
 pub const KIND_UNMAP: u32 = 0;
+/// Kind: a destructive `madvise`.
 pub const KIND_DISCARD: u32 = 1;
+/// Kind: a moving `mremap` (the argument is the destination, 0: the kernel chose).
 pub const KIND_REMAP: u32 = 2;
+/// Kind: `mprotect` (the argument is the new protection).
 pub const KIND_PROTECT: u32 = 3;
 
 /// The hooks userptr installs. `start` returns a token (0: nothing to end) that is
 /// passed to `end` after the real call.
 #[repr(C)]
 pub struct Hooks {
+    /// Passed back to both hooks.
     pub ctx: *mut c_void,
+    /// Called before the real call with the page range, the kind and its argument.
     pub start: extern "C" fn(ctx: *mut c_void, start: u64, end: u64, kind: u32, arg: u64) -> u64,
+    /// Called after the real call with `start`'s token (when it was not 0).
     pub end: extern "C" fn(ctx: *mut c_void, token: u64),
 }
 
@@ -105,6 +113,8 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: usize) -> c_int {
         page_range(addr as u64, len as u64),
         KIND_UNMAP,
         0,
+        // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+        // keeps libc's contract, as this function's `# Safety` says).
         || unsafe { f(addr, len) },
     )
 }
@@ -127,6 +137,8 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: usize, advice: c_int) -
     } else {
         None
     };
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     around(range, KIND_DISCARD, 0, || unsafe { f(addr, len, advice) })
 }
 
@@ -143,6 +155,8 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: usize, prot: c_int) ->
         page_range(addr as u64, len as u64),
         KIND_PROTECT,
         prot as u64,
+        // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+        // keeps libc's contract, as this function's `# Safety` says).
         || unsafe { f(addr, len, prot) },
     )
 }
@@ -178,6 +192,8 @@ pub unsafe extern "C" fn mremap(
             page_range(old as u64, old_len as u64),
             KIND_REMAP,
             to,
+            // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+            // keeps libc's contract, as this function's `# Safety` says).
             || unsafe { f(old, old_len, new_len, flags, new_addr) },
         )
     })
@@ -204,6 +220,8 @@ pub unsafe extern "C" fn mmap(
     } else {
         None
     };
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     around(range, KIND_UNMAP, 0, || unsafe {
         f(addr, len, prot, flags, fd, off)
     })
@@ -220,6 +238,8 @@ pub unsafe extern "C" fn mmap64(
     fd: c_int,
     off: libc::off64_t,
 ) -> *mut c_void {
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     unsafe { mmap(addr, len, prot, flags, fd, off) }
 }
 
@@ -239,6 +259,8 @@ pub unsafe extern "C" fn brk(addr: *mut c_void) -> c_int {
     } else {
         None
     };
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     around(range, KIND_UNMAP, 0, || unsafe { f(addr) })
 }
 
@@ -257,6 +279,8 @@ pub unsafe extern "C" fn sbrk(incr: libc::intptr_t) -> *mut c_void {
     } else {
         None
     };
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     around(range, KIND_UNMAP, 0, || unsafe { f(incr) })
 }
 
@@ -283,5 +307,7 @@ pub unsafe extern "C" fn shmdt(addr: *const c_void) -> c_int {
     } else {
         mapping_at(addr as u64)
     };
+    // SAFETY: the caller's own arguments, passed on to libc's function (the caller
+    // keeps libc's contract, as this function's `# Safety` says).
     around(range, KIND_UNMAP, 0, || unsafe { f(addr) })
 }

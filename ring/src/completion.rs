@@ -58,15 +58,20 @@ pub enum AccessKind {
 /// Where and how a DMA fault happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FaultRecord {
+    /// The IOVA the device tried to reach.
     pub iova: u64,
+    /// Read or write.
     pub access: AccessKind,
 }
 
 /// A decoded completion entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
+    /// The seqno of the command it completes.
     pub seqno: u64,
+    /// How it ended.
     pub status: Status,
+    /// The DMA fault, for [`Status::DmaFault`].
     pub fault: Option<FaultRecord>,
     /// `DescriptorError::code()` for `BadDescriptor`, the errno for `DeviceError`,
     /// otherwise 0.

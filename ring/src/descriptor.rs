@@ -101,18 +101,32 @@ impl std::ops::BitOr for Flags {
 /// Why a descriptor was rejected. Carried in [`crate::Completion::detail`] as its code.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum DescriptorError {
+    /// The version byte is not [`DESCRIPTOR_VERSION`].
     #[error("descriptor version {0} is not supported (expected {DESCRIPTOR_VERSION})")]
     Version(u8),
+    /// The opcode byte names no [`Opcode`].
     #[error("unknown opcode {0}")]
     Opcode(u8),
+    /// Flag bits outside [`Flags`] are set.
     #[error("unknown flag bits {0:#06x}")]
     Flags(u16),
+    /// A reserved field is not zero.
     #[error("reserved field is not zero")]
     Reserved,
+    /// The opcode moves data but the length is zero.
     #[error("{0:?} needs a non-zero length")]
     ZeroLength(Opcode),
+    /// An operand range wraps around the 64-bit IOVA space.
     #[error("{op:?} operand range at {iova:#x} + {len:#x} overflows the IOVA space")]
-    Overflow { op: Opcode, iova: u64, len: u64 },
+    Overflow {
+        /// The command.
+        op: Opcode,
+        /// The operand's first IOVA.
+        iova: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// An operand is not aligned as the opcode requires (SAXPY: 4 bytes).
     #[error("{0:?} operand is not aligned as the opcode requires")]
     Misaligned(Opcode),
 }
@@ -135,12 +149,19 @@ impl DescriptorError {
 /// A decoded, validated submission descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Descriptor {
+    /// What the device does.
     pub opcode: Opcode,
+    /// Per-command flags (interrupt on completion, ...).
     pub flags: Flags,
+    /// The command's sequence number, assigned by the queue at submission.
     pub seqno: u64,
+    /// Source operand IOVA (device reads), 0 where the opcode has none.
     pub src_iova: u64,
+    /// Destination operand IOVA (device writes), 0 where the opcode has none.
     pub dst_iova: u64,
+    /// Operand length in bytes.
     pub len: u64,
+    /// Opcode-specific argument (FILL's byte, SAXPY's `a` as f32 bits, the fence value).
     pub arg0: u64,
 }
 

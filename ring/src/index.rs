@@ -31,8 +31,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use thiserror::Error;
 
-/// Smallest and largest supported queue sizes (slots).
+/// Smallest supported queue size (slots).
 pub const MIN_SLOTS: u32 = 2;
+/// Largest supported queue size (slots).
 pub const MAX_SLOTS: u32 = 1 << 15;
 
 /// A queue's size, checked to be a power of two in `MIN_SLOTS..=MAX_SLOTS`.
@@ -44,6 +45,7 @@ pub struct Geometry {
 /// A queue size that the protocol cannot use.
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 pub enum GeometryError {
+    /// Not a power of two in `MIN_SLOTS..=MAX_SLOTS`.
     #[error("ring size {0} is not a power of two between {MIN_SLOTS} and {MAX_SLOTS}")]
     Size(u32),
 }
@@ -81,8 +83,11 @@ pub struct RingIndices {
 #[derive(Clone, Copy, Debug, Error, PartialEq, Eq)]
 #[error("ring indices are corrupt: head {head}, tail {tail}, size {size}")]
 pub struct IndexError {
+    /// The head index read.
     pub head: u32,
+    /// The tail index read.
     pub tail: u32,
+    /// The queue's size.
     pub size: u32,
 }
 

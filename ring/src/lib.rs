@@ -28,6 +28,8 @@
 //! for each device. Both ends import from here, so the register map sits below the
 //! driver's queue and the device model alike.
 
+#![deny(missing_docs)]
+
 pub mod completion;
 pub mod descriptor;
 pub mod fence;

@@ -64,14 +64,17 @@ pub const RING_STRIDE: u32 = 0x40;
 
 /// Per-ring registers, offsets inside the ring's block (see [`ring_reg`]).
 pub mod ring {
-    /// RW: IOVA of the submission queue (64-byte aligned), low/high.
+    /// RW: IOVA of the submission queue (64-byte aligned), low half.
     pub const SQ_BASE_LO: u32 = 0x00;
+    /// RW: IOVA of the submission queue, high half.
     pub const SQ_BASE_HI: u32 = 0x04;
-    /// RW: IOVA of the completion queue (32-byte aligned), low/high.
+    /// RW: IOVA of the completion queue (32-byte aligned), low half.
     pub const CQ_BASE_LO: u32 = 0x08;
+    /// RW: IOVA of the completion queue, high half.
     pub const CQ_BASE_HI: u32 = 0x0C;
-    /// RW: IOVA of the 8-byte fence word (8-byte aligned), low/high.
+    /// RW: IOVA of the 8-byte fence word (8-byte aligned), low half.
     pub const FENCE_LO: u32 = 0x10;
+    /// RW: IOVA of the fence word, high half.
     pub const FENCE_HI: u32 = 0x14;
     /// RW: log2 of the slot count of both queues.
     pub const SIZE_LOG2: u32 = 0x18;

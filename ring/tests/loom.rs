@@ -9,7 +9,7 @@
 use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use userptr_ring::{Consumer, Geometry, Producer, RingIndices, SharedIndices};
+use userptr_ring::{Consumer, Geometry, Producer, RingIndices};
 
 struct Queue {
     idx: RingIndices,
@@ -36,6 +36,8 @@ fn producer_consumer_never_race_on_a_slot() {
             while next <= ITEMS {
                 match p.next_slot(&qp.idx) {
                     Some(slot) => {
+                        // SAFETY: the slot is the producer's until it publishes (the
+                        // protocol under test; loom reports a race if it is not).
                         qp.slots[slot].with_mut(|v| unsafe { *v = next });
                         p.publish(&qp.idx);
                         next += 1;
@@ -54,6 +56,7 @@ fn producer_consumer_never_race_on_a_slot() {
                 continue;
             }
             for i in 0..n {
+                // SAFETY: published slots are the consumer's until it releases them.
                 let v = q.slots[c.slot(i)].with(|v| unsafe { *v });
                 assert_eq!(v, expect, "items arrive once, in order");
                 expect += 1;

@@ -164,6 +164,8 @@ impl crate::submitter::Submitter for CommandQueue {
 /// The fences of a submitted batch (inclusive range of consecutive seqnos).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchFences {
+    /// The first command's fence.
     pub start: Fence,
+    /// The last command's fence: reaching it means the whole batch completed.
     pub end: Fence,
 }

@@ -394,9 +394,13 @@ pub enum Direction {
 /// One DMA transfer between an IOVA range and device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct Transfer {
+    /// To or from device memory.
     pub dir: Direction,
+    /// The host side, as an IOVA (translated and permission-checked).
     pub iova: u64,
+    /// Bytes to move.
     pub len: u64,
+    /// The device-memory side, as an offset into VRAM.
     pub vram_off: u64,
     /// The next transfer in the batch starts only after this one finished.
     pub then: bool,
@@ -568,6 +572,7 @@ impl DmaPort {
             if cap - sq.len() < chain.min(cap) {
                 drop(sq);
                 self.iommu.uring.submit().map_err(|e| (i, e))?;
+                // SAFETY: as above: only this port touches the submission queue.
                 sq = unsafe { self.iommu.uring.submission_shared() };
             }
             for (k, s) in self.scratch[i..=j].iter().enumerate() {
@@ -596,6 +601,7 @@ impl DmaPort {
                 while unsafe { sq.push(&entry) }.is_err() {
                     drop(sq);
                     self.iommu.uring.submit().map_err(|e| (i + k, e))?;
+                    // SAFETY: as above: only this port touches the submission queue.
                     sq = unsafe { self.iommu.uring.submission_shared() };
                 }
             }

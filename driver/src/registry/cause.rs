@@ -14,11 +14,17 @@ pub enum Cause {
     /// them on their next use (eagerly re-pinning a destination nobody may use would
     /// only spend pins). With `MREMAP_FIXED`, whatever was mapped at the destination
     /// goes away too: the monitors report that range separately, as [`Cause::Unmap`].
-    Remap { to: u64 },
+    Remap {
+        /// The destination (0: the kernel chose).
+        to: u64,
+    },
     /// `mprotect` to `new_prot` (`PROT_*` bits). Write removed: the device mapping
     /// becomes read-only before the call returns. `PROT_NONE`: invalidated. Write
     /// added: downgraded regions get write back, nothing is unpinned.
-    Protect { new_prot: i32 },
+    Protect {
+        /// The new protection (`PROT_*` bits).
+        new_prot: i32,
+    },
     /// The process forked. The parent keeps its pages (see [`crate::fork`]): nothing
     /// to do.
     Fork,
@@ -27,7 +33,7 @@ pub enum Cause {
 }
 
 impl Cause {
-    /// Index into [`CAUSE_NAMES`] and the per-cause counters.
+    /// Index into [`CAUSE_NAMES`](super::CAUSE_NAMES) and the per-cause counters.
     pub fn index(&self) -> usize {
         match self {
             Cause::Unmap => 0,

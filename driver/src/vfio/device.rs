@@ -45,8 +45,9 @@ pub struct BarInfo {
     pub size: u64,
     /// Whether the region can be mmapped.
     pub mmap: bool,
-    /// Readable / writable through the device fd.
+    /// Readable through the device fd.
     pub read: bool,
+    /// Writable through the device fd.
     pub write: bool,
 }
 

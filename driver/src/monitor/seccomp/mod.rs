@@ -8,7 +8,7 @@
 //! `syscall` instruction). That covers libc wrappers,
 //! glibc-internal calls (`free()` → `munmap`), raw `syscall()` and static code alike.
 //!
-//! The SIGSYS handler decodes the call into a range and a [`Cause`] (only destructive
+//! The SIGSYS handler decodes the call into a range and a [`Cause`](crate::Cause) (only destructive
 //! `madvise` advice invalidates; `mprotect` carries the new protection). Calls that
 //! touch no registered range (the registry's lock-free `may_overlap`) are performed
 //! through the trampoline at once: they cost only the trap. Otherwise the handler

@@ -2,16 +2,16 @@
 //!
 //! A userfaultfd (handshake: `UFFD_FEATURE_EVENT_REMOVE | EVENT_UNMAP | EVENT_REMAP |
 //! EVENT_FORK`) is told about every region the registry pins (it is a
-//! [`RegionObserver`]): the region's range is registered with
+//! [`RegionObserver`](crate::RegionObserver)): the region's range is registered with
 //! `UFFDIO_REGISTER_MODE_WP`, and nothing is ever write-protected, so no page fault is
 //! ever delivered; only the non-cooperative events are. The kernel reports them, and
 //! the monitor turns them into registry invalidations:
 //!
 //! | event | raised by | invalidation |
 //! |---|---|---|
-//! | `UFFD_EVENT_REMOVE {start, end}` | `madvise(MADV_DONTNEED / MADV_FREE / MADV_REMOVE)` | `start..end`, [`Cause::Discard`] |
-//! | `UFFD_EVENT_UNMAP {start, end}` | `munmap`, `mmap(MAP_FIXED)` over the range, `brk` shrink, `free()` of an mmapped block | `start..end`, [`Cause::Unmap`] |
-//! | `UFFD_EVENT_REMAP {from, to, len}` | `mremap` that moves (followed by UNMAP of the old range) | `from..from+len`, [`Cause::Remap`] |
+//! | `UFFD_EVENT_REMOVE {start, end}` | `madvise(MADV_DONTNEED / MADV_FREE / MADV_REMOVE)` | `start..end`, [`Cause::Discard`](crate::Cause::Discard) |
+//! | `UFFD_EVENT_UNMAP {start, end}` | `munmap`, `mmap(MAP_FIXED)` over the range, `brk` shrink, `free()` of an mmapped block | `start..end`, [`Cause::Unmap`](crate::Cause::Unmap) |
+//! | `UFFD_EVENT_REMAP {from, to, len}` | `mremap` that moves (followed by UNMAP of the old range) | `from..from+len`, [`Cause::Remap`](crate::Cause::Remap) |
 //! | `UFFD_EVENT_FORK {ufd}` | `fork` | none: the child's new userfaultfd is closed at once |
 //!
 //! Without privilege the userfaultfd is created with `UFFD_USER_MODE_ONLY` (needed when

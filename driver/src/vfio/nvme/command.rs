@@ -9,7 +9,9 @@ use crate::error::{Error, Result};
 /// region is IOVA-contiguous); the queue turns it into PRPs when it submits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NvmeCommand {
+    /// The NVM command set opcode ([`opcode`](super::opcode)).
     pub opcode: u8,
+    /// The namespace.
     pub nsid: u32,
     /// Command dwords 10–15.
     pub cdw: [u32; 6],
@@ -146,6 +148,7 @@ pub fn status_text(status: u16) -> &'static str {
 /// The first active namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Namespace {
+    /// The namespace identifier.
     pub nsid: u32,
     /// log2 of the block size.
     pub lba_shift: u32,

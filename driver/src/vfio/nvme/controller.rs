@@ -19,9 +19,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// What Identify Controller says.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ControllerInfo {
+    /// PCI vendor id.
     pub vendor: u16,
+    /// Model number.
     pub model: String,
+    /// Serial number.
     pub serial: String,
+    /// Firmware revision.
     pub firmware: String,
     /// Version register (major.minor.tertiary).
     pub version: (u16, u8, u8),

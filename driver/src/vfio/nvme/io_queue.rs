@@ -57,12 +57,14 @@ pub(super) struct IoCore {
 /// A submitted batch: wait on it with [`IoQueue::wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NvmeBatch {
+    /// The batch's sequence number on its queue.
     pub seqno: u64,
+    /// Commands in the batch.
     pub commands: usize,
 }
 
 /// An NVMe I/O queue pair. Implements [`Submitter`], so
-/// [`Registry::submit`](crate::Registry::submit) drives it with userptr IOVAs.
+/// `Registry::submit` drives it with userptr IOVAs.
 pub struct IoQueue {
     pub(super) nvme: Arc<Nvme>,
     pub(super) core: Arc<IoCore>,

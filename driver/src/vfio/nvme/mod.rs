@@ -1,9 +1,9 @@
 //! An NVMe controller driven over VFIO: the ring engine of a device nobody here wrote.
 //!
 //! This is the proof that the library's ring path is not shaped around its own
-//! reference device: the same [`Registry`](crate::Registry) (pin cache, epochs,
+//! reference device: the same `Registry` (pin cache, epochs,
 //! invalidation waits) drives NVMe I/O queues whose data pointers (PRPs) are userptr
-//! IOVAs, through the [`Submitter`]/[`FenceTracker`] traits.
+//! IOVAs, through the [`Submitter`](crate::Submitter)/[`FenceTracker`](crate::FenceTracker) traits.
 //!
 //! What it does, per the NVMe base specification:
 //! * bring-up: Bus Master on, BAR0 mapped, controller disabled (`CC.EN = 0`, wait
@@ -19,12 +19,12 @@
 //!   (an eventfd); without MSI-X, one MSI or INTx vector that all queues share (INTx
 //!   unmasked after each delivery);
 //! * completions may come in any order: a batch is done when all its commands are,
-//!   and [`FenceTracker::is_done`] answers for every batch up to a sequence number;
+//!   and [`FenceTracker::is_done`](crate::FenceTracker::is_done) answers for every batch up to a sequence number;
 //! * a DMA write the IOMMU blocked completes "successfully" on the device's side:
 //!   [`IoQueue::wait`] checks each claimed data command against the IOMMU faults the
 //!   kernel logged ([`crate::vfio::faults`]) and reports a hit as
-//!   [`Error::NvmeIommuFault`];
-//! * [`FenceTracker::abort`] disables the controller (`CC.EN = 0`): the spec's
+//!   [`Error::NvmeIommuFault`](crate::Error::NvmeIommuFault);
+//! * [`FenceTracker::abort`](crate::FenceTracker::abort) disables the controller (`CC.EN = 0`): the spec's
 //!   controller reset, after which no queued command is processed; the queues are
 //!   then dead and report it.
 //!

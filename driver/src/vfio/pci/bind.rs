@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 /// What [`bind_vfio`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindReport {
+    /// The device.
     pub bdf: Bdf,
     /// The driver the device was bound to before (`None`: unbound).
     pub previous: Option<String>,
     /// It was already bound to vfio-pci: nothing was written.
     pub already_bound: bool,
+    /// Its IOMMU group.
     pub group: u32,
     /// `/dev/vfio/<group>`.
     pub dev_node: PathBuf,

@@ -62,15 +62,19 @@ impl Bdf {
             func,
         })
     }
+    /// The PCI domain (segment).
     pub fn domain(&self) -> u32 {
         self.domain
     }
+    /// The bus.
     pub fn bus(&self) -> u8 {
         self.bus
     }
+    /// The device on the bus.
     pub fn dev(&self) -> u8 {
         self.dev
     }
+    /// The function of the device.
     pub fn func(&self) -> u8 {
         self.func
     }

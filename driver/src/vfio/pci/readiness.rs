@@ -24,13 +24,23 @@ pub enum VfioUnusable {
     /// Bound to a host driver, not vfio-pci.
     BoundToOther(String),
     /// `/dev/vfio/<group>` does not exist.
-    DevNodeMissing { group: u32 },
+    DevNodeMissing {
+        /// The IOMMU group.
+        group: u32,
+    },
     /// `/dev/vfio/<group>` exists but this process cannot open it read-write.
-    DevNodeNoAccess { group: u32, errno: i32 },
+    DevNodeNoAccess {
+        /// The IOMMU group.
+        group: u32,
+        /// Why `open` failed.
+        errno: i32,
+    },
     /// Other members of the IOMMU group are bound to host drivers:
     /// (device, driver) pairs.
     GroupNotViable {
+        /// The IOMMU group.
         group: u32,
+        /// (device, driver) of each member bound to a host driver.
         blockers: Vec<(String, String)>,
     },
 }

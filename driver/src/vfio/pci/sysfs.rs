@@ -21,9 +21,11 @@ impl SysRoot {
         SysRoot::at("/")
     }
     /// A tree laid out like `/` (with `sys/` and `dev/` under `root`).
+    /// A tree rooted at `root` (tests: a fake `/`).
     pub fn at(root: impl Into<PathBuf>) -> SysRoot {
         SysRoot { root: root.into() }
     }
+    /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -68,12 +70,17 @@ impl SysRoot {
 /// One PCI function as sysfs describes it (a snapshot: read it again after a bind).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PciDevice {
+    /// Its address.
     pub bdf: Bdf,
+    /// PCI vendor id.
     pub vendor: u16,
+    /// PCI device id.
     pub device: u16,
     /// Base class, subclass, programming interface (`0x010802`: NVMe).
     pub class: u32,
+    /// Subsystem vendor id, where sysfs has it.
     pub subsystem_vendor: Option<u16>,
+    /// Subsystem device id, where sysfs has it.
     pub subsystem_device: Option<u16>,
     /// The bound driver (the `driver` link's name), `None` when unbound.
     pub driver: Option<String>,
@@ -216,6 +223,7 @@ pub struct HostSupport {
 }
 
 impl HostSupport {
+    /// Read it from `root`.
     pub fn read(root: &SysRoot) -> HostSupport {
         let names = |p: PathBuf| -> Vec<String> {
             let mut v: Vec<String> = fs::read_dir(p)
