@@ -30,6 +30,7 @@
 //! * [`iova`]: IOVA space allocation;
 //! * [`dma_memory`]: driver-owned DMA memory for ring structures;
 //! * [`driver_section`]: which address-space calls are the driver's own;
+//! * [`trampoline`]: the driver's own syscall instructions, which no monitor traps;
 //! * [`fork`]: the fork policy and its atfork handler;
 //! * [`proc_status`]: pinned-memory accounting (`VmPin`, `RLIMIT_MEMLOCK`);
 //! * [`error`]: the [`Error`] type.
@@ -46,7 +47,8 @@
 //!
 //! `unsafe` lives only in the modules that own one kernel interface each:
 //! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
-//! `fork` (pthread_atfork), `monitor::seccomp` (seccomp, signals, the syscall
+//! `fork` (pthread_atfork), `trampoline` (the driver's syscall instructions),
+//! `monitor::seccomp` (seccomp, signals, the syscall
 //! trampoline), `monitor::uffd` (userfaultfd), `vfio::domain` (VFIO IOMMU ioctls) and
 //! `vfio::device` (the device fd: BAR mmap, MMIO, `VFIO_DEVICE_RESET`). Every `unsafe`
 //! block carries its `// SAFETY:` note (`clippy::undocumented_unsafe_blocks` is denied
@@ -71,6 +73,7 @@ pub mod queue;
 pub mod reference;
 pub mod registry;
 pub mod submitter;
+pub mod trampoline;
 pub mod vfio;
 
 pub use device::Device;

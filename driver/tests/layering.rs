@@ -31,6 +31,7 @@ const CORE: &[&str] = &[
     "proc_status",
     "queue",
     "submitter",
+    "trampoline",
 ];
 
 /// The wings and their layer; the core is layer 0.

@@ -18,6 +18,7 @@
 //! changes memory the application registered, and monitoring its own calls while it
 //! holds its locks would deadlock.
 
+pub mod advice;
 pub mod preload;
 pub mod seccomp;
 pub mod uffd;

@@ -134,6 +134,9 @@ impl PreloadMonitor {
             start: on_start,
             end: on_end,
         }));
+        // Application signal handlers must not run inside driver code (their calls
+        // would pass through as the driver's).
+        crate::driver_section::set_defer_signals(true);
         // SAFETY: `hooks` is leaked: valid for the rest of the process.
         unsafe { install(hooks) };
         Ok(PreloadMonitor { install, gate })
@@ -158,5 +161,6 @@ impl Drop for PreloadMonitor {
         // application drops its own.
         let reg = unsafe { (*self.gate.registry.get()).take() };
         drop(reg);
+        crate::driver_section::set_defer_signals(false);
     }
 }

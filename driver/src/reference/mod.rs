@@ -276,6 +276,9 @@ impl ReferenceDevice {
         let handle = std::thread::Builder::new()
             .name("userptr-ref-engine".into())
             .spawn(move || {
+                // Driver code for its whole life: no application signal handler runs
+                // here (see driver_section).
+                crate::driver_section::block_signals_for_thread();
                 let _ = ready_tx.send(());
                 engine::Engine::new(s2, port, vram).run()
             })

@@ -5,7 +5,7 @@
 
 use super::measure::{interleaved, repeat, time_us, Mem, Sample};
 use super::{Ctx, Measurement};
-use userptr::driver::monitor::seccomp::{raw_madvise, SeccompMonitor};
+use userptr::driver::monitor::seccomp::SeccompMonitor;
 use userptr::{Driver, Perm, Registry, RegistryConfig};
 
 fn getppid_us(n: usize) -> f64 {
@@ -135,7 +135,8 @@ fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), Str
         unsafe { libc::madvise(m.addr as *mut _, 4096, libc::MADV_DONTNEED) };
     };
     let raw = |m: &Mem| {
-        raw_madvise(m.addr, 4096, libc::MADV_DONTNEED);
+        // SAFETY: discarding our own page, through the driver's syscall site.
+        unsafe { userptr::driver::trampoline::madvise(m.addr, 4096, libc::MADV_DONTNEED) };
     };
     let (ours, base) = interleaved(
         samples,

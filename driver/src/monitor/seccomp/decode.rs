@@ -1,6 +1,6 @@
 //! The call decoder: what a trapped call means for the registry (a range, a cause).
 
-use super::trampoline::raw_syscall;
+use super::handler::raw_syscall;
 use super::worker::{K_DISCARD, K_PROTECT, K_REMAP, K_SHMDT, K_UNMAP};
 use std::ops::Range;
 

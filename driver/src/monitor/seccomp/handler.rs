@@ -2,12 +2,19 @@
 
 use super::decode::{decode, page_range};
 use super::exec_ranges::{add_exec_range, new_exec_range};
-use super::trampoline::raw_syscall;
 use super::worker::{start_invalidation, wake_worker, END, K_REMAP, K_UNMAP};
 use super::{Shared, User, ACTIVE, INSTALL_PID};
 use std::ffi::c_void;
 use std::ops::Range;
 use std::sync::atomic::Ordering;
+
+/// Perform a trapped call (the application's own, with its own arguments) through the
+/// driver's syscall site, which the filter lets through.
+pub(super) fn raw_syscall(nr: i64, a: [u64; 6]) -> i64 {
+    // SAFETY: every caller passes the arguments of a call the application itself made
+    // (or a query with no effect), so it has exactly that call's effects.
+    unsafe { crate::trampoline::syscall(nr, a) }
+}
 
 /// Handle one trapped call; returns the value for `rax`.
 pub(super) fn handle(nr: i64, a: [u64; 6], saved_mask: &mut u64) -> i64 {

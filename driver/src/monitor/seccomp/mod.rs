@@ -81,18 +81,16 @@ mod bpf;
 mod decode;
 mod exec_ranges;
 mod handler;
-mod trampoline;
 mod trap_floor;
 mod worker;
 
 pub use exec_ranges::MAX_EXEC_RANGES;
-pub use trampoline::raw_madvise;
 pub use trap_floor::install_trap_floor;
 
+use crate::trampoline::after_syscall_ip as trampoline_ip;
 use bpf::bpf_filter;
 use exec_ranges::text_ranges;
 use handler::{on_sigsys, SIGSYS_BIT};
-use trampoline::trampoline_ip;
 use worker::{wake_worker, FREE, TABLE, WAKE_FD};
 
 /// The active monitor's shared state; null when stopped (pass-through).
@@ -260,6 +258,7 @@ impl SeccompMonitor {
         let worker = std::thread::Builder::new()
             .name("userptr-seccomp".into())
             .spawn(move || {
+                crate::driver_section::block_signals_for_thread();
                 let _ = ready_tx.send(());
                 worker::worker(shared, wake, stop2)
             })
@@ -326,6 +325,7 @@ impl SeccompMonitor {
                 });
             }
         }
+        crate::driver_section::set_defer_signals(true);
         Ok(SeccompMonitor {
             shared,
             stop,
@@ -345,6 +345,7 @@ impl SeccompMonitor {
     }
 
     fn shutdown(&mut self) {
+        crate::driver_section::set_defer_signals(false);
         // SeqCst: see the handshake in `handle`.
         ACTIVE.store(std::ptr::null_mut(), Ordering::SeqCst);
         while self.shared.users.load(Ordering::SeqCst) != 0 {

@@ -162,7 +162,10 @@ impl UffdMonitor {
         mon.handler = Some(
             std::thread::Builder::new()
                 .name("userptr-uffd-inval".into())
-                .spawn(move || handler(r, s, c))
+                .spawn(move || {
+                    crate::driver_section::block_signals_for_thread();
+                    handler(r, s, c)
+                })
                 .map_err(|e| Error::sys("spawn(userfaultfd handler)", e))?,
         );
         let (s, c) = (shared.clone(), ctl.clone());
@@ -171,7 +174,10 @@ impl UffdMonitor {
         mon.reader = Some(
             std::thread::Builder::new()
                 .name("userptr-uffd".into())
-                .spawn(move || reader(s, c))
+                .spawn(move || {
+                    crate::driver_section::block_signals_for_thread();
+                    reader(s, c)
+                })
                 .map_err(|e| Error::sys("spawn(userfaultfd reader)", e))?,
         );
         // Observer first, then the existing regions: a region pinned in between is
