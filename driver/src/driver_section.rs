@@ -154,3 +154,43 @@ pub fn set_defer_signals(on: bool) {
 pub fn block_signals_for_thread() {
     sigprocmask(libc::SIG_BLOCK, Some(ASYNC_SIGNALS));
 }
+
+/// io_uring instances the driver owns (the reference device's), which a monitor leaves
+/// alone: they never submit an opcode that changes mappings. A fixed table: noted and
+/// forgotten by their owner, read by a monitor at install.
+static OWN_RINGS: [std::sync::atomic::AtomicI32; 64] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; 64];
+
+/// Note `fd` as an io_uring instance of the driver's own.
+pub fn note_own_ring(fd: i32) {
+    for slot in &OWN_RINGS {
+        // Relaxed: the table is read at monitor install, after the owner's construction
+        // returned (ordered by the caller's own synchronisation).
+        if slot
+            .compare_exchange(-1, fd, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+    tracing::warn!("more than 64 driver io_uring instances: ring {fd} not noted as the driver's");
+}
+
+/// Forget `fd` (its owner closes it).
+pub fn forget_own_ring(fd: i32) {
+    for slot in &OWN_RINGS {
+        // Relaxed: see `note_own_ring`.
+        if slot
+            .compare_exchange(fd, -1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Whether `fd` is an io_uring instance of the driver's own.
+pub fn is_own_ring(fd: i32) -> bool {
+    // Relaxed: see `note_own_ring`.
+    OWN_RINGS.iter().any(|s| s.load(Ordering::Relaxed) == fd)
+}

@@ -65,6 +65,26 @@ std::arch::global_asm!(
     "userptr_trampoline_after_sigreturn:",
     "    ud2",
     ".size userptr_sigreturn_gate, . - userptr_sigreturn_gate",
+    // The same for the i386 frames of handlers installed through the i386 ABI:
+    // rt_sigreturn (173) and sigreturn (119) with `int 0x80`.
+    ".globl userptr_i386_rt_sigreturn_gate",
+    ".type userptr_i386_rt_sigreturn_gate,@function",
+    "userptr_i386_rt_sigreturn_gate:",
+    "    mov eax, 173",
+    "    int 0x80",
+    ".globl userptr_trampoline_after_i386_rt_sigreturn",
+    "userptr_trampoline_after_i386_rt_sigreturn:",
+    "    ud2",
+    ".size userptr_i386_rt_sigreturn_gate, . - userptr_i386_rt_sigreturn_gate",
+    ".globl userptr_i386_sigreturn_gate",
+    ".type userptr_i386_sigreturn_gate,@function",
+    "userptr_i386_sigreturn_gate:",
+    "    mov eax, 119",
+    "    int 0x80",
+    ".globl userptr_trampoline_after_i386_sigreturn",
+    "userptr_trampoline_after_i386_sigreturn:",
+    "    ud2",
+    ".size userptr_i386_sigreturn_gate, . - userptr_i386_sigreturn_gate",
     ".popsection",
 );
 
@@ -89,9 +109,13 @@ extern "C" {
         a6: u64,
     ) -> i64;
     fn userptr_sigreturn_gate();
+    fn userptr_i386_rt_sigreturn_gate();
+    fn userptr_i386_sigreturn_gate();
     static userptr_trampoline_after_syscall: u8;
     static userptr_trampoline_after_int80: u8;
     static userptr_trampoline_after_sigreturn: u8;
+    static userptr_trampoline_after_i386_rt_sigreturn: u8;
+    static userptr_trampoline_after_i386_sigreturn: u8;
 }
 
 /// Make an x86_64 syscall through the trampoline. Returns the raw kernel result
@@ -143,6 +167,22 @@ pub fn after_sigreturn_ip() -> u64 {
 /// pointer.
 pub fn sigreturn_gate() -> u64 {
     userptr_sigreturn_gate as *const () as u64
+}
+
+/// The i386 gates: entries of (`rt_sigreturn`, `sigreturn`) by `int 0x80`, and the
+/// addresses right after their `int 0x80`.
+pub fn i386_sigreturn_gates() -> [(u64, u64); 2] {
+    [
+        (
+            userptr_i386_rt_sigreturn_gate as *const () as u64,
+            // As above: the address of a label, no access.
+            std::ptr::addr_of!(userptr_trampoline_after_i386_rt_sigreturn) as u64,
+        ),
+        (
+            userptr_i386_sigreturn_gate as *const () as u64,
+            std::ptr::addr_of!(userptr_trampoline_after_i386_sigreturn) as u64,
+        ),
+    ]
 }
 
 /// Perform `madvise` through the trampoline (unmonitored): the raw baseline for

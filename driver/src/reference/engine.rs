@@ -14,7 +14,8 @@
 //! Idle, it spins briefly and then parks; a doorbell write unparks it.
 
 use super::Shared;
-use crate::reference::uring_iommu::{Direction, DmaError, DmaPort, Transfer, CHUNK};
+use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
+use crate::reference::uring_iommu::CHUNK;
 use crate::reference::vram::Vram;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

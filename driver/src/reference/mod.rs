@@ -4,6 +4,7 @@
 //! * this file: the register file ([`ReferenceDevice`], the [`Device`] it implements)
 //!   and the [`Driver`] constructors for it;
 //! * [`uring_iommu`]: its IOMMU, built on io_uring fixed buffers (real kernel pins);
+//! * [`dma_port`]: the device side of that IOMMU: translation and transfers;
 //! * [`fault_injection`]: [`PinFaults`](fault_injection::PinFaults), failing the IOMMU's
 //!   pin attempts on purpose (`userptr torture --inject`);
 //! * [`vram`]: device-local memory in a memfd;
@@ -16,6 +17,7 @@
 //! effect, such as waking the engine on a doorbell, happens in the writing thread, the
 //! way a trapped MMIO write would be handled.
 
+pub mod dma_port;
 mod engine;
 pub mod fault_injection;
 pub mod uring_iommu;

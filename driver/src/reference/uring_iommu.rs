@@ -21,17 +21,17 @@
 //! Written over the `io-uring` crate's typed builders; the `unsafe` here is the
 //! crate's buffer-registration and submission contract, justified at each block.
 
+use super::dma_port::DmaPort;
 use crate::error::{Error, Result};
 use crate::iommu::{IommuDomain, Perm, PAGE_1G, PAGE_2M, PAGE_4K};
 use crate::reference::fault_injection::PinFaults;
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::IoUring;
 use std::collections::BTreeMap;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use userptr_ring::{AccessKind, FaultRecord};
 
 /// io_uring's limit on one registered buffer.
 pub const MAX_MAPPING_LEN: u64 = 1 << 30;
@@ -66,23 +66,23 @@ impl Default for UringIommuConfig {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Entry {
-    len: u64,
-    host: u64,
-    perm: Perm,
-    slot: u16,
+pub(super) struct Entry {
+    pub(super) len: u64,
+    pub(super) host: u64,
+    pub(super) perm: Perm,
+    pub(super) slot: u16,
     /// False while the pin is being taken: visible to overlap checks, not to the device.
-    ready: bool,
+    pub(super) ready: bool,
 }
 
 #[derive(Debug, Default)]
-struct Table {
-    entries: BTreeMap<u64, Entry>,
-    free_slots: Vec<u16>,
+pub(super) struct Table {
+    pub(super) entries: BTreeMap<u64, Entry>,
+    pub(super) free_slots: Vec<u16>,
 }
 
 impl Table {
-    fn overlapping(&self, iova: u64, len: u64) -> bool {
+    pub(super) fn overlapping(&self, iova: u64, len: u64) -> bool {
         let end = iova + len;
         if let Some((&s, e)) = self.entries.range(..end).next_back() {
             return s + e.len > iova;
@@ -91,7 +91,7 @@ impl Table {
     }
 
     /// The ready entry containing `iova`.
-    fn lookup(&self, iova: u64) -> Option<(u64, Entry)> {
+    pub(super) fn lookup(&self, iova: u64) -> Option<(u64, Entry)> {
         let (&s, e) = self.entries.range(..=iova).next_back()?;
         (e.ready && iova < s + e.len).then_some((s, *e))
     }
@@ -99,10 +99,10 @@ impl Table {
 
 /// An IOMMU domain whose mappings are io_uring fixed-buffer registrations.
 pub struct UringIommu {
-    uring: IoUring,
-    table: RwLock<Table>,
-    port_taken: AtomicBool,
-    cfg: UringIommuConfig,
+    pub(super) uring: IoUring,
+    pub(super) table: RwLock<Table>,
+    pub(super) port_taken: AtomicBool,
+    pub(super) cfg: UringIommuConfig,
 }
 
 impl std::fmt::Debug for UringIommu {
@@ -128,6 +128,13 @@ fn unavailable(source: io::Error) -> Error {
     Error::IoUringUnavailable { source, hint }
 }
 
+impl Drop for UringIommu {
+    fn drop(&mut self) {
+        // The ring closes with us; its number may be reused by anyone.
+        crate::driver_section::forget_own_ring(self.uring.as_raw_fd());
+    }
+}
+
 impl UringIommu {
     /// Create the io_uring instance and its empty (sparse) buffer table.
     pub fn new(cfg: UringIommuConfig) -> Result<Arc<UringIommu>> {
@@ -148,6 +155,8 @@ impl UringIommu {
             // Pop from the end: slot 0 is handed out first.
             free_slots: (0..slots as u16).rev().collect(),
         };
+        // The driver's own ring: a seccomp monitor installed later leaves it alone.
+        crate::driver_section::note_own_ring(uring.as_raw_fd());
         Ok(Arc::new(UringIommu {
             uring,
             table: RwLock::new(table),
@@ -169,7 +178,7 @@ impl UringIommu {
         })
     }
 
-    fn check_range(&self, iova: u64, host: u64, len: u64) -> Result<()> {
+    pub(super) fn check_range(&self, iova: u64, host: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Err(Error::ZeroLength { addr: host });
         }
@@ -200,7 +209,7 @@ impl UringIommu {
         Ok(())
     }
 
-    fn register(&self, slot: u16, host: u64, len: u64) -> io::Result<()> {
+    pub(super) fn register(&self, slot: u16, host: u64, len: u64) -> io::Result<()> {
         let iov = libc::iovec {
             iov_base: host as *mut libc::c_void,
             iov_len: len as usize,
@@ -219,7 +228,7 @@ impl UringIommu {
         }
     }
 
-    fn pin_error(e: io::Error, host: u64, len: u64) -> Error {
+    pub(super) fn pin_error(e: io::Error, host: u64, len: u64) -> Error {
         match e.raw_os_error() {
             Some(libc::EFAULT) if is_file_mapping(host, len) => {
                 Error::UnsupportedMemory { addr: host, len }
@@ -379,236 +388,5 @@ impl IommuDomain for UringIommu {
 
     fn max_mapping_len(&self) -> u64 {
         MAX_MAPPING_LEN
-    }
-}
-
-/// Which way a transfer moves data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// Host memory → device memory: the device *reads* the IOVA.
-    ToDevice,
-    /// Device memory → host memory: the device *writes* the IOVA.
-    FromDevice,
-}
-
-/// One DMA transfer between an IOVA range and device memory.
-#[derive(Clone, Copy, Debug)]
-pub struct Transfer {
-    /// To or from device memory.
-    pub dir: Direction,
-    /// The host side, as an IOVA (translated and permission-checked).
-    pub iova: u64,
-    /// Bytes to move.
-    pub len: u64,
-    /// The device-memory side, as an offset into VRAM.
-    pub vram_off: u64,
-    /// The next transfer in the batch starts only after this one finished.
-    pub then: bool,
-}
-
-/// Why a batch of transfers failed.
-#[derive(Debug)]
-pub enum DmaError {
-    /// Translation failed: nothing of the batch was started.
-    Fault(FaultRecord),
-    /// The kernel failed a transfer.
-    Io(io::Error),
-}
-
-struct Sqe {
-    slot: u16,
-    host: u64,
-    len: u32,
-    vram_off: u64,
-    dir: Direction,
-    link: bool,
-}
-
-/// The device side of a [`UringIommu`]: translates IOVAs and moves data.
-pub struct DmaPort {
-    iommu: Arc<UringIommu>,
-    scratch: Vec<Sqe>,
-}
-
-impl DmaPort {
-    /// The IOMMU this port belongs to.
-    pub fn iommu(&self) -> &Arc<UringIommu> {
-        &self.iommu
-    }
-
-    /// Check that all of `[iova, iova + len)` is mapped with the permission `access`
-    /// needs; the first IOVA that is not is the fault.
-    pub fn check(&self, iova: u64, len: u64, access: AccessKind) -> Result<(), FaultRecord> {
-        let need = match access {
-            AccessKind::Read => Perm::READ,
-            AccessKind::Write => Perm::WRITE,
-        };
-        let fault = |iova| FaultRecord { iova, access };
-        let end = iova.checked_add(len).ok_or(fault(iova))?;
-        let table = self.iommu.table.read().expect("iommu table lock poisoned");
-        let mut at = iova;
-        while at < end {
-            let (start, e) = table.lookup(at).ok_or(fault(at))?;
-            if !e.perm.allows(need) {
-                return Err(fault(at));
-            }
-            at = start + e.len;
-        }
-        Ok(())
-    }
-
-    /// Run `batch` against device memory `vram` and return when every transfer has
-    /// finished. Transfers run concurrently except where `then` orders them. All
-    /// translations are checked first: on a fault nothing is started.
-    pub fn run(&mut self, vram: BorrowedFd<'_>, batch: &[Transfer]) -> Result<(), DmaError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.scratch.clear();
-        let iommu = self.iommu.clone();
-        let table = iommu.table.read().expect("iommu table lock poisoned");
-        let mut prev_then = false;
-        for tr in batch {
-            let (need, access) = match tr.dir {
-                Direction::ToDevice => (Perm::READ, AccessKind::Read),
-                Direction::FromDevice => (Perm::WRITE, AccessKind::Write),
-            };
-            let fault = |iova| DmaError::Fault(FaultRecord { iova, access });
-            let first = self.scratch.len();
-            let mut iova = tr.iova;
-            let end = tr.iova.checked_add(tr.len).ok_or(fault(tr.iova))?;
-            let mut vram_off = tr.vram_off;
-            while iova < end {
-                let (start, e) = table.lookup(iova).ok_or(fault(iova))?;
-                if !e.perm.allows(need) {
-                    return Err(fault(iova));
-                }
-                let seg_end = end.min(start + e.len);
-                while iova < seg_end {
-                    let n = (seg_end - iova).min(CHUNK);
-                    self.scratch.push(Sqe {
-                        slot: e.slot,
-                        host: e.host + (iova - start),
-                        len: n as u32,
-                        vram_off,
-                        dir: tr.dir,
-                        link: tr.then,
-                    });
-                    iova += n;
-                    vram_off += n;
-                }
-            }
-            // A transfer that follows an ordered one must wait for it as a whole, so
-            // its pieces join the chain.
-            if prev_then {
-                let last = self.scratch.len() - 1;
-                for s in &mut self.scratch[first..last] {
-                    s.link = true;
-                }
-            }
-            prev_then = tr.then;
-        }
-        if let Some(last) = self.scratch.last_mut() {
-            last.link = false;
-        }
-        // Submit under the shared lock: io_uring takes its reference on each buffer at
-        // submission, after which an unmap can no longer pull the slot from under it.
-        let submitted = self.submit_all(vram);
-        drop(table);
-        let (pushed, mut first_err) = match submitted {
-            Ok(n) => (n, None),
-            Err((n, e)) => (n, Some(e)),
-        };
-        // Reap everything that was accepted, even after an error: no transfer may be
-        // left running into device memory the engine is about to reuse.
-        let mut done = 0;
-        while done < pushed {
-            if let Err(e) = self.iommu.uring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                first_err.get_or_insert(e);
-                break;
-            }
-            // SAFETY: only this port (one per IOMMU, owned by the engine thread) touches
-            // the completion queue.
-            let cq = unsafe { self.iommu.uring.completion_shared() };
-            for cqe in cq {
-                done += 1;
-                let want = self.scratch[cqe.user_data() as usize].len as i32;
-                if cqe.result() != want && first_err.is_none() {
-                    first_err = Some(if cqe.result() < 0 {
-                        io::Error::from_raw_os_error(-cqe.result())
-                    } else {
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "short device transfer")
-                    });
-                }
-            }
-        }
-        match first_err {
-            None => Ok(()),
-            Some(e) => Err(DmaError::Io(e)),
-        }
-    }
-
-    /// Push every scratch entry, submitting whenever the queue fills (never in the
-    /// middle of a linked chain). Returns how many were submitted.
-    fn submit_all(
-        &mut self,
-        vram: BorrowedFd<'_>,
-    ) -> std::result::Result<usize, (usize, io::Error)> {
-        let fd = types::Fd(vram.as_raw_fd());
-        let cap = self.iommu.cfg.sq_entries.max(8) as usize;
-        let mut i = 0;
-        while i < self.scratch.len() {
-            // The chain starting at i: up to and including the first unlinked entry.
-            let mut j = i;
-            while self.scratch[j].link {
-                j += 1;
-            }
-            let chain = j + 1 - i;
-            // SAFETY: only this port touches the submission queue (see `run`).
-            let mut sq = unsafe { self.iommu.uring.submission_shared() };
-            if cap - sq.len() < chain.min(cap) {
-                drop(sq);
-                self.iommu.uring.submit().map_err(|e| (i, e))?;
-                // SAFETY: as above: only this port touches the submission queue.
-                sq = unsafe { self.iommu.uring.submission_shared() };
-            }
-            for (k, s) in self.scratch[i..=j].iter().enumerate() {
-                let entry = match s.dir {
-                    Direction::ToDevice => {
-                        opcode::WriteFixed::new(fd, s.host as *const u8, s.len, s.slot)
-                            .offset(s.vram_off)
-                            .build()
-                    }
-                    Direction::FromDevice => {
-                        opcode::ReadFixed::new(fd, s.host as *mut u8, s.len, s.slot)
-                            .offset(s.vram_off)
-                            .build()
-                    }
-                };
-                let flags = if s.link {
-                    squeue::Flags::IO_LINK
-                } else {
-                    squeue::Flags::empty()
-                };
-                let entry = entry.flags(flags).user_data((i + k) as u64);
-                // SAFETY: the buffer is a registered slot (checked by translation under
-                // the table lock, which is held until submission), the host address lies
-                // inside that registration, and the memfd outlives the request because
-                // `run` reaps every request before returning.
-                while unsafe { sq.push(&entry) }.is_err() {
-                    drop(sq);
-                    self.iommu.uring.submit().map_err(|e| (i + k, e))?;
-                    // SAFETY: as above: only this port touches the submission queue.
-                    sq = unsafe { self.iommu.uring.submission_shared() };
-                }
-            }
-            drop(sq);
-            i = j + 1;
-        }
-        self.iommu.uring.submit().map_err(|e| (i, e))?;
-        Ok(self.scratch.len())
     }
 }

@@ -1,16 +1,46 @@
-//! Exec-range tracking: which code the filters cover, and small filters of their own
-//! for code made executable after installation (`dlopen`, JITs).
+//! Exec-range tracking: which code the filters cover, and a small filter of its own for
+//! every range made executable after install.
+//!
+//! The main filter covers the executable mappings of the process at install
+//! ([`text_ranges`]). After install, code becomes executable only through trapped calls,
+//! and each path is followed:
+//! * `mmap` (x86_64), `mmap2` and the old `mmap` (i386) with `PROT_EXEC`;
+//! * `mprotect` / `pkey_mprotect` adding `PROT_EXEC`;
+//! * `mremap` of a range that overlaps covered code: the destination is covered;
+//! * `shmat` with `SHM_EXEC` (also through i386 `ipc`);
+//! * `READ_IMPLIES_EXEC` (every readable mapping executable) cannot be followed: install
+//!   refuses a process running with it, and `personality` may not set it afterwards.
+//!
+//! A new range is rounded out to 2 MiB (a JIT's code pages then share one filter) and
+//! gets a filter of its own, stacked on every thread (filters stack; TRAP wins over
+//! ALLOW). At most [`MAX_EXEC_RANGES`]; when the table is full, a call that would make
+//! new code executable outside the covered ranges is refused (`ENOMEM`) before it runs:
+//! fail safe, never unmonitored code. Not followed: a `clone(CLONE_VM)` child process
+//! (not a thread) making code executable gets the filter on its own threads only.
 
-use super::bpf::{AUDIT_ARCH_X86_64, TRAPPED};
-use super::decode::page_range;
-use super::Shared;
+use super::abi::{Abi, Op, SHM_EXEC};
+use super::decode::{old_mmap_args, page_range, shm_size};
+use super::user_memory;
+use super::Counters;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 
-/// The executable mappings of the process now (the code whose calls are monitored).
-pub(super) fn text_ranges() -> Vec<Range<u64>> {
+/// Executable ranges mapped after installation that get a filter of their own.
+pub const MAX_EXEC_RANGES: usize = 256;
+const GRAIN: u64 = 2 << 20;
+
+/// The executable ranges of the process at the first install (the main filter's).
+static TEXT: OnceLock<Vec<(u64, u64)>> = OnceLock::new();
+/// The ranges added after installation: (start, end), written once each.
+static EXEC_RANGES: [(AtomicU64, AtomicU64); MAX_EXEC_RANGES] =
+    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; MAX_EXEC_RANGES];
+static EXEC_COUNT: AtomicU32 = AtomicU32::new(0);
+
+/// The executable mappings of the process now, adjacent ones merged.
+pub(super) fn text_ranges() -> Vec<(u64, u64)> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut v: Vec<Range<u64>> = Vec::new();
+    let mut v: Vec<(u64, u64)> = Vec::new();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
         let (Some(range), Some(perms)) = (f.next(), f.next()) else {
@@ -26,110 +56,131 @@ pub(super) fn text_ranges() -> Vec<Range<u64>> {
             continue;
         };
         match v.last_mut() {
-            Some(l) if l.end == a => l.end = b,
-            _ => v.push(a..b),
+            Some(l) if l.1 == a => l.1 = b,
+            _ => v.push((a, b)),
         }
     }
     v
 }
 
-/// Executable ranges mapped after installation that got a filter of their own.
-pub const MAX_EXEC_RANGES: usize = 256;
+/// Record the main filter's ranges (first install only; later installs reuse it).
+pub(super) fn set_text(text: Vec<(u64, u64)>) -> &'static [(u64, u64)] {
+    TEXT.get_or_init(|| text)
+}
 
-/// The executable ranges added after installation: (start, end), written once each.
-/// A fixed table of atomics: the handler reads and appends without allocating.
-pub(super) static EXEC_RANGES: [(AtomicU64, AtomicU64); MAX_EXEC_RANGES] =
-    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; MAX_EXEC_RANGES];
-pub(super) static EXEC_COUNT: AtomicU32 = AtomicU32::new(0);
+fn added() -> impl Iterator<Item = (u64, u64)> {
+    // Acquire: pairs with the Release stores in `cover`.
+    let n = (EXEC_COUNT.load(Ordering::Acquire) as usize).min(MAX_EXEC_RANGES);
+    EXEC_RANGES[..n]
+        .iter()
+        .map(|(a, b)| (a.load(Ordering::Acquire), b.load(Ordering::Acquire)))
+}
 
-/// The range a successful call made executable, if any.
-pub(super) fn new_exec_range(nr: i64, a: [u64; 6], r: i64) -> Option<Range<u64>> {
-    let prot = a[2];
-    if prot & libc::PROT_EXEC as u64 == 0 || r < 0 {
+/// Whether `r` lies inside code the filters already cover.
+fn covered(r: &Range<u64>) -> bool {
+    let inside = |(a, b): (u64, u64)| a <= r.start && r.end <= b;
+    TEXT.get().is_some_and(|t| t.iter().copied().any(inside)) || added().any(inside)
+}
+
+/// Whether `r` overlaps covered code.
+fn overlaps_code(r: &Range<u64>) -> bool {
+    let meets = |(a, b): (u64, u64)| a < r.end && r.start < b;
+    TEXT.get().is_some_and(|t| t.iter().copied().any(meets)) || added().any(meets)
+}
+
+fn is_err(abi: Abi, r: i64) -> bool {
+    match abi {
+        Abi::X86_64 => (-4095..0).contains(&r),
+        Abi::I386 => (r as u32) > 0xffff_f000,
+    }
+}
+
+fn addr(abi: Abi, r: i64) -> u64 {
+    match abi {
+        Abi::X86_64 => r as u64,
+        Abi::I386 => r as u32 as u64,
+    }
+}
+
+/// Whether a call may make memory executable that is not covered yet (decided before
+/// it runs, from its arguments).
+fn may_make_code(op: Op, a: [u64; 6]) -> bool {
+    let exec = libc::PROT_EXEC as u64;
+    match op {
+        Op::Mmap => a[2] & exec != 0,
+        Op::OldMmap => old_mmap_args(a[0]).is_some_and(|m| m[2] & exec != 0),
+        Op::Mprotect | Op::PkeyMprotect => {
+            a[2] & exec != 0 && page_range(a[0], a[1]).is_some_and(|r| !covered(&r))
+        }
+        Op::Mremap => page_range(a[0], a[1]).is_some_and(|r| overlaps_code(&r)),
+        Op::Shmat => a[2] as u32 & SHM_EXEC != 0,
+        Op::Ipc => a[0] & 0xffff == 21 && a[2] as u32 & SHM_EXEC != 0,
+        _ => false,
+    }
+}
+
+/// Before a call runs: false if it may make new code executable and no filter is left
+/// for it (the call is then refused with `ENOMEM`).
+pub(super) fn room_for(op: Op, a: [u64; 6]) -> bool {
+    // Relaxed: a conservative pre-check; `cover` re-checks the slot it takes.
+    !may_make_code(op, a) || (EXEC_COUNT.load(Ordering::Relaxed) as usize) < MAX_EXEC_RANGES
+}
+
+/// After a call succeeded with result `r`: the range it made executable, if any.
+pub(super) fn made_executable(abi: Abi, op: Op, a: [u64; 6], r: i64) -> Option<Range<u64>> {
+    if is_err(abi, r) {
         return None;
     }
-    match nr {
-        libc::SYS_mmap => page_range(r as u64, a[1]),
-        libc::SYS_mprotect if r == 0 => page_range(a[0], a[1]),
+    let exec = libc::PROT_EXEC as u64;
+    match op {
+        Op::Mmap if a[2] & exec != 0 => page_range(addr(abi, r), a[1]),
+        Op::OldMmap => old_mmap_args(a[0])
+            .filter(|m| m[2] & exec != 0)
+            .and_then(|m| page_range(addr(abi, r), m[1])),
+        Op::Mprotect | Op::PkeyMprotect if a[2] & exec != 0 => page_range(a[0], a[1]),
+        Op::Mremap if page_range(a[0], a[1]).is_some_and(|o| overlaps_code(&o)) => {
+            page_range(addr(abi, r), a[2])
+        }
+        Op::Shmat if a[2] as u32 & SHM_EXEC != 0 => page_range(addr(abi, r), shm_size(a[0])?),
+        Op::Ipc if a[0] & 0xffff == 21 && a[2] as u32 & SHM_EXEC != 0 => {
+            // ipc(SHMAT, id, flags, &raddr, addr): the address is stored at raddr.
+            let at = user_memory::read_u32(a[3])? as u64;
+            page_range(at, shm_size(a[1])?)
+        }
         _ => None,
     }
 }
 
-/// Whether `r` lies inside code the filters already cover.
-pub(super) fn exec_covered(s: &Shared, r: &Range<u64>) -> bool {
-    let inside = |a: u64, b: u64| a <= r.start && r.end <= b;
-    if s.text.iter().any(|t| inside(t.start, t.end)) {
-        return true;
-    }
-    // Acquire: pairs with the Release stores in `add_exec_range`.
-    let n = (EXEC_COUNT.load(Ordering::Acquire) as usize).min(MAX_EXEC_RANGES);
-    EXEC_RANGES[..n]
-        .iter()
-        .any(|(a, b)| inside(a.load(Ordering::Acquire), b.load(Ordering::Acquire)))
-}
-
-/// After a call made `r` executable: stack a filter that traps the monitored calls
-/// made from it. Async-signal-safe: a fixed program on the stack and one syscall.
-pub(super) fn add_exec_range(s: &Shared, r: Range<u64>) {
-    if exec_covered(s, &r) {
+/// Cover `r` (rounded out to 2 MiB) with a filter of its own, unless it is covered.
+/// Async-signal-safe: the program is built on the stack and loaded with one syscall.
+pub(super) fn cover(r: Range<u64>, counters: &Counters) {
+    let r = (r.start & !(GRAIN - 1))..r.end.checked_next_multiple_of(GRAIN).unwrap_or(u64::MAX);
+    if covered(&r) {
         return;
     }
-    let straddles = r.start >> 32 != (r.end - 1) >> 32;
     // Relaxed: a slot index; the slot's contents are published below.
     let i = EXEC_COUNT.fetch_add(1, Ordering::Relaxed) as usize;
-    if straddles || i >= MAX_EXEC_RANGES {
-        s.counters
+    if i >= MAX_EXEC_RANGES {
+        // A race past `room_for`: counted; `room_for` refuses from now on.
+        counters
             .exec_ranges_unmonitored
             .fetch_add(1, Ordering::Relaxed);
         return;
     }
-    use libc::{BPF_ABS, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W};
-    let ins = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt,
-        jf,
-        k,
+    let mut buf = [libc::sock_filter {
+        code: 0,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }; 96];
+    let Some(prog) = super::bpf::exec_range_filter(&mut buf, &[(r.start, r.end)]) else {
+        counters
+            .exec_ranges_unmonitored
+            .fetch_add(1, Ordering::Relaxed);
+        return;
     };
-    const N: usize = TRAPPED.len() + 1;
-    let mut p = [ins(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW); 4 + N + 1 + 6 + 1];
-    p[0] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 4);
-    p[1] = ins(BPF_JMP | BPF_JEQ | BPF_K, 1, 0, AUDIT_ARCH_X86_64);
-    // p[2]: ALLOW (another architecture)
-    p[3] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 0);
-    for (k, nr) in TRAPPED.iter().chain([&libc::SYS_mmap]).enumerate() {
-        // Match: skip the remaining compares and the ALLOW, to the IP check.
-        p[4 + k] = ins(BPF_JMP | BPF_JEQ | BPF_K, (N - k) as u8, 0, *nr as u32);
-    }
-    // p[4 + N]: ALLOW (not a monitored call)
-    let at = 4 + N + 1;
-    let lo_end = r.end as u32;
-    p[at] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 12);
-    p[at + 1] = ins(BPF_JMP | BPF_JEQ | BPF_K, 0, 4, (r.start >> 32) as u32);
-    p[at + 2] = ins(BPF_LD | BPF_W | BPF_ABS, 0, 0, 8);
-    p[at + 3] = ins(BPF_JMP | BPF_JGE | BPF_K, 0, 2, r.start as u32);
-    p[at + 4] = if lo_end == 0 {
-        ins(BPF_JMP | BPF_JA, 0, 0, 0) // ends at a 4 GiB boundary: any low word is below
-    } else {
-        ins(BPF_JMP | BPF_JGE | BPF_K, 1, 0, lo_end)
-    };
-    p[at + 5] = ins(BPF_RET | BPF_K, 0, 0, libc::SECCOMP_RET_TRAP);
-    // p[at + 6]: ALLOW
-    let prog = libc::sock_fprog {
-        len: p.len() as u16,
-        filter: p.as_ptr() as *mut _,
-    };
-    // SAFETY: a complete program that outlives the call; NO_NEW_PRIVS was set at
-    // install; TSYNC puts it on every thread, as the first filter is.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_TSYNC,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if rc != 0 {
-        s.counters
+    if super::bpf::load(prog) != 0 {
+        counters
             .exec_ranges_unmonitored
             .fetch_add(1, Ordering::Relaxed);
         return;
@@ -137,5 +188,5 @@ pub(super) fn add_exec_range(s: &Shared, r: Range<u64>) {
     // Release: a reader that sees the end sees the start (written first).
     EXEC_RANGES[i].0.store(r.start, Ordering::Release);
     EXEC_RANGES[i].1.store(r.end, Ordering::Release);
-    s.counters.exec_ranges_added.fetch_add(1, Ordering::Relaxed);
+    counters.exec_ranges_added.fetch_add(1, Ordering::Relaxed);
 }

@@ -1,6 +1,6 @@
 //! The physical floor of a seccomp trap, for the benchmark harness.
 
-use super::bpf::AUDIT_ARCH_X86_64;
+use super::abi::AUDIT_ARCH_X86_64;
 use super::INSTALLED;
 use crate::error::{Error, Result};
 use std::ffi::c_void;

@@ -1,0 +1,244 @@
+//! The device side of the reference IOMMU: a [`DmaPort`] translates IOVAs through the
+//! [`UringIommu`]'s table (permission-checked) and moves data between the pinned pages
+//! and device memory with `IORING_OP_READ_FIXED` / `WRITE_FIXED`, several requests in
+//! flight. The translate-then-submit rule (under the table's shared lock) is written
+//! down in `uring_iommu`'s module doc.
+
+use super::uring_iommu::{UringIommu, CHUNK};
+use crate::iommu::Perm;
+use io_uring::{opcode, squeue, types};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use userptr_ring::{AccessKind, FaultRecord};
+
+/// Which way a transfer moves data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Host memory → device memory: the device *reads* the IOVA.
+    ToDevice,
+    /// Device memory → host memory: the device *writes* the IOVA.
+    FromDevice,
+}
+
+/// One DMA transfer between an IOVA range and device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    /// To or from device memory.
+    pub dir: Direction,
+    /// The host side, as an IOVA (translated and permission-checked).
+    pub iova: u64,
+    /// Bytes to move.
+    pub len: u64,
+    /// The device-memory side, as an offset into VRAM.
+    pub vram_off: u64,
+    /// The next transfer in the batch starts only after this one finished.
+    pub then: bool,
+}
+
+/// Why a batch of transfers failed.
+#[derive(Debug)]
+pub enum DmaError {
+    /// Translation failed: nothing of the batch was started.
+    Fault(FaultRecord),
+    /// The kernel failed a transfer.
+    Io(io::Error),
+}
+
+pub(super) struct Sqe {
+    slot: u16,
+    host: u64,
+    len: u32,
+    vram_off: u64,
+    dir: Direction,
+    link: bool,
+}
+
+/// The device side of a [`UringIommu`]: translates IOVAs and moves data.
+pub struct DmaPort {
+    pub(super) iommu: Arc<UringIommu>,
+    pub(super) scratch: Vec<Sqe>,
+}
+
+impl DmaPort {
+    /// The IOMMU this port belongs to.
+    pub fn iommu(&self) -> &Arc<UringIommu> {
+        &self.iommu
+    }
+
+    /// Check that all of `[iova, iova + len)` is mapped with the permission `access`
+    /// needs; the first IOVA that is not is the fault.
+    pub fn check(&self, iova: u64, len: u64, access: AccessKind) -> Result<(), FaultRecord> {
+        let need = match access {
+            AccessKind::Read => Perm::READ,
+            AccessKind::Write => Perm::WRITE,
+        };
+        let fault = |iova| FaultRecord { iova, access };
+        let end = iova.checked_add(len).ok_or(fault(iova))?;
+        let table = self.iommu.table.read().expect("iommu table lock poisoned");
+        let mut at = iova;
+        while at < end {
+            let (start, e) = table.lookup(at).ok_or(fault(at))?;
+            if !e.perm.allows(need) {
+                return Err(fault(at));
+            }
+            at = start + e.len;
+        }
+        Ok(())
+    }
+
+    /// Run `batch` against device memory `vram` and return when every transfer has
+    /// finished. Transfers run concurrently except where `then` orders them. All
+    /// translations are checked first: on a fault nothing is started.
+    pub fn run(&mut self, vram: BorrowedFd<'_>, batch: &[Transfer]) -> Result<(), DmaError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.scratch.clear();
+        let iommu = self.iommu.clone();
+        let table = iommu.table.read().expect("iommu table lock poisoned");
+        let mut prev_then = false;
+        for tr in batch {
+            let (need, access) = match tr.dir {
+                Direction::ToDevice => (Perm::READ, AccessKind::Read),
+                Direction::FromDevice => (Perm::WRITE, AccessKind::Write),
+            };
+            let fault = |iova| DmaError::Fault(FaultRecord { iova, access });
+            let first = self.scratch.len();
+            let mut iova = tr.iova;
+            let end = tr.iova.checked_add(tr.len).ok_or(fault(tr.iova))?;
+            let mut vram_off = tr.vram_off;
+            while iova < end {
+                let (start, e) = table.lookup(iova).ok_or(fault(iova))?;
+                if !e.perm.allows(need) {
+                    return Err(fault(iova));
+                }
+                let seg_end = end.min(start + e.len);
+                while iova < seg_end {
+                    let n = (seg_end - iova).min(CHUNK);
+                    self.scratch.push(Sqe {
+                        slot: e.slot,
+                        host: e.host + (iova - start),
+                        len: n as u32,
+                        vram_off,
+                        dir: tr.dir,
+                        link: tr.then,
+                    });
+                    iova += n;
+                    vram_off += n;
+                }
+            }
+            // A transfer that follows an ordered one must wait for it as a whole, so
+            // its pieces join the chain.
+            if prev_then {
+                let last = self.scratch.len() - 1;
+                for s in &mut self.scratch[first..last] {
+                    s.link = true;
+                }
+            }
+            prev_then = tr.then;
+        }
+        if let Some(last) = self.scratch.last_mut() {
+            last.link = false;
+        }
+        // Submit under the shared lock: io_uring takes its reference on each buffer at
+        // submission, after which an unmap can no longer pull the slot from under it.
+        let submitted = self.submit_all(vram);
+        drop(table);
+        let (pushed, mut first_err) = match submitted {
+            Ok(n) => (n, None),
+            Err((n, e)) => (n, Some(e)),
+        };
+        // Reap everything that was accepted, even after an error: no transfer may be
+        // left running into device memory the engine is about to reuse.
+        let mut done = 0;
+        while done < pushed {
+            if let Err(e) = self.iommu.uring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                first_err.get_or_insert(e);
+                break;
+            }
+            // SAFETY: only this port (one per IOMMU, owned by the engine thread) touches
+            // the completion queue.
+            let cq = unsafe { self.iommu.uring.completion_shared() };
+            for cqe in cq {
+                done += 1;
+                let want = self.scratch[cqe.user_data() as usize].len as i32;
+                if cqe.result() != want && first_err.is_none() {
+                    first_err = Some(if cqe.result() < 0 {
+                        io::Error::from_raw_os_error(-cqe.result())
+                    } else {
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "short device transfer")
+                    });
+                }
+            }
+        }
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(DmaError::Io(e)),
+        }
+    }
+
+    /// Push every scratch entry, submitting whenever the queue fills (never in the
+    /// middle of a linked chain). Returns how many were submitted.
+    fn submit_all(
+        &mut self,
+        vram: BorrowedFd<'_>,
+    ) -> std::result::Result<usize, (usize, io::Error)> {
+        let fd = types::Fd(vram.as_raw_fd());
+        let cap = self.iommu.cfg.sq_entries.max(8) as usize;
+        let mut i = 0;
+        while i < self.scratch.len() {
+            // The chain starting at i: up to and including the first unlinked entry.
+            let mut j = i;
+            while self.scratch[j].link {
+                j += 1;
+            }
+            let chain = j + 1 - i;
+            // SAFETY: only this port touches the submission queue (see `run`).
+            let mut sq = unsafe { self.iommu.uring.submission_shared() };
+            if cap - sq.len() < chain.min(cap) {
+                drop(sq);
+                self.iommu.uring.submit().map_err(|e| (i, e))?;
+                // SAFETY: as above: only this port touches the submission queue.
+                sq = unsafe { self.iommu.uring.submission_shared() };
+            }
+            for (k, s) in self.scratch[i..=j].iter().enumerate() {
+                let entry = match s.dir {
+                    Direction::ToDevice => {
+                        opcode::WriteFixed::new(fd, s.host as *const u8, s.len, s.slot)
+                            .offset(s.vram_off)
+                            .build()
+                    }
+                    Direction::FromDevice => {
+                        opcode::ReadFixed::new(fd, s.host as *mut u8, s.len, s.slot)
+                            .offset(s.vram_off)
+                            .build()
+                    }
+                };
+                let flags = if s.link {
+                    squeue::Flags::IO_LINK
+                } else {
+                    squeue::Flags::empty()
+                };
+                let entry = entry.flags(flags).user_data((i + k) as u64);
+                // SAFETY: the buffer is a registered slot (checked by translation under
+                // the table lock, which is held until submission), the host address lies
+                // inside that registration, and the memfd outlives the request because
+                // `run` reaps every request before returning.
+                while unsafe { sq.push(&entry) }.is_err() {
+                    drop(sq);
+                    self.iommu.uring.submit().map_err(|e| (i + k, e))?;
+                    // SAFETY: as above: only this port touches the submission queue.
+                    sq = unsafe { self.iommu.uring.submission_shared() };
+                }
+            }
+            drop(sq);
+            i = j + 1;
+        }
+        self.iommu.uring.submit().map_err(|e| (i, e))?;
+        Ok(self.scratch.len())
+    }
+}
