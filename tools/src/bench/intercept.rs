@@ -166,6 +166,140 @@ fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), Str
     Ok(())
 }
 
+/// Time `ours` against `raw`, interleaved, and emit the pair.
+fn pair(name: &str, base: &str, samples: usize, ours: impl FnMut(), raw: impl FnMut()) {
+    let (mut ours, mut raw) = (ours, raw);
+    let (o, b) = interleaved(
+        samples,
+        3,
+        || time_us(|| (0..100).for_each(|_| ours())) / 100.0,
+        || time_us(|| (0..100).for_each(|_| raw())) / 100.0,
+    );
+    emit(name, &o, Some((base, &b)));
+}
+
+/// The entry points the seccomp monitor traps beyond madvise, each on memory no
+/// registration covers (the cost of the trap and the decoding), against the same call
+/// through the driver's own syscall site, which the filter lets through.
+fn entry_point_costs(samples: usize) -> Result<(), String> {
+    use userptr::driver::trampoline::{syscall, syscall_i386};
+    // Below 4 GiB: far from every registered range (the registry's pre-check bounds), so
+    // these are the unregistered costs, and reachable by the i386 call.
+    let low = Mem::new_32bit(4096)?;
+    let page = &low;
+    let a = page.addr as u64;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    // SAFETY (every closure below): the calls change only our own scratch pages, in ways
+    // that leave them as they were (same protection, a discard of an unused page).
+    let pkey = [a, 4096, rw, u64::MAX, 0, 0];
+    pair(
+        "seccomp_unregistered_pkey_mprotect",
+        "raw_pkey_mprotect",
+        samples,
+        // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+        || unsafe {
+            libc::syscall(libc::SYS_pkey_mprotect, a, 4096, rw, -1i64);
+        },
+        // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+        || unsafe {
+            syscall(libc::SYS_pkey_mprotect, pkey);
+        },
+    );
+    let dontneed = libc::MADV_DONTNEED as u64;
+    let l = low.addr as u64;
+    pair(
+        "seccomp_unregistered_int80_madvise",
+        "raw_int80_madvise",
+        samples,
+        || {
+            let r: i64;
+            // SAFETY: i386 madvise(DONTNEED) of our own page below 4 GiB; rbx is saved
+            // around the call (LLVM reserves it).
+            unsafe {
+                std::arch::asm!(
+                    "xchg rbx, {b}",
+                    "int 0x80",
+                    "xchg rbx, {b}",
+                    b = inout(reg) l => _,
+                    inlateout("rax") 219i64 => r,
+                    in("rcx") 4096u64,
+                    in("rdx") dontneed,
+                );
+            }
+            std::hint::black_box(r);
+        },
+        // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+        || unsafe {
+            syscall_i386(219, [l, 4096, dontneed, 0, 0, 0]);
+        },
+    );
+    let iov = [libc::iovec {
+        iov_base: page.addr as *mut _,
+        iov_len: 4096,
+    }];
+    // SAFETY: a pidfd for ourselves.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if pidfd >= 0 {
+        let args = [pidfd as u64, iov.as_ptr() as u64, 1, dontneed, 0, 0];
+        pair(
+            "seccomp_unregistered_process_madvise",
+            "raw_process_madvise",
+            samples,
+            // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+            || unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    pidfd,
+                    iov.as_ptr(),
+                    1,
+                    dontneed,
+                    0,
+                );
+            },
+            // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+            || unsafe {
+                syscall(libc::SYS_process_madvise, args);
+            },
+        );
+    }
+    let mut old = 0u64;
+    let oldp = &mut old as *mut u64 as u64;
+    pair(
+        "seccomp_rt_sigprocmask",
+        "raw_rt_sigprocmask",
+        samples,
+        // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+        || unsafe {
+            libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_BLOCK, 0usize, oldp, 8);
+        },
+        // SAFETY: see entry_point_costs: our own scratch pages, left as they were.
+        || unsafe {
+            syscall(
+                libc::SYS_rt_sigprocmask,
+                [libc::SIG_BLOCK as u64, 0, oldp, 8, 0, 0],
+            );
+        },
+    );
+    Ok(())
+}
+
+/// A signal sent to this thread and handled by an empty handler: delivery and
+/// `rt_sigreturn` (which the monitor traps, to keep SIGSYS out of the frame's mask).
+fn signal_roundtrip_us(n: usize) -> f64 {
+    extern "C" fn empty(_: libc::c_int) {}
+    // SAFETY: an empty handler for SIGUSR2, installed once per call (idempotent), and
+    // tgkill to this thread: no other effect.
+    unsafe {
+        libc::signal(libc::SIGUSR2, empty as *const () as libc::sighandler_t);
+        let (pid, tid) = (libc::getpid(), libc::syscall(libc::SYS_gettid));
+        time_us(|| {
+            for _ in 0..n {
+                libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR2);
+            }
+        }) / n as f64
+    }
+}
+
 /// The child: installs a monitor and measures.
 pub fn child(samples: usize) -> Result<(), String> {
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
@@ -205,8 +339,16 @@ pub fn child(samples: usize) -> Result<(), String> {
     // The unrelated-syscall baselines, in this same process before the filter exists.
     let getpid_before = repeat(samples, 3, || getpid_us(1000));
     let read_before = repeat(samples, 3, || read_us(1000));
+    let signal_before = repeat(samples, 3, || signal_roundtrip_us(100));
     let monitor = SeccompMonitor::install(&reg).map_err(|e| crate::explain(&e))?;
     madvise_costs("seccomp", &reg, samples)?;
+    entry_point_costs(samples)?;
+    let on = repeat(samples, 3, || signal_roundtrip_us(100));
+    emit(
+        "seccomp_signal_roundtrip",
+        &on,
+        Some(("signal_roundtrip_before_install", &signal_before)),
+    );
     let on = repeat(samples, 3, || getpid_us(1000));
     emit(
         "seccomp_getpid",

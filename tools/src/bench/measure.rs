@@ -152,13 +152,22 @@ pub struct Mem {
 
 impl Mem {
     pub fn new(len: usize) -> Result<Mem, String> {
+        Mem::with_flags(len, 0)
+    }
+
+    /// Memory below 4 GiB (`MAP_32BIT`), which i386 calls can reach.
+    pub fn new_32bit(len: usize) -> Result<Mem, String> {
+        Mem::with_flags(len, libc::MAP_32BIT)
+    }
+
+    fn with_flags(len: usize, extra: i32) -> Result<Mem, String> {
         // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
                 -1,
                 0,
             )
