@@ -333,6 +333,12 @@ impl Device for ReferenceDevice {
     }
 
     fn write32(&self, offset: u32, value: u32) {
+        // In a fork child the register file is a copy and the engine thread is not
+        // there: writes would only wait for an engine that never answers (a ring
+        // disable waits for its batch). The child's device is inert.
+        if crate::fork::in_forked_child() {
+            return;
+        }
         self.shared.write(offset, value)
     }
 
