@@ -9,6 +9,7 @@ use crate::iommu::Perm;
 use io_uring::{opcode, squeue, types};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use userptr_ring::{AccessKind, FaultRecord};
 
@@ -165,7 +166,11 @@ impl DmaPort {
             let cq = unsafe { self.iommu.uring.completion_shared() };
             for cqe in cq {
                 done += 1;
-                let want = self.scratch[cqe.user_data() as usize].len as i32;
+                let s = &self.scratch[cqe.user_data() as usize];
+                // Release: the transfer's effect on the pages is done before an unmap
+                // or a permission change waiting for the slot sees it finished.
+                self.iommu.inflight[s.slot as usize].fetch_sub(1, Ordering::Release);
+                let want = s.len as i32;
                 if cqe.result() != want && first_err.is_none() {
                     first_err = Some(if cqe.result() < 0 {
                         io::Error::from_raw_os_error(-cqe.result())
@@ -234,6 +239,10 @@ impl DmaPort {
                     // SAFETY: as above: only this port touches the submission queue.
                     sq = unsafe { self.iommu.uring.submission_shared() };
                 }
+                // Counted once queued, before the kernel is told (the next submit),
+                // under the table's shared lock: an unmap (exclusive lock) that follows
+                // waits for it. Relaxed: the lock orders it.
+                self.iommu.inflight[s.slot as usize].fetch_add(1, Ordering::Relaxed);
             }
             drop(sq);
             i = j + 1;

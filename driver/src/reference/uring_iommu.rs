@@ -101,6 +101,12 @@ impl Table {
 pub struct UringIommu {
     pub(super) uring: IoUring,
     pub(super) table: RwLock<Table>,
+    /// Transfers submitted and not yet completed, per slot. Raised by the port under
+    /// the table's shared lock, lowered (Release) as their completions are reaped;
+    /// `unmap` and a permission change wait for zero (Acquire) after taking the
+    /// translation away, so that when they return no transfer still reaches the pages
+    /// through the old mapping: the guarantee a real IOMMU gives by blocking the DMA.
+    pub(super) inflight: Box<[std::sync::atomic::AtomicU32]>,
     pub(super) port_taken: AtomicBool,
     pub(super) cfg: UringIommuConfig,
 }
@@ -135,7 +141,33 @@ impl Drop for UringIommu {
     }
 }
 
+/// How long `unmap` or a permission change waits for the transfers in flight on a slot.
+const QUIESCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl UringIommu {
+    /// Wait (bounded by [`QUIESCE`]) until no transfer submitted through `slot` is in
+    /// flight. The caller took the slot's translation away (or changed it) under the
+    /// exclusive table lock first, so no new transfer can start through the old one.
+    fn quiesce(&self, slot: u16) -> bool {
+        let c = &self.inflight[slot as usize];
+        let deadline = std::time::Instant::now() + QUIESCE;
+        let mut spins = 0u32;
+        // Acquire: pairs with the port's Release decrement: the transfers' effects on
+        // the pages happen before we unregister or report the permission changed.
+        while c.load(Ordering::Acquire) != 0 {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+        true
+    }
+
     /// Create the io_uring instance and its empty (sparse) buffer table.
     pub fn new(cfg: UringIommuConfig) -> Result<Arc<UringIommu>> {
         crate::fork::install();
@@ -160,6 +192,9 @@ impl UringIommu {
         Ok(Arc::new(UringIommu {
             uring,
             table: RwLock::new(table),
+            inflight: (0..slots)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             port_taken: AtomicBool::new(false),
             cfg: UringIommuConfig { slots, ..cfg },
         }))
@@ -334,8 +369,17 @@ impl IommuDomain for UringIommu {
                 _ => return Err(Error::NotMapped { iova, len }),
             }
         };
-        // The translation is gone, so no new access can start; requests already
-        // accepted hold their own reference to the buffer and finish first.
+        // The translation is gone, so no new access can start; wait for those already
+        // submitted (io_uring holds its own reference to the buffer and would finish
+        // them into the old pages after the unregistration).
+        if !self.quiesce(slot) {
+            // Still busy after the bound: keep the slot registered (pinned) and out of
+            // circulation rather than let a late transfer reach pages given back.
+            return Err(Error::DeviceTimeout {
+                what: "the transfers on an unmapped IOVA range",
+                waited_ms: QUIESCE.as_millis() as u64,
+            });
+        }
         let r = self.register(slot, 0, 0);
         let mut t = self.table.write().expect("iommu table lock poisoned");
         match r {
@@ -356,13 +400,24 @@ impl IommuDomain for UringIommu {
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
-        let mut t = self.table.write().expect("iommu table lock poisoned");
-        match t.entries.get_mut(&iova) {
-            Some(e) if e.len == len && e.ready => {
-                e.perm = perm;
-                Ok(())
+        let slot = {
+            let mut t = self.table.write().expect("iommu table lock poisoned");
+            match t.entries.get_mut(&iova) {
+                Some(e) if e.len == len && e.ready => {
+                    e.perm = perm;
+                    e.slot
+                }
+                _ => return Err(Error::NotMapped { iova, len }),
             }
-            _ => Err(Error::NotMapped { iova, len }),
+        };
+        // A transfer translated under the old permission may still be running.
+        if self.quiesce(slot) {
+            Ok(())
+        } else {
+            Err(Error::DeviceTimeout {
+                what: "the transfers on an IOVA range whose permission changed",
+                waited_ms: QUIESCE.as_millis() as u64,
+            })
         }
     }
 
