@@ -31,8 +31,9 @@ pub struct Vma {
     /// The mapped file, if any (shared anonymous memory and SysV shm have one, inside
     /// the kernel's tmpfs).
     pub file: Option<FileId>,
-    /// The VMA's name (`/memfd:x (deleted)`, `/SYSV00000000 (deleted)`, `[heap]`, a
-    /// path), as `/proc/self/maps` shows it; kept for file-backed VMAs only.
+    /// The VMA's name (`/memfd:x (deleted)`, `/SYSV00000000 (deleted)`, a path), as
+    /// `/proc/self/maps` shows it; kept for shared file-backed VMAs only (the policy
+    /// tells SysV shm and shared anonymous memory by it), empty otherwise.
     pub name: String,
 }
 
@@ -98,7 +99,7 @@ pub fn parse_maps_line(line: &str) -> Option<Vma> {
         range,
         shared: *perms.get(3)? == b's',
         file,
-        name: if file.is_some() {
+        name: if file.is_some() && perms.get(3) == Some(&b's') {
             rest.trim_start().to_string()
         } else {
             String::new()
@@ -162,53 +163,80 @@ mod query {
         walk(g.as_ref().expect("opened above"), range)
     }
 
+    /// One PROCMAP_QUERY: the VMA covering `at` or the next one (`None`: none), with
+    /// its name in `name` if given.
+    fn query(maps: &File, at: u64, name: Option<&mut [u8]>) -> io::Result<Option<ProcmapQuery>> {
+        let (addr, size) = name.map_or((0, 0), |n| (n.as_mut_ptr() as u64, n.len() as u32));
+        let mut q = ProcmapQuery {
+            size: std::mem::size_of::<ProcmapQuery>() as u64,
+            query_flags: COVERING_OR_NEXT_VMA,
+            query_addr: at,
+            vma_name_addr: addr,
+            vma_name_size: size,
+            ..Default::default()
+        };
+        // SAFETY: PROCMAP_QUERY reads and writes the `ProcmapQuery` it is given (its
+        // `size` says how much) and writes at most `vma_name_size` bytes to
+        // `vma_name_addr`, the caller's buffer (or nothing: size 0, address 0); no
+        // build ID is asked for (size 0, address 0). Both outlive the call; the kernel
+        // keeps no pointer.
+        let r = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY as _, &mut q) };
+        if r == 0 {
+            return Ok(Some(q));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => Ok(None),
+            _ => Err(e),
+        }
+    }
+
+    fn file_of(q: &ProcmapQuery) -> Option<FileId> {
+        let id = FileId {
+            dev_major: q.dev_major,
+            dev_minor: q.dev_minor,
+            inode: q.inode,
+        };
+        (id.inode != 0 || id.dev_major != 0 || id.dev_minor != 0).then_some(id)
+    }
+
     fn walk(maps: &File, range: Range<u64>) -> io::Result<Vec<Vma>> {
         let mut out = Vec::new();
         let mut at = range.start;
-        let mut name = [0u8; 4096];
         while at < range.end {
-            let mut q = ProcmapQuery {
-                size: std::mem::size_of::<ProcmapQuery>() as u64,
-                query_flags: COVERING_OR_NEXT_VMA,
-                query_addr: at,
-                vma_name_addr: name.as_mut_ptr() as u64,
-                vma_name_size: name.len() as u32,
-                ..Default::default()
+            // Without the name first: asking for it costs the kernel an allocation
+            // and a path walk, and only shared file memory needs it.
+            let Some(mut q) = query(maps, at, None)? else {
+                break;
             };
-            // SAFETY: PROCMAP_QUERY reads and writes the `ProcmapQuery` it is given
-            // (its `size` says how much) and writes at most `vma_name_size` bytes to
-            // `vma_name_addr`, our local buffer; no build ID is asked for (size 0,
-            // address 0). Both outlive the call; the kernel keeps no pointer.
-            let r = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY as _, &mut q) };
-            if r != 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    break; // no VMA at or after `at`
-                }
-                return Err(e);
+            let mut name = String::new();
+            if q.vma_flags & VMA_SHARED != 0 && file_of(&q).is_some() {
+                let mut buf = vec![0u8; 4096];
+                // Asked again, and this answer taken whole (the VMA may have changed).
+                let Some(again) = query(maps, at, Some(&mut buf))? else {
+                    break;
+                };
+                q = again;
+                // The name's size includes its terminating NUL.
+                let n = (q.vma_name_size as usize).min(buf.len());
+                name = String::from_utf8_lossy(&buf[..n.saturating_sub(1)]).into_owned();
             }
             if q.vma_start >= range.end || q.vma_end <= at {
                 break;
             }
             // Relaxed: statistics.
             VMAS.fetch_add(1, Ordering::Relaxed);
-            let id = FileId {
-                dev_major: q.dev_major,
-                dev_minor: q.dev_minor,
-                inode: q.inode,
-            };
-            let file = (id.inode != 0 || id.dev_major != 0 || id.dev_minor != 0).then_some(id);
-            // The name's size includes its terminating NUL.
-            let n = (q.vma_name_size as usize).min(name.len());
-            let name = match file {
-                Some(_) => String::from_utf8_lossy(&name[..n.saturating_sub(1)]).into_owned(),
-                None => String::new(),
-            };
+            let file = file_of(&q);
+            let shared = q.vma_flags & VMA_SHARED != 0;
             out.push(Vma {
                 range: q.vma_start..q.vma_end,
-                shared: q.vma_flags & VMA_SHARED != 0,
+                shared,
                 file,
-                name,
+                name: if shared && file.is_some() {
+                    name
+                } else {
+                    String::new()
+                },
             });
             at = q.vma_end;
         }
@@ -244,7 +272,9 @@ mod tests {
         let f = parse_maps_line("400000-401000 r--p 00001000 fd:0a 123 /usr/bin/a b").unwrap();
         assert_eq!(f.file.unwrap().dev_major, 0xfd);
         assert_eq!(f.file.unwrap().dev_minor, 0x0a);
-        assert_eq!(f.name, "/usr/bin/a b");
+        assert_eq!(f.name, "", "private: no name kept");
+        let g = parse_maps_line("400000-401000 rw-s 00000000 00:05 7 /dev/shm/a b").unwrap();
+        assert_eq!(g.name, "/dev/shm/a b");
         assert!(parse_maps_line("garbage").is_none());
         assert!(parse_maps_line("1-2 rw-p 0 00:00").is_none());
     }
