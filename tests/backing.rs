@@ -588,3 +588,67 @@ fn without_map_files_child() {
     pins.check();
     println!("fd scan ok");
 }
+
+#[test]
+fn memory_that_cannot_be_classified_is_refused() {
+    let _serial = common::serial();
+    let out = run_child("unclassifiable_child");
+    assert!(
+        out.contains("unclassifiable ok") || out.contains("SKIP"),
+        "{out}"
+    );
+    for l in out
+        .lines()
+        .filter(|l| l.contains("unclassifiable ok") || l.contains("SKIP"))
+    {
+        println!("{l}");
+    }
+}
+
+/// Child body of `memory_that_cannot_be_classified_is_refused`: with /proc hidden (a
+/// private mount namespace, an empty tmpfs over /proc: needs root), the driver cannot
+/// tell what backs even private anonymous memory, and refuses it (fail safe).
+#[test]
+#[ignore = "child process body of memory_that_cannot_be_classified_is_refused"]
+fn unclassifiable_child() {
+    assert!(
+        is_child(),
+        "run through memory_that_cannot_be_classified_is_refused"
+    );
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let buf = Anon::new(LEN);
+    // SAFETY: plain syscalls changing this child process's own mount namespace.
+    let hidden = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/proc".as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !hidden {
+        println!(
+            "SKIP: cannot hide /proc here ({}): needs root",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let e = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap_err();
+    assert!(matches!(e, Error::BackingUnknown { .. }), "{e}");
+    // SAFETY: unmounting the tmpfs this child mounted, in its own namespace.
+    assert_eq!(unsafe { libc::umount(c"/proc".as_ptr()) }, 0);
+    // Nothing stays pinned.
+    drop(drv);
+    pins.check();
+    println!("unclassifiable ok: {e}");
+}
