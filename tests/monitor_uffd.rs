@@ -15,7 +15,8 @@ use common::{is_child, run_child, Anon, PinCheck};
 use std::time::{Duration, Instant};
 use userptr::driver::monitor::uffd::{measure_madvise, UffdMonitor};
 use userptr::{
-    CommandQueue, Descriptor, Driver, Perm, Registry, RegistryConfig, Status, Userptr, WaitMode,
+    CommandQueue, Descriptor, Driver, Error, Perm, Registry, RegistryConfig, Status, Userptr,
+    WaitMode,
 };
 
 const LEN: usize = 256 << 10;
@@ -280,13 +281,18 @@ in_child!(
 
 in_child!(
     /// MADV_REMOVE on a shared memfd mapping (shmem): REMOVE, when the kernel can
-    /// write-protect-register shmem (UFFD_FEATURE_WP_HUGETLBFS_SHMEM).
+    /// write-protect-register shmem (UFFD_FEATURE_WP_HUGETLBFS_SHMEM). The driver
+    /// registers only sealed shmem (`backing`), on which the hole punch itself fails
+    /// (EPERM); the kernel sends REMOVE first all the same.
     madv_remove_on_shmem_is_caught,
     madv_remove_on_shmem_child,
     {
         use std::os::fd::AsRawFd;
         let env = setup();
-        let fd = memfd::MemfdOptions::default().create("uffd").unwrap();
+        let fd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .create("uffd")
+            .unwrap();
         fd.as_file().set_len(LEN as u64).unwrap();
         // SAFETY: a shared mapping of our own memfd.
         let a = unsafe {
@@ -307,6 +313,10 @@ in_child!(
             unsafe { std::ptr::copy_nonoverlapping(a as *const u8, v.as_mut_ptr(), LEN) };
             v
         };
+        let e = env.reg.register(a, LEN, Perm::READ_WRITE).unwrap_err();
+        assert!(matches!(e, Error::ReplaceablePages { .. }), "unsealed: {e}");
+        let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::FUTURE_WRITE;
+        rustix::fs::fcntl_add_seals(fd.as_file(), seals).unwrap();
         let u = env.reg.register(a, LEN, Perm::READ_WRITE).unwrap();
         assert_eq!(env.fill(&u, 0x01), Status::Ok);
         let c = env.mon.counters();
@@ -315,12 +325,10 @@ in_child!(
             println!("uffd madv_remove on shmem: not monitored (kernel lacks shmem WP)");
         } else {
             let before = env.invalidations(DISCARD);
-            // SAFETY: punching a hole in our own shared mapping.
-            assert_eq!(
-                // SAFETY: as above.
-                unsafe { libc::madvise(a as *mut _, LEN, libc::MADV_REMOVE) },
-                0
-            );
+            // SAFETY: (trying to) punch a hole in our own shared mapping.
+            let r = unsafe { libc::madvise(a as *mut _, LEN, libc::MADV_REMOVE) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            assert_eq!((r, errno), (-1, Some(libc::EPERM)), "sealed: no hole");
             env.settle();
             assert!(env.invalidations(DISCARD) > before);
             assert_eq!(env.fill(&u, 0xab), Status::Ok);

@@ -146,6 +146,22 @@ impl Driver {
         Ok(iova)
     }
 
+    /// Map user memory: [`Driver::map_raw`], then the backing policy
+    /// ([`crate::backing::check`]) on the pinned range; a refused range is unmapped
+    /// again and the refusal returned. Every pin of application memory (a
+    /// [`UserMapping`], the registry's) goes through here; driver-owned DMA memory
+    /// (rings, NVMe queues) uses `map_raw` directly.
+    pub(crate) fn map_user_pages(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        let iova = self.map_raw(host, len, perm)?;
+        if let Err(e) = crate::backing::check(host..host + len, perm) {
+            if let Err(u) = self.unmap_raw(iova, len) {
+                tracing::error!("unmapping refused range {host:#x} + {len:#x}: {u}");
+            }
+            return Err(e);
+        }
+        Ok(iova)
+    }
+
     /// Undo `map_raw`.
     pub(crate) fn unmap_raw(&self, iova: u64, len: u64) -> Result<()> {
         self.inner.domain.unmap(iova, len)?;

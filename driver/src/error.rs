@@ -54,6 +54,32 @@ pub enum Error {
         /// Length in bytes.
         len: u64,
     },
+    /// Memory whose pages could be replaced behind the pin without any call a monitor
+    /// sees (a hole punch or truncation of the file backing it): the policy of
+    /// [`crate::backing`]. Nothing stays pinned.
+    #[error("host range {addr:#x} + {len:#x} cannot be registered: {reason}")]
+    ReplaceablePages {
+        /// Host virtual address (of the refused part of the range).
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Why, and what to do instead.
+        reason: crate::backing::Refusal,
+    },
+    /// What backs the memory could not be determined, so it is refused (fail safe).
+    #[error(
+        "cannot tell what backs host range {addr:#x} + {len:#x} ({source}): refused, since \
+         the driver pins only memory it can classify (is /proc mounted?)"
+    )]
+    BackingUnknown {
+        /// Host virtual address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Why the lookup failed.
+        #[source]
+        source: io::Error,
+    },
     /// The pin would exceed `RLIMIT_MEMLOCK` (the kernel said `ENOMEM`).
     #[error(
         "pinning {len} more bytes exceeds RLIMIT_MEMLOCK ({limit} bytes, {pinned} already \

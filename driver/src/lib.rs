@@ -13,8 +13,8 @@
 //!   registry/                epochs, invalidation, pin cache
 //!     │        reference/    the reference device      vfio/   real devices through VFIO
 //!     │            │                                     │
-//!   the core: driver, queue, submitter, mapping, device, iommu, iova, dma_memory,
-//!             driver_section, fork, proc_status, error
+//!   the core: driver, queue, submitter, mapping, backing, device, iommu, iova,
+//!             dma_memory, driver_section, fork, proc_status, error
 //!     │
 //!   userptr-ring             the ring protocol and the register map, both ends
 //! ```
@@ -25,6 +25,8 @@
 //! * [`submitter`]: [`Submitter`] and [`FenceTracker`], what every device queue
 //!   implements for whoever drives it (the registry);
 //! * [`mapping`]: [`UserMapping`], ordinary memory pinned and mapped at an IOVA;
+//! * [`backing`]: which memory may be pinned (the file-side policy: shared memory only
+//!   from sealed memfds);
 //! * [`device`]: the [`Device`] trait (registers, domain, interrupts);
 //! * [`iommu`]: the [`IommuDomain`] trait every IOMMU backend implements;
 //! * [`iova`]: IOVA space allocation;
@@ -48,6 +50,7 @@
 //! `unsafe` lives only in the modules that own one kernel interface each:
 //! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
 //! `fork` (pthread_atfork), `trampoline` (the driver's syscall instructions),
+//! `backing::vma` (the `PROCMAP_QUERY` ioctl on `/proc/self/maps`),
 //! `monitor::seccomp` (seccomp, signals, the syscall
 //! trampoline), `monitor::uffd` (userfaultfd), `vfio::domain` (VFIO IOMMU ioctls) and
 //! `vfio::device` (the device fd: BAR mmap, MMIO, `VFIO_DEVICE_RESET`). Every `unsafe`
@@ -58,6 +61,7 @@
 // IOVA ranges are lists of `Range`s; a list with one range is not a mistake.
 #![allow(clippy::single_range_in_vec_init)]
 
+pub mod backing;
 pub mod device;
 pub mod dma_memory;
 pub mod driver;

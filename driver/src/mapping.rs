@@ -7,6 +7,9 @@
 //! telling the driver, the device keeps reaching the old pages: the stale-pin hazard
 //! (`tests/hazard.rs`). The registry and the monitors exist to keep that from
 //! happening; a bare `UserMapping` is the raw mechanism underneath them.
+//!
+//! Memory whose pages can be replaced through its file, which no monitor sees, is
+//! refused at map time ([`crate::backing`]).
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
@@ -36,7 +39,7 @@ impl UserMapping {
             .ok_or(Error::Overflow { addr, len })?;
         let start = addr & !(PAGE - 1);
         let map_len = end - start;
-        let map_iova = driver.map_raw(start, map_len, perm)?;
+        let map_iova = driver.map_user_pages(start, map_len, perm)?;
         Ok(UserMapping {
             driver: driver.clone(),
             map_iova,

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const CORE: &[&str] = &[
+    "backing",
     "device",
     "dma_memory",
     "driver",

@@ -239,7 +239,7 @@ impl Registry {
         let mut again = 0;
         let mut evicted = false;
         loop {
-            match inner.driver.map_raw(host, len, perm) {
+            match inner.driver.map_user_pages(host, len, perm) {
                 Ok(iova) => return Ok(iova),
                 Err(Error::PinAgain { .. }) if again < AGAIN_TRIES => {
                     again += 1;
