@@ -21,7 +21,7 @@ impl Registry {
             done
         };
         for r in done {
-            self.unmap_region(&r);
+            self.unmap_region(&r, super::UnmapReason::Merge);
         }
     }
 
@@ -89,7 +89,7 @@ impl Registry {
         }
         Stats::add(&inner.stats.evictions, victims.len() as u64);
         for v in &victims {
-            self.unmap_region(v);
+            self.unmap_region(v, super::UnmapReason::Eviction);
         }
         victims.iter().map(|v| v.len()).sum()
     }

@@ -126,7 +126,7 @@ impl Registry {
         }
         let waited = self.wait_fences(&fences, &range);
         for r in &victims {
-            self.unmap_region(r);
+            self.unmap_region(r, super::UnmapReason::Invalidation(cause));
         }
         if !victims.is_empty() {
             let mut g = inner.notifier.write();
@@ -134,6 +134,7 @@ impl Registry {
                 .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
         }
         for r in &downgrades {
+            self.tell_downgrading(r);
             match inner.driver.domain().set_perm(r.iova, r.len(), Perm::READ) {
                 Ok(()) => Stats::add(&inner.stats.downgrades, 1),
                 Err(e) => tracing::error!("downgrading region: {e}"),

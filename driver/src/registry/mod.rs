@@ -36,6 +36,7 @@ mod config;
 mod evict;
 pub mod interval;
 mod invalidate;
+pub mod mirror;
 pub mod notifier;
 mod pin;
 mod region;
@@ -45,6 +46,7 @@ pub mod validate;
 
 pub use cause::Cause;
 pub use config::RegistryConfig;
+pub use mirror::{RangeMirror, UnmapReason};
 
 pub use stats::{Stats, StatsSnapshot, CAUSE_NAMES};
 
@@ -91,6 +93,8 @@ struct Inner {
     lo: AtomicU64,
     hi: AtomicU64,
     observers: Mutex<Vec<Arc<dyn RegionObserver>>>,
+    /// Device-side mirrors, told before a region's mapping goes away (`mirror`).
+    mirrors: Mutex<Vec<std::sync::Weak<dyn RangeMirror>>>,
 }
 
 /// The userptr registry of one driver. Cheap to clone (shared).
@@ -206,6 +210,7 @@ impl Registry {
                 lo: AtomicU64::new(u64::MAX),
                 hi: AtomicU64::new(0),
                 observers: Mutex::new(Vec::new()),
+                mirrors: Mutex::new(Vec::new()),
             }),
         }
     }

@@ -259,8 +259,9 @@ impl Registry {
         }
     }
 
-    pub(super) fn unmap_region(&self, r: &Region) {
+    pub(super) fn unmap_region(&self, r: &Region, why: super::UnmapReason) {
         let inner = &*self.inner;
+        self.tell_unmapping(r, why);
         if let Err(e) = inner.driver.unmap_raw(r.iova, r.len()) {
             if !crate::fork::in_forked_child() {
                 tracing::error!(

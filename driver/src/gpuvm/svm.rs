@@ -1,0 +1,229 @@
+//! The fault path and shared virtual memory. A fault inside a binding maps it again
+//! (a userptr the registry invalidated, an SVM chunk, a write bit an upgrade gave
+//! back), if the process itself could make the access. A fault on an address with no
+//! binding, in an SVM VM, binds a chunk of the process's memory at the same VA: as
+//! drm_gpusvm does, the largest of 2 MiB, 64 KiB and 4 KiB whose aligned block around
+//! the faulting page lies inside the VMA and overlaps no binding of the VM (fewer,
+//! larger pins; 2 MiB leaves where the mapping allows them), pinned through the
+//! registry so that the monitors keep it coherent.
+
+use std::ops::Range;
+
+/// Chunk sizes, largest first.
+pub(super) const CHUNKS: [u64; 3] = [2 << 20, 64 << 10, 4 << 10];
+
+/// The chunk to bind for a fault on `page`, inside `vma`, avoiding `taken` ranges.
+pub(super) fn chunk_for(
+    page: u64,
+    vma: &Range<u64>,
+    taken: impl Fn(&Range<u64>) -> bool,
+) -> Range<u64> {
+    for size in CHUNKS {
+        let start = page & !(size - 1);
+        let c = start..start + size;
+        if vma.start <= c.start && c.end <= vma.end && !taken(&c) {
+            return c;
+        }
+    }
+    page..page + 4096
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn largest_aligned_block_inside_the_vma_and_free() {
+        let m = 2u64 << 20;
+        let none = |_: &Range<u64>| false;
+        assert_eq!(chunk_for(m + 0x5000, &(m..3 * m), none), m..2 * m);
+        // The VMA ends mid-way: 64 KiB.
+        assert_eq!(
+            chunk_for(m + 0x5000, &(m..m + (1 << 20)), none),
+            m..m + (64 << 10)
+        );
+        // The VMA starts at an odd page: 4 KiB.
+        assert_eq!(
+            chunk_for(0x13000, &(0x13000..0x15000), none),
+            0x13000..0x14000
+        );
+        // A binding inside the 2 MiB block: 64 KiB.
+        let taken = |r: &Range<u64>| r.start < m + 0x20_0000 && r.end - r.start > (64 << 10);
+        assert_eq!(chunk_for(m, &(m..3 * m), taken), m..m + (64 << 10));
+    }
+}
+
+use super::populate;
+use super::stats::add;
+use super::vm::{pages_of, Bound, Kind, VmInner};
+use crate::iommu::Perm;
+use userptr_ring::regs::fault_kind;
+use userptr_ring::regs::fault_record::FaultQueueRecord;
+use userptr_ring::AccessKind;
+
+const PAGE: u64 = 4096;
+/// Installs a fault retries when invalidations keep racing it, before it fails.
+const ATTEMPTS: u32 = 16;
+
+/// Whether the process could make the access to `page` (`write` or a read): `None`
+/// if not, else whether it could write it too.
+fn may_access(page: u64, write: bool) -> Option<bool> {
+    if populate::accessible(page, PAGE, true) {
+        Some(true)
+    } else if !write && populate::accessible(page, PAGE, false) {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+impl VmInner {
+    /// The fault handler's answer for `rec`: map the page (bind it again, or bind an
+    /// SVM chunk) and replay (`true`), or fail the command (`false`).
+    pub(super) fn resolve_fault(&self, rec: &FaultQueueRecord) -> bool {
+        let _section = crate::driver_section::enter();
+        add(&self.stats.faults, 1);
+        let ok = self.resolve(rec);
+        add(
+            if ok {
+                &self.stats.faults_replayed
+            } else {
+                &self.stats.faults_failed
+            },
+            1,
+        );
+        ok
+    }
+
+    fn resolve(&self, rec: &FaultQueueRecord) -> bool {
+        let page = rec.va & !(PAGE - 1);
+        let write = rec.access == AccessKind::Write;
+        for _ in 0..ATTEMPTS {
+            let (gen, found) = {
+                let st = self.lock();
+                (st.log.generation(), st.covering(page).cloned())
+            };
+            let done = match found {
+                Some(b) => self.refault(gen, &b, page, write, rec.kind),
+                None if self.cfg.svm => self.svm_fault(gen, page, write),
+                None => Some(false),
+            };
+            match done {
+                Some(ok) => return ok,
+                None => continue, // an invalidation raced the install
+            }
+        }
+        false
+    }
+
+    /// A fault inside binding `b`: map it again if the process can make the access.
+    /// `None`: raced, try again.
+    fn refault(&self, gen: u64, b: &Bound, page: u64, write: bool, kind: u8) -> Option<bool> {
+        let (Kind::Userptr(u) | Kind::Svm(u)) = &b.kind else {
+            return Some(false); // device memory is always mapped writable
+        };
+        if write && !u.perm().write() {
+            return Some(false);
+        }
+        let host = b.host.clone()?;
+        let host_page = host.start + (page - b.va.start);
+        let Some(can_write) = may_access(host_page, write) else {
+            return Some(false);
+        };
+        let reg = &self.gpu.shared.registry;
+        let Ok(i) = reg.iova(u) else {
+            return Some(false);
+        };
+        let iova = i - (u.addr() - pages_of(u).start);
+        let writable = u.perm().write() && can_write;
+        let mut st = self.lock();
+        match self.install(&mut st, gen, b.va.start, b.uid, iova, writable) {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) => return Some(false),
+        }
+        // A read-only entry may be cached: a write fault on it would come back.
+        if kind == fault_kind::WRITE_PROTECTED {
+            self.tlb_invalidate(std::slice::from_ref(&b.va));
+        }
+        add(&self.stats.rebinds, 1);
+        Some(true)
+    }
+
+    /// A fault with no binding in an SVM VM: check the access, pin a chunk through
+    /// the registry, bind it at the same VA. `None`: raced, try again.
+    fn svm_fault(&self, gen: u64, page: u64, write: bool) -> Option<bool> {
+        // The process's own access first: nothing is pinned for an access it could
+        // not make (unmapped, PROT_NONE, a write to read-only memory).
+        let Some(can_write) = may_access(page, write) else {
+            return Some(false);
+        };
+        let Some(vma) = crate::backing::vmas(page..page + PAGE)
+            .ok()
+            .and_then(|v| v.into_iter().find(|v| v.range.contains(&page)))
+        else {
+            return Some(false);
+        };
+        let perm = if can_write {
+            Perm::READ_WRITE
+        } else {
+            Perm::READ
+        };
+        let chunk = {
+            let st = self.lock();
+            chunk_for(page, &vma.range, |r| st.overlaps(r))
+        };
+        let reg = &self.gpu.shared.registry;
+        let len = |c: &Range<u64>| (c.end - c.start) as usize;
+        let (chunk, u) = match reg.register(chunk.start as usize, len(&chunk), perm) {
+            Ok(u) => (chunk, u),
+            Err(_) if chunk.end - chunk.start > PAGE => {
+                let c = page..page + PAGE;
+                match reg.register(page as usize, PAGE as usize, perm) {
+                    Ok(u) => (c, u),
+                    Err(_) => return Some(false),
+                }
+            }
+            Err(_) => return Some(false),
+        };
+        let Ok(iova) = reg.iova(&u) else {
+            return Some(false);
+        };
+        let mut st = self.lock();
+        if st.overlaps(&chunk) {
+            return None;
+        }
+        let uid = st.uid();
+        st.bindings.insert(
+            chunk.start,
+            Bound {
+                va: chunk.clone(),
+                kind: Kind::Svm(u),
+                host: Some(chunk.clone()),
+                iova: None,
+                present: false,
+                writable: can_write,
+                uid,
+            },
+        );
+        match self.install(&mut st, gen, chunk.start, uid, iova, can_write) {
+            Ok(true) => {}
+            other => {
+                st.bindings.remove(&chunk.start);
+                return match other {
+                    Ok(false) => None,
+                    _ => Some(false),
+                };
+            }
+        }
+        add(
+            match chunk.end - chunk.start {
+                0x20_0000 => &self.stats.svm_chunks_2m,
+                0x1_0000 => &self.stats.svm_chunks_64k,
+                _ => &self.stats.svm_chunks_4k,
+            },
+            1,
+        );
+        Some(true)
+    }
+}
