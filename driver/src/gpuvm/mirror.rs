@@ -53,12 +53,8 @@ impl VmInner {
             if !mark(b) {
                 continue;
             }
-            let (uid, va, gone, svm) = (
-                b.uid,
-                b.va.clone(),
-                !b.present,
-                matches!(b.kind, Kind::Svm(_)),
-            );
+            let (uid, va, gone, svm) =
+                (b.uid, b.va.clone(), !b.present, matches!(b.kind, Kind::Svm));
             hits.push((start, uid, va));
             if gone {
                 st.by_iova.remove(&i);

@@ -51,6 +51,7 @@ counters! {
     svm_chunks_4k: "SVM chunks of 4 KiB bound by the fault handler.",
     svm_chunks_64k: "SVM chunks of 64 KiB bound by the fault handler.",
     svm_chunks_2m: "SVM chunks of 2 MiB bound by the fault handler.",
+    svm_region_binds: "SVM bindings of other sizes: the unbound parts of a registry region (merged pins) bound at once.",
     submissions: "Batches submitted through the VM.",
 }
 

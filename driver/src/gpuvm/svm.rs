@@ -117,18 +117,30 @@ impl VmInner {
     }
 
     /// A fault inside binding `b`: map it again if the process can make the access.
-    /// `None`: raced, try again.
+    /// `None`: raced (or an SVM chunk was dropped to be made afresh), try again.
     fn refault(&self, gen: u64, b: &Bound, page: u64, write: bool, kind: u8) -> Option<bool> {
-        let (Kind::Userptr(u) | Kind::Svm(u)) = &b.kind else {
-            return Some(false); // device memory is always mapped writable
+        let host = match &b.kind {
+            Kind::DevMem(_) => return Some(false), // always mapped writable
+            Kind::Userptr(u) if write && !u.perm().write() => return Some(false),
+            _ => b.host.clone()?,
         };
-        if write && !u.perm().write() {
-            return Some(false);
-        }
-        let host = b.host.clone()?;
         let host_page = host.start + (page - b.va.start);
         let Some(can_write) = may_access(host_page, write) else {
             return Some(false);
+        };
+        let Kind::Userptr(u) = &b.kind else {
+            // An SVM chunk that faults while bound (a write bit an upgrade gives back):
+            // drop it and bind afresh from what the registry has now.
+            let mut st = self.lock();
+            if st.bindings.get(&b.va.start).is_some_and(|x| x.uid == b.uid) {
+                let x = st.bindings.remove(&b.va.start).expect("checked");
+                if let Some(i) = x.iova {
+                    st.by_iova.remove(&i);
+                }
+                st.pt.zap(&self.cx(), x.va.clone());
+                self.tlb_invalidate(std::slice::from_ref(&x.va));
+            }
+            return None;
         };
         let reg = &self.gpu.shared.registry;
         let Ok(i) = reg.iova(u) else {
@@ -151,7 +163,10 @@ impl VmInner {
     }
 
     /// A fault with no binding in an SVM VM: check the access, pin a chunk through
-    /// the registry, bind it at the same VA. `None`: raced, try again.
+    /// the registry, and bind every unbound part of the registry region that now
+    /// holds it (the registry merges adjacent pins into one region and retires the
+    /// old ones, whose bindings its notice removes) at the same VA. `None`: raced,
+    /// try again.
     fn svm_fault(&self, gen: u64, page: u64, write: bool) -> Option<bool> {
         // The process's own access first: nothing is pinned for an access it could
         // not make (unmapped, PROT_NONE, a write to read-only memory).
@@ -164,66 +179,97 @@ impl VmInner {
         else {
             return Some(false);
         };
-        let perm = if can_write {
-            Perm::READ_WRITE
-        } else {
-            Perm::READ
-        };
         let chunk = {
             let st = self.lock();
             chunk_for(page, &vma.range, |r| st.overlaps(r))
         };
+        // Read-write where a pin can be had (memory the process cannot write may still
+        // be in a device-read-only region of the registry: a hit, no pin), else read.
+        let perms: &[Perm] = if can_write {
+            &[Perm::READ_WRITE]
+        } else {
+            &[Perm::READ_WRITE, Perm::READ]
+        };
         let reg = &self.gpu.shared.registry;
-        let len = |c: &Range<u64>| (c.end - c.start) as usize;
-        let (chunk, u) = match reg.register(chunk.start as usize, len(&chunk), perm) {
-            Ok(u) => (chunk, u),
-            Err(_) if chunk.end - chunk.start > PAGE => {
-                let c = page..page + PAGE;
-                match reg.register(page as usize, PAGE as usize, perm) {
-                    Ok(u) => (c, u),
-                    Err(_) => return Some(false),
+        let mut got = None;
+        'pin: for c in [chunk.clone(), page..page + PAGE] {
+            for &p in perms {
+                if let Ok(u) = reg.register(c.start as usize, (c.end - c.start) as usize, p) {
+                    got = Some((c, u, p));
+                    break 'pin;
                 }
             }
-            Err(_) => return Some(false),
+        }
+        let Some((chunk, u, perm)) = got else {
+            return Some(false);
         };
         let Ok(iova) = reg.iova(&u) else {
             return Some(false);
         };
+        // The region holding the chunk now; its parts without a binding get one.
+        let region = reg
+            .regions()
+            .into_iter()
+            .find(|r| {
+                r.perm == perm
+                    && r.range.start <= chunk.start
+                    && chunk.end <= r.range.end
+                    && r.iova + (chunk.start - r.range.start) == iova
+            })
+            .map_or((chunk.clone(), iova), |r| (r.range, r.iova));
         let mut st = self.lock();
-        if st.overlaps(&chunk) {
-            return None;
-        }
-        let uid = st.uid();
-        st.bindings.insert(
-            chunk.start,
-            Bound {
-                va: chunk.clone(),
-                kind: Kind::Svm(u),
-                host: Some(chunk.clone()),
-                iova: None,
-                present: false,
-                writable: can_write,
-                uid,
-            },
-        );
-        match self.install(&mut st, gen, chunk.start, uid, iova, can_write) {
-            Ok(true) => {}
-            other => {
-                st.bindings.remove(&chunk.start);
-                return match other {
-                    Ok(false) => None,
-                    _ => Some(false),
-                };
+        let mut gaps = Vec::new();
+        let mut at = region.0.start;
+        for (_, b) in st.bindings.range(..region.0.end) {
+            if b.va.end <= at {
+                continue;
             }
+            if b.va.start > at {
+                gaps.push(at..b.va.start);
+            }
+            at = at.max(b.va.end);
         }
-        add(
-            match chunk.end - chunk.start {
-                0x20_0000 => &self.stats.svm_chunks_2m,
-                0x1_0000 => &self.stats.svm_chunks_64k,
-                _ => &self.stats.svm_chunks_4k,
-            },
-            1,
-        );
+        if at < region.0.end {
+            gaps.push(at..region.0.end);
+        }
+        if !gaps.iter().any(|g| g.start <= page && page < g.end) {
+            return None; // another fault bound it meanwhile
+        }
+        for g in gaps {
+            let uid = st.uid();
+            st.bindings.insert(
+                g.start,
+                Bound {
+                    va: g.clone(),
+                    kind: Kind::Svm,
+                    host: Some(g.clone()),
+                    iova: None,
+                    present: false,
+                    writable: can_write,
+                    uid,
+                },
+            );
+            let giova = region.1 + (g.start - region.0.start);
+            match self.install(&mut st, gen, g.start, uid, giova, can_write) {
+                Ok(true) => {}
+                other => {
+                    st.bindings.remove(&g.start);
+                    return match other {
+                        Ok(false) => None,
+                        _ => Some(false),
+                    };
+                }
+            }
+            add(
+                match g.end - g.start {
+                    0x20_0000 => &self.stats.svm_chunks_2m,
+                    0x1_0000 => &self.stats.svm_chunks_64k,
+                    0x1000 => &self.stats.svm_chunks_4k,
+                    _ => &self.stats.svm_region_binds,
+                },
+                1,
+            );
+        }
         Some(true)
     }
 }

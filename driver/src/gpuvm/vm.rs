@@ -106,8 +106,8 @@ pub(super) enum Kind {
     Userptr(Userptr),
     /// Device memory at this VRAM offset.
     DevMem(u64),
-    /// An SVM chunk (VA == host address).
-    Svm(Userptr),
+    /// Shared virtual memory: VA == host address, pinned by the registry.
+    Svm,
 }
 
 #[derive(Clone, Debug)]
