@@ -111,6 +111,8 @@ fn bound_userptrs_and_device_memory_at_gpu_vas() {
 
 #[test]
 fn faults_in_a_vm_without_replay_fail_the_command_with_the_gpu_va_and_kind() {
+    // Pins, and runs apart from the tests that check VmPin.
+    let _serial = common::serial();
     let s = setup(VmConfig::bound());
     let a = Anon::new(LEN);
     let ua = s.reg.register(a.addr, LEN, Perm::READ).unwrap();
@@ -171,6 +173,8 @@ fn recycled_iova_scenario(cfg: VmConfig, knobs: DebugKnobs) -> (bool, bool) {
 
 #[test]
 fn skipping_the_tlb_invalidation_lets_a_stale_entry_write_another_buffer() {
+    // Pins, and runs apart from the tests that check VmPin.
+    let _serial = common::serial();
     let (b_hit, a_ok) = recycled_iova_scenario(VmConfig::bound(), DebugKnobs::default());
     assert!(!b_hit, "B's pages were written through A's GPU VA");
     assert!(a_ok, "A's current pages did not get the write");
@@ -189,6 +193,8 @@ fn skipping_the_tlb_invalidation_lets_a_stale_entry_write_another_buffer() {
 
 #[test]
 fn unpinning_before_the_pte_zap_lets_the_device_write_another_buffer() {
+    // Pins, and runs apart from the tests that check VmPin.
+    let _serial = common::serial();
     // A VM with replayable faults: the write to A's VA faults and the handler binds
     // A's current pages, unless a stale PTE answers first.
     let cfg = VmConfig {
@@ -310,6 +316,8 @@ fn per_cause_policy_discard_keeps_tables_downgrade_keeps_pins_munmap_frees_table
 
 #[test]
 fn a_vm_id_and_its_tables_are_given_back_on_drop() {
+    // Pins, and runs apart from the tests that check VmPin.
+    let _serial = common::serial();
     let drv = Driver::reference().unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let gpu = Gpu::open(&reg).unwrap();

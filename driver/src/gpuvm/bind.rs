@@ -177,7 +177,7 @@ impl GpuVm {
             }
             let x = st.bindings.remove(&b.start).expect("checked");
             if let Some(i) = x.iova {
-                st.by_iova.remove(&i);
+                st.by_iova.remove(&(i, b.start));
             }
             (x, st.fences.clone())
         };

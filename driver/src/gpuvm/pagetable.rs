@@ -254,9 +254,36 @@ impl PageTable {
         n
     }
 
-    /// Clear `W` on every leaf in `range`. Returns how many had it.
-    pub(super) fn clear_write(&mut self, cx: &Ctx, range: Range<u64>) -> u64 {
-        let n = self.leaves(cx, range, |e| e & !pte::W);
+    /// Make every leaf in `range` that points into the IOVA range `window` (a region
+    /// the registry is taking away) non-present; entries pointing elsewhere (mapped
+    /// again meanwhile, to the region that replaced it) stay. Returns how many.
+    pub(super) fn zap_into(&mut self, cx: &Ctx, range: Range<u64>, window: &Range<u64>) -> u64 {
+        let n = self.leaves(cx, range, |e| {
+            let a = e & pte::ADDR;
+            if e & pte::D == 0 && window.contains(&a) {
+                0
+            } else {
+                e
+            }
+        });
+        add(&cx.stats.ptes_zapped, n);
+        n
+    }
+
+    /// Clear `W` on every leaf in `range` that points into the IOVA range `window`.
+    pub(super) fn clear_write_into(
+        &mut self,
+        cx: &Ctx,
+        range: Range<u64>,
+        window: &Range<u64>,
+    ) -> u64 {
+        let n = self.leaves(cx, range, |e| {
+            if e & pte::D == 0 && window.contains(&(e & pte::ADDR)) {
+                e & !pte::W
+            } else {
+                e
+            }
+        });
         add(&cx.stats.write_bits_cleared, n);
         n
     }

@@ -28,6 +28,31 @@ pub(super) fn chunk_for(
     page..page + 4096
 }
 
+/// The chunks to try for a fault on `page`, in order: [`chunk_for`]'s, then each
+/// smaller aligned block around the page that lies inside `vma` and is free, down to
+/// the page itself (a pin of the larger one may fail where part of it changed
+/// meanwhile: another thread's `mprotect` or `munmap` next to the page).
+pub(super) fn chunks_for(
+    page: u64,
+    vma: &Range<u64>,
+    taken: impl Fn(&Range<u64>) -> bool,
+) -> Vec<Range<u64>> {
+    let first = chunk_for(page, vma, &taken);
+    let mut out = vec![first.clone()];
+    for size in CHUNKS {
+        let start = page & !(size - 1);
+        let c = start..start + size;
+        if size < first.end - first.start && vma.start <= c.start && c.end <= vma.end && !taken(&c)
+        {
+            out.push(c);
+        }
+    }
+    if first.end - first.start > 4096 && !out.contains(&(page..page + 4096)) {
+        out.push(page..page + 4096);
+    }
+    out
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -50,6 +75,15 @@ mod tests {
         // A binding inside the 2 MiB block: 64 KiB.
         let taken = |r: &Range<u64>| r.start < m + 0x20_0000 && r.end - r.start > (64 << 10);
         assert_eq!(chunk_for(m, &(m..3 * m), taken), m..m + (64 << 10));
+        // Then each smaller block, down to the page.
+        assert_eq!(
+            chunks_for(m + 0x15000, &(m..3 * m), none),
+            vec![m..2 * m, m + 0x10000..m + 0x20000, m + 0x15000..m + 0x16000]
+        );
+        assert_eq!(
+            chunks_for(0x13000, &(0x13000..0x15000), none),
+            vec![0x13000..0x14000]
+        );
     }
 }
 
@@ -62,8 +96,9 @@ use userptr_ring::regs::fault_record::FaultQueueRecord;
 use userptr_ring::AccessKind;
 
 const PAGE: u64 = 4096;
-/// Installs a fault retries when invalidations keep racing it, before it fails.
-const ATTEMPTS: u32 = 16;
+/// Times a fault is tried again when invalidations (or address-space changes next to
+/// the page) keep racing it, before it fails; the thread yields between tries.
+const ATTEMPTS: u32 = 64;
 
 /// Whether the process could make the access to `page` (`write` or a read): `None`
 /// if not, else whether it could write it too.
@@ -110,7 +145,9 @@ impl VmInner {
             };
             match done {
                 Some(ok) => return ok,
-                None => continue, // an invalidation raced the install
+                // An invalidation raced the install, or a pin failed while the process
+                // can still make the access: let the other side finish, try again.
+                None => std::thread::yield_now(),
             }
         }
         false
@@ -135,7 +172,7 @@ impl VmInner {
             if st.bindings.get(&b.va.start).is_some_and(|x| x.uid == b.uid) {
                 let x = st.bindings.remove(&b.va.start).expect("checked");
                 if let Some(i) = x.iova {
-                    st.by_iova.remove(&i);
+                    st.by_iova.remove(&(i, b.va.start));
                 }
                 st.pt.zap(&self.cx(), x.va.clone());
                 self.tlb_invalidate(std::slice::from_ref(&x.va));
@@ -144,15 +181,18 @@ impl VmInner {
         };
         let reg = &self.gpu.shared.registry;
         let Ok(i) = reg.iova(u) else {
-            return Some(false);
+            // Final if the process cannot make the access now, else raced: again.
+            return may_access(host_page, write)
+                .map(|_| None)
+                .unwrap_or(Some(false));
         };
         let iova = i - (u.addr() - pages_of(u).start);
         let writable = u.perm().write() && can_write;
         let mut st = self.lock();
         match self.install(&mut st, gen, b.va.start, b.uid, iova, writable) {
             Ok(true) => {}
-            Ok(false) => return None,
-            Err(_) => return Some(false),
+            // Raced an invalidation, or its entries are still being zapped: again.
+            Ok(false) | Err(_) => return None,
         }
         // A read-only entry may be cached: a write fault on it would come back.
         if kind == fault_kind::WRITE_PROTECTED {
@@ -179,9 +219,9 @@ impl VmInner {
         else {
             return Some(false);
         };
-        let chunk = {
+        let chunks = {
             let st = self.lock();
-            chunk_for(page, &vma.range, |r| st.overlaps(r))
+            chunks_for(page, &vma.range, |r| st.overlaps(r))
         };
         // Read-write where a pin can be had (memory the process cannot write may still
         // be in a device-read-only region of the registry: a hit, no pin), else read.
@@ -192,7 +232,7 @@ impl VmInner {
         };
         let reg = &self.gpu.shared.registry;
         let mut got = None;
-        'pin: for c in [chunk.clone(), page..page + PAGE] {
+        'pin: for c in chunks {
             for &p in perms {
                 if let Ok(u) = reg.register(c.start as usize, (c.end - c.start) as usize, p) {
                     got = Some((c, u, p));
@@ -200,11 +240,15 @@ impl VmInner {
                 }
             }
         }
+        // No pin: final only if the process itself cannot make the access now (the
+        // memory went, or became read-only or PROT_NONE); else a race with a change
+        // next to it (the VMA split under the chunk), tried again.
+        let transient = || may_access(page, write).map(|_| None).unwrap_or(Some(false));
         let Some((chunk, u, perm)) = got else {
-            return Some(false);
+            return transient();
         };
         let Ok(iova) = reg.iova(&u) else {
-            return Some(false);
+            return transient();
         };
         // The region holding the chunk now; its parts without a binding get one.
         let region = reg
@@ -254,10 +298,11 @@ impl VmInner {
                 Ok(true) => {}
                 other => {
                     st.bindings.remove(&g.start);
-                    return match other {
-                        Ok(false) => None,
-                        _ => Some(false),
-                    };
+                    // Ok(false): an invalidation raced it. Err: the page table still
+                    // holds entries of a chunk an invalidation is taking away (its
+                    // notice removed the binding and zaps them next). Both: again.
+                    let _ = other;
+                    return None;
                 }
             }
             add(

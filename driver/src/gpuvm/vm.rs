@@ -23,7 +23,7 @@ use crate::queue::{Backpressure, BatchFences, CommandQueue};
 use crate::registry::notifier::InvalidationLog;
 use crate::registry::{RangeMirror, Userptr};
 use crate::submitter::{FenceTracker, Submitter};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -127,9 +127,12 @@ pub(super) struct VmState {
     pub(super) pt: PageTable,
     /// By first VA.
     pub(super) bindings: BTreeMap<u64, Bound>,
-    /// Present userptr and SVM bindings by the IOVA of their first page → first VA.
-    pub(super) by_iova: BTreeMap<u64, u64>,
-    /// Host ranges the registry has taken away or downgraded (the install check).
+    /// Present userptr and SVM bindings: (IOVA of their first page, first VA). A
+    /// set: one userptr may be bound at several VAs.
+    pub(super) by_iova: BTreeSet<(u64, u64)>,
+    /// The IOVA ranges of the regions the registry has taken away or downgraded (the
+    /// install check: an entry may point only at an IOVA no notice overlapped since
+    /// it was resolved).
     pub(super) log: InvalidationLog,
     /// Latest seqno per queue of the work submitted through the VM.
     pub(super) fences: Vec<(Weak<dyn FenceTracker>, u64)>,
@@ -239,8 +242,9 @@ impl VmInner {
         }
     }
 
-    /// Install the entries of binding `start` (uid `uid`) at `iova`, unless the
-    /// registry took `host` away since generation `gen` or the binding changed.
+    /// Install the entries of binding `start` (uid `uid`) at `iova`, unless a notice
+    /// of the registry overlapped those IOVAs since generation `gen`, or the binding
+    /// changed.
     /// Returns whether it was installed.
     pub(super) fn install(
         &self,
@@ -254,15 +258,15 @@ impl VmInner {
         let Some(b) = st.bindings.get(&start) else {
             return Ok(false);
         };
-        let host = b.host.clone().unwrap_or(0..0);
-        if b.uid != uid || st.log.invalidated_since(gen, &host) {
+        let span = iova..iova + (b.va.end - b.va.start);
+        if b.uid != uid || st.log.invalidated_since(gen, &span) {
             return Ok(false);
         }
         let va = b.va.clone();
         if b.present {
             st.pt.zap(&self.cx(), va.clone());
             if let Some(old) = b.iova {
-                st.by_iova.remove(&old);
+                st.by_iova.remove(&(old, start));
             }
         }
         st.pt.map(
@@ -277,7 +281,7 @@ impl VmInner {
         b.iova = Some(iova);
         b.present = true;
         b.writable = writable;
-        st.by_iova.insert(iova, start);
+        st.by_iova.insert((iova, start));
         Ok(true)
     }
 
@@ -364,7 +368,7 @@ impl GpuVm {
             state: Mutex::new(VmState {
                 pt,
                 bindings: BTreeMap::new(),
-                by_iova: BTreeMap::new(),
+                by_iova: BTreeSet::new(),
                 log: InvalidationLog::default(),
                 fences: Vec::new(),
                 rings: Vec::new(),
@@ -448,6 +452,39 @@ impl GpuVm {
         self.inner.hw().set_ring_vm(q.ring(), 0);
     }
 
+    /// The userptr bindings not present now (none in a VM with replayable faults:
+    /// its faults bind them), but those in `skip`.
+    fn invalid_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr)> {
+        if self.inner.cfg.replayable() {
+            return Vec::new();
+        }
+        st.bindings
+            .values()
+            .filter(|b| !b.present && !skip.contains(&b.va.start))
+            .filter_map(|b| match &b.kind {
+                Kind::Userptr(u) => Some((b.va.start, b.uid, u.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The present userptr bindings made read-only by a downgrade, that their
+    /// userptr would let write (none in a VM with replayable faults: a write fault
+    /// gives the bit back there), but those in `skip`.
+    fn downgraded_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr)> {
+        if self.inner.cfg.replayable() {
+            return Vec::new();
+        }
+        st.bindings
+            .values()
+            .filter(|b| b.present && !b.writable && !skip.contains(&b.va.start))
+            .filter_map(|b| match &b.kind {
+                Kind::Userptr(u) if u.perm().write() => Some((b.va.start, b.uid, u.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Submit `descs` (GPU VAs) on `q`, attached to this VM, as one batch. On a VM
     /// without replayable faults, userptr bindings the registry invalidated are bound
     /// again first (their memory pinned anew); one that cannot be leaves its range
@@ -464,8 +501,12 @@ impl GpuVm {
         for d in descs {
             d.validate()?;
         }
+        // Bindings whose memory could not be pinned in this call: left unmapped.
+        let mut failed: Vec<u64> = Vec::new();
+        let mut rounds = 0u32;
         loop {
-            let (gen, todo) = {
+            rounds += 1;
+            let (gen, mut todo, read_only) = {
                 let st = inner.lock();
                 if !st.rings.contains(&q.ring()) {
                     return Err(Error::QueueNotAttached {
@@ -473,20 +514,24 @@ impl GpuVm {
                         vm: inner.id,
                     });
                 }
-                let todo: Vec<(u64, u64, Userptr)> = if inner.cfg.replayable() {
-                    Vec::new()
-                } else {
-                    st.bindings
-                        .values()
-                        .filter(|b| !b.present)
-                        .filter_map(|b| match &b.kind {
-                            Kind::Userptr(u) => Some((b.va.start, b.uid, u.clone())),
-                            _ => None,
-                        })
-                        .collect()
-                };
-                (st.log.generation(), todo)
+                (
+                    st.log.generation(),
+                    self.invalid_userptrs(&st, &failed),
+                    self.downgraded_userptrs(&st, &failed),
+                )
             };
+            // A downgraded binding whose memory is writable again (the upgrade did
+            // nothing to the VM): bound again with its write bit. There is no fault
+            // to do it in a VM without replayable faults.
+            let upgraded: Vec<u64> = read_only
+                .into_iter()
+                .filter(|(_, _, u)| super::populate::accessible(pages_of(u).start, PAGE, true))
+                .map(|x| {
+                    let start = x.0;
+                    todo.push(x);
+                    start
+                })
+                .collect();
             let resolved: Vec<_> = todo
                 .into_iter()
                 .map(|(start, uid, u)| {
@@ -495,18 +540,34 @@ impl GpuVm {
                 })
                 .collect();
             let mut st = inner.lock();
-            let mut raced = false;
             for (start, uid, u, i) in resolved {
-                let Ok(i) = i else { continue };
+                let Ok(i) = i else {
+                    failed.push(start);
+                    continue;
+                };
                 let iova = i - (u.addr() - pages_of(&u).start);
-                match inner.install(&mut st, gen, start, uid, iova, u.perm().write())? {
-                    true => add(&inner.stats.rebinds, 1),
-                    false => raced |= st.bindings.get(&start).is_some_and(|b| b.uid == uid),
+                if inner.install(&mut st, gen, start, uid, iova, u.perm().write())? {
+                    add(&inner.stats.rebinds, 1);
                 }
             }
-            if raced {
+            // An invalidation raced the installs, or took away another binding
+            // meanwhile (a registry region may span several): bind those too before
+            // the commands can meet them. Bounded: under a storm of invalidations the
+            // batch goes with what is mapped, and a command meeting a hole faults.
+            if rounds < 64 && !self.invalid_userptrs(&st, &failed).is_empty() {
                 continue;
             }
+            // The read-only entries of the upgraded ones may be cached.
+            let ranges: Vec<Range<u64>> = upgraded
+                .iter()
+                .filter_map(|s| {
+                    st.bindings
+                        .get(s)
+                        .filter(|b| b.writable)
+                        .map(|b| b.va.clone())
+                })
+                .collect();
+            inner.tlb_invalidate(&ranges);
             match q.submit_batch(descs, Backpressure::WouldBlock) {
                 Ok(f) => {
                     let t = q.tracker();

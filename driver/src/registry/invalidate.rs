@@ -124,6 +124,7 @@ impl Registry {
             }
             g.retiring.extend(victims.iter().cloned());
         }
+        self.tell_invalidating(&range, cause);
         let waited = self.wait_fences(&fences, &range);
         for r in &victims {
             self.unmap_region(r, super::UnmapReason::Invalidation(cause));

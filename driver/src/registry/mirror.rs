@@ -29,6 +29,14 @@ pub enum UnmapReason {
 
 /// A device-side mirror of registered ranges (see the module docs).
 pub trait RangeMirror: Send + Sync {
+    /// An invalidation of the host range `host` for `cause` has begun (its window is
+    /// open), before the registry waits for its own fences and unmaps: the mirror
+    /// waits for its device work on the range, whichever regions are (or are no
+    /// longer) pinned for it. Told for every invalidation that drops or downgrades.
+    fn invalidating(&self, host: Range<u64>, cause: Cause) {
+        let _ = (host, cause);
+    }
+
     /// The region `host` (whole pages), mapped at `iova` for `len` bytes, is about to
     /// be unmapped from the IOMMU and unpinned. When this returns, the device must no
     /// longer reach `[iova, iova + len)` through the mirror.
@@ -52,6 +60,12 @@ impl super::Registry {
     fn live_mirrors(&self) -> Vec<std::sync::Arc<dyn RangeMirror>> {
         let ms = self.inner.mirrors.lock().expect("mirrors lock poisoned");
         ms.iter().filter_map(|w| w.upgrade()).collect()
+    }
+
+    pub(super) fn tell_invalidating(&self, host: &Range<u64>, cause: Cause) {
+        for m in self.live_mirrors() {
+            m.invalidating(host.clone(), cause);
+        }
     }
 
     pub(super) fn tell_unmapping(&self, r: &super::region::Region, why: UnmapReason) {
