@@ -23,6 +23,11 @@
 //! work completes `Aborted`. The report counts what was injected (`injected_faults`) and
 //! how it was handled (`errors_handled`); pins and domain mappings must be back where
 //! they started, and violations stay 0.
+//!
+//! `--gpuvm` runs it through GPU VMs instead: an SVM VM and a VM of bound userptrs
+//! (`torture/gpuvm.rs`).
+
+mod gpuvm;
 
 use crate::bench::measure::Mem;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +69,10 @@ pub struct Args {
     /// and DMA-fault probes run as always. They must be handled: no violation, no leak.
     #[arg(long)]
     inject: bool,
+    /// Submit through GPU VMs: one submitter on a shared-virtual-memory VM (plain
+    /// pointers), one on a VM of bound userptrs.
+    #[arg(long)]
+    gpuvm: bool,
 }
 
 struct Rng(u64);
@@ -119,6 +128,9 @@ pub fn run(a: Args) -> Result<(), String> {
             )
         })?),
     };
+    if a.gpuvm {
+        return gpuvm::run(a, only);
+    }
     // A fixed mmap threshold, so a freed large block goes back to the kernel and the
     // next malloc of that size gets the same address (the reuse the lane exercises).
     // SAFETY: a malloc tuning call.

@@ -19,6 +19,7 @@
 //! ```
 
 mod e2e;
+mod gpuvm;
 pub mod intercept;
 pub mod measure;
 mod pin;
@@ -34,7 +35,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 
 /// The suites, in run order.
-pub const SUITES: [&str; 8] = [
+pub const SUITES: [&str; 9] = [
     "pin",
     "ring",
     "e2e",
@@ -43,12 +44,14 @@ pub const SUITES: [&str; 8] = [
     "intercept",
     "all",
     "vfio",
+    "gpuvm",
 ];
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Suites to run (repeat or comma-separate): pin, ring, e2e, cache, invalidate,
-    /// intercept, all (the six before it), vfio (needs --device).
+    /// intercept, all (the six before it), vfio (needs --device), gpuvm (GPU VMs on
+    /// the reference device).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     suite: Vec<String>,
     /// A short run (under a minute on 2 cores): fewer samples, smaller sizes.
@@ -135,6 +138,7 @@ pub fn run(a: Args) -> Result<(), String> {
             "invalidate" => registry::invalidate(&ctx, &target),
             "intercept" => intercept::run(&ctx),
             "vfio" => vfio::run(&ctx, &target),
+            "gpuvm" => gpuvm::run(&ctx, &target),
             _ => Err(format!("unknown suite {s}")),
         }));
         std::panic::set_hook(prev);
