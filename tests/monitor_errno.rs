@@ -445,14 +445,10 @@ fn trapped_calls_fail_exactly_as_the_kernel_fails_them() {
                     .lines()
                     .find_map(|l| l.strip_prefix(&format!("BEFORE {name} ")))
                     .unwrap_or("not reached");
-                let text = run.stderr.trim_end();
-                let tail: Vec<&str> = text.lines().rev().take(6).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 failures.push(format!(
-                    "{name}: the child was {} after install (the kernel before install: \
-                     {kernel})\n    {}",
-                    run.describe(),
-                    tail.join("\n    ")
+                    "{name}: after install, the child: {} (the kernel before install: \
+                     {kernel})",
+                    common::failure_summary(run)
                 ));
                 run.describe()
             }

@@ -449,3 +449,30 @@ pub fn pfns_visible() -> bool {
     let probe = Anon::new(4096);
     pfns(probe.addr, 4096)[0] != 0
 }
+
+/// What a failed child said, briefly: how it ended, and its panic message (or the
+/// last lines of its output), without the backtrace.
+pub fn failure_summary(run: &ChildRun) -> String {
+    let text = run.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let msg: Vec<&str> = match lines.iter().position(|l| l.contains("panicked at")) {
+        Some(i) => lines[i..]
+            .iter()
+            .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("note:"))
+            .take(12)
+            .copied()
+            .collect(),
+        None => {
+            let err: Vec<&str> = run
+                .stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            err[err.len().saturating_sub(12)..].to_vec()
+        }
+    };
+    if msg.is_empty() {
+        return run.describe();
+    }
+    format!("{}\n    {}", run.describe(), msg.join("\n    "))
+}
