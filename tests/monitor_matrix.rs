@@ -113,6 +113,8 @@ const ROWS: &[Row] = &[
     row("mprotect_downgrade", Hazard, classic::run),
     row("mmap_fixed", Hazard, classic::run),
     row("mremap_move", Hazard, classic::run),
+    row("mremap_dontunmap", Hazard, classic::run),
+    row("mremap_shrink", Hazard, classic::run),
     row("brk_shrink", Hazard, classic::run),
     row("shmdt", Policy, classic::run),
     row("fork", Control, classic::run),
@@ -544,6 +546,15 @@ fn coverage_matrix() {
         md += "\n";
     }
     println!("{md}");
+    let slowest = runs.iter().max_by_key(|r| r.1.elapsed).unwrap();
+    println!(
+        "{} children, {:.1} s of child time in all (2 at a time); the slowest: {} {} ({:.1} s)",
+        runs.len(),
+        runs.iter().map(|r| r.1.elapsed.as_secs_f64()).sum::<f64>(),
+        slowest.0 .1,
+        slowest.0 .0,
+        slowest.1.elapsed.as_secs_f64()
+    );
     if let Some(path) = std::env::var_os("USERPTR_MATRIX_OUT") {
         std::fs::write(path, &md).unwrap();
     }

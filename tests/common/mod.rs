@@ -213,6 +213,8 @@ pub struct ChildRun {
     pub status: Option<std::process::ExitStatus>,
     pub stdout: String,
     pub stderr: String,
+    /// How long it ran.
+    pub elapsed: std::time::Duration,
 }
 
 impl ChildRun {
@@ -286,6 +288,7 @@ pub fn run_bounded(mut cmd: std::process::Command, limit: std::time::Duration) -
         // Its own process group, so that a kill takes what it spawned too (and the
         // pipes close).
         .process_group(0);
+    let started = std::time::Instant::now();
     let mut child = cmd.spawn().expect("spawn child test");
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
@@ -316,6 +319,7 @@ pub fn run_bounded(mut cmd: std::process::Command, limit: std::time::Duration) -
         status,
         stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+        elapsed: started.elapsed(),
     }
 }
 
@@ -327,7 +331,8 @@ pub fn run_all<K: Send>(
     limit: std::time::Duration,
 ) -> Vec<(K, ChildRun)> {
     let n = jobs.len();
-    let queue = Mutex::new(jobs.into_iter().enumerate().collect::<Vec<_>>());
+    // Popped from the back: reversed, so the jobs start in their order.
+    let queue = Mutex::new(jobs.into_iter().enumerate().rev().collect::<Vec<_>>());
     let done = Mutex::new(Vec::with_capacity(n));
     std::thread::scope(|s| {
         for _ in 0..parallel.max(1) {

@@ -5,6 +5,9 @@ use super::{map_hole, try_map_hole, Ctx, HOLE_TAKEN, LEN};
 use crate::common::Anon;
 use userptr::{Cause, Perm};
 
+/// linux/mman.h: keep the old range mapped (empty) after a move.
+const MREMAP_DONTUNMAP: i32 = 4;
+
 fn mmap_fixed(addr: usize, len: usize) {
     // SAFETY: maps fresh anonymous memory over the test's own range.
     let p = unsafe {
@@ -198,6 +201,44 @@ pub(crate) fn run(ctx: &Ctx<'_>, path: &str) -> &'static str {
                     },
                 );
                 map_hole(a, LEN, false);
+                a
+            })
+        }
+        "mremap_dontunmap" => {
+            // The pages move to `dest`; the old range stays mapped, empty.
+            let buf = Anon::new(LEN);
+            let dest = Anon::new(LEN);
+            ctx.visible(buf.addr, LEN, Perm::READ_WRITE, |c, a| {
+                let cause = Cause::Remap {
+                    to: dest.addr as u64,
+                };
+                c.change(a..a + LEN, cause, || {
+                    // SAFETY: moves our buffer's pages onto our other buffer's range.
+                    let p = unsafe {
+                        libc::mremap(
+                            a as *mut _,
+                            LEN,
+                            LEN,
+                            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | MREMAP_DONTUNMAP,
+                            dest.addr as *mut libc::c_void,
+                        )
+                    };
+                    assert_eq!(p as usize, dest.addr, "mremap: {}", super::errno());
+                });
+                a
+            })
+        }
+        "mremap_shrink" => {
+            // The tail goes away; fresh memory is mapped there.
+            let buf = Anon::new(LEN);
+            ctx.visible(buf.addr, LEN, Perm::READ_WRITE, |c, a| {
+                let half = LEN / 2;
+                c.change(a + half..a + LEN, Cause::Unmap, || {
+                    // SAFETY: shrinks our own buffer in place.
+                    let p = unsafe { libc::mremap(a as *mut _, LEN, half, 0) };
+                    assert_eq!(p as usize, a, "mremap: {}", super::errno());
+                });
+                map_hole(a + half, half, false);
                 a
             })
         }
