@@ -576,8 +576,14 @@ fn failed_install_child() {
     assert!(is_child());
     let case = std::env::var("USERPTR_FAILED_INSTALL").unwrap();
     let pins = userptr::proc_status::pinned_bytes().unwrap();
-    let fds = open_fds();
     let buf = Anon::new(64 << 10);
+    {
+        // Warm up what the driver keeps open for the life of the process (the VMA
+        // query's /proc/self/maps), so that the count below sees only the install's.
+        let (_drv, reg) = setup();
+        reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    }
+    let fds = open_fds();
     // The way to make the install fail.
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let blocker = match case.as_str() {
