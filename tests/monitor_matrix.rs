@@ -208,9 +208,7 @@ pub(crate) fn is_refusal(e: &Error) -> bool {
     // take away; the reference IOMMU refuses read-only and file memory itself.
     matches!(
         e,
-        Error::BadAddress { .. }
-            | Error::UnsupportedMemory { .. }
-            | Error::ReplaceablePages { .. }
+        Error::BadAddress { .. } | Error::UnsupportedMemory { .. } | Error::ReplaceablePages { .. }
     )
 }
 

@@ -169,6 +169,7 @@ impl UffdMonitor {
                 .map_err(|e| Error::sys("spawn(userfaultfd handler)", e))?,
         );
         let (s, c) = (shared.clone(), ctl.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // On failure `mon` drops: shutdown marks the missing reader done, so the
         // handler ends and is joined.
         mon.reader = Some(
@@ -176,10 +177,16 @@ impl UffdMonitor {
                 .name("userptr-uffd".into())
                 .spawn(move || {
                     crate::driver_section::block_signals_for_thread();
+                    let _ = ready_tx.send(());
                     reader(s, c)
                 })
                 .map_err(|e| Error::sys("spawn(userfaultfd reader)", e))?,
         );
+        // Return only once the reader runs its loop, which allocates nothing: a thread
+        // still starting up allocates (glibc's and Rust's thread set-up), and a fork in
+        // the meantime holds malloc's locks while its own syscall waits for the reader
+        // to read the FORK event: a deadlock.
+        let _ = ready_rx.recv();
         // Observer first, then the existing regions: a region pinned in between is
         // seen by both, which is harmless (registering twice is a no-op).
         registry.add_observer(Arc::new(Watcher(shared.clone())));
