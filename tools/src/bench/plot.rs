@@ -155,7 +155,7 @@ impl Panel {
             Panel::Ratio { .. } => 200,
             Panel::Bars { rows, .. } => {
                 let n: usize = rows.iter().map(|r| 1 + r.base.is_some() as usize).sum();
-                90 + 24 * n as u32
+                110 + 26 * n as u32
             }
         }
     }
@@ -393,7 +393,10 @@ fn draw(path: &Path, suite: &str, panels: &[Panel], meta: &Meta) -> DrawResult {
     .map_err(e)?;
     let small = ("sans-serif", 13).into_font().color(&RGBColor(80, 80, 80));
     foot.draw_text(
-        &format!("{} · {} · device: {}", meta.tool, meta.date, meta.device),
+        &format!(
+            "userptr {} · {} · device: {}",
+            meta.tool, meta.date, meta.device
+        ),
         &small,
         (12, 6),
     )
@@ -427,6 +430,26 @@ fn x_label(x_bytes: bool, v: f64) -> String {
     } else {
         sig(v)
     }
+}
+
+/// Tick marks for a log axis: 1, 2, 5 times the powers of ten within `lo..hi` (only
+/// the powers of ten when that is more than a dozen).
+fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut t = Vec::new();
+    let mut p = 10f64.powf(lo.log10().floor());
+    while p <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = p * m;
+            if v >= lo && v <= hi {
+                t.push(v);
+            }
+        }
+        p *= 10.0;
+    }
+    if t.len() > 12 {
+        t.retain(|v| (v.log10() - v.log10().round()).abs() < 1e-9);
+    }
+    t
 }
 
 /// Lower and upper ends for a log axis over `vals` (positive).
@@ -470,11 +493,13 @@ fn sweep(
         .y_label_area_size(80)
         .build_cartesian_2d(
             (xlo..xhi).log_scale().with_key_points(xs.clone()),
-            (ylo..yhi).log_scale(),
+            (ylo..yhi).log_scale().with_key_points(log_ticks(ylo, yhi)),
         )
         .map_err(e)?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 13))
         .x_desc(x_desc)
         .y_desc(if kind == "time" {
             "time (median)".to_string()
@@ -543,6 +568,8 @@ fn ratio(
         .map_err(e)?;
     chart
         .configure_mesh()
+        .label_style(("sans-serif", 12))
+        .axis_desc_style(("sans-serif", 13))
         .x_desc("size")
         .y_desc("ratio")
         .x_label_formatter(&|v| x_label(x_bytes, *v))
@@ -620,10 +647,17 @@ fn bar_panel(
     if log {
         let lo = lo / 2.0;
         let mut chart = b
-            .build_cartesian_2d((lo..hi * 6.0).log_scale(), (0..n).into_segmented())
+            .build_cartesian_2d(
+                (lo..hi * 6.0)
+                    .log_scale()
+                    .with_key_points(log_ticks(lo, hi * 6.0)),
+                (0..n).into_segmented(),
+            )
             .map_err(e)?;
         chart
             .configure_mesh()
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
             .disable_y_mesh()
             .y_labels(n as usize)
             .y_label_formatter(&ylab)
@@ -675,6 +709,8 @@ fn bar_panel(
             .map_err(e)?;
         chart
             .configure_mesh()
+            .label_style(("sans-serif", 12))
+            .axis_desc_style(("sans-serif", 13))
             .disable_y_mesh()
             .y_labels(n as usize)
             .y_label_formatter(&ylab)
