@@ -387,13 +387,9 @@ fn kvm() -> Check {
 
 pub fn run(a: Args) -> Result<(), String> {
     let host = HostSupport::read(&crate::sys_root());
-    let mut checks = vec![
-        io_uring(),
-        locked_memory(),
-        seccomp(),
-        userfaultfd(),
-        iommu(&host),
-    ];
+    // Locked memory first: the io_uring probe's pin is released asynchronously.
+    let memory = locked_memory();
+    let mut checks = vec![io_uring(), memory, seccomp(), userfaultfd(), iommu(&host)];
     checks.extend(vfio(&host));
     checks.push(privileges());
     checks.push(kvm());
