@@ -83,6 +83,7 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
             });
             values
                 .push((rounds / 2 * 64 * rings as usize) as f64 / t.elapsed().as_secs_f64() / 1e6);
+            crate::progress::tick(1);
         }
         out.push(Measurement::new(
             "ring",
