@@ -12,6 +12,7 @@ use crate::iommu::{IommuDomain, Perm, PAGE_2M, PAGE_4K};
 use crate::iova::IovaAllocator;
 use crate::mapping::UserMapping;
 use crate::queue::CommandQueue;
+use crate::submitter::{deadline_after, millis};
 use std::sync::{Arc, Mutex};
 use userptr_ring::regs;
 
@@ -179,8 +180,9 @@ impl Driver {
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
     }
 
-    /// Reset the device: every queued command completes with status `Aborted`.
-    /// Waits up to `timeout` for the reset to finish.
+    /// Reset the device: every queued command completes with status `Aborted` (a
+    /// command the engine is executing finishes first). Waits up to `timeout` for the
+    /// reset to finish (`Duration::MAX`: no practical limit).
     pub fn reset(&self, timeout: std::time::Duration) -> Result<()> {
         let dev = self.ring_device()?;
         {
@@ -189,12 +191,12 @@ impl Driver {
             let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
             dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
         }
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
             if std::time::Instant::now() > deadline {
                 return Err(Error::DeviceTimeout {
                     what: "its reset",
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: millis(timeout),
                 });
             }
             std::thread::yield_now();

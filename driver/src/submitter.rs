@@ -16,10 +16,31 @@
 //!   and the device can no longer reach it). The registry keeps only the highest
 //!   sequence number per queue and region, so a queue whose completions come out of
 //!   order must answer for the whole prefix, not for one batch.
+//!
+//! Deadlines: every wait here takes a `Duration`, and a deadline computed from it
+//! saturates ([`deadline_after`]): `Duration::MAX` means "no deadline", never an
+//! overflow.
 
 use crate::error::Result;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// `now + timeout`, saturating: a timeout too large to add (`Duration::MAX`) gives a
+/// deadline centuries away instead of a panic.
+pub fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        // A century fits every clock this runs on; a second as the last resort keeps
+        // the function total.
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .or_else(|| now.checked_add(Duration::from_secs(1)))
+        .unwrap_or(now)
+}
+
+/// Milliseconds of `d` for messages, saturating at `u64::MAX`.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// The completion side of a queue, as invalidation sees it.
 pub trait FenceTracker: Send + Sync {

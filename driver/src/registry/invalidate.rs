@@ -219,7 +219,7 @@ impl Registry {
         .entered();
         Stats::add(&inner.stats.fence_waits, 1);
         let t0 = Instant::now();
-        let deadline = t0 + inner.cfg.fence_timeout;
+        let deadline = crate::submitter::deadline_after(inner.cfg.fence_timeout);
         let mut reset = false;
         let mut result = Ok(());
         for f in pending {
