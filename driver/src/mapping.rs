@@ -36,7 +36,8 @@ impl UserMapping {
             .ok_or(Error::Overflow { addr, len })?;
         let start = addr & !(PAGE - 1);
         let map_len = end - start;
-        let map_iova = driver.map_raw(start, map_len, perm)?;
+        // A domain out of room gets idle cached mappings reclaimed first.
+        let map_iova = driver.map_reclaiming(start, map_len, perm)?;
         Ok(UserMapping {
             driver: driver.clone(),
             map_iova,

@@ -161,7 +161,7 @@ impl CommandQueue {
         let cq_off = size as usize * DESCRIPTOR_SIZE;
         let fence_off = cq_off + size as usize * COMPLETION_SIZE;
         let mem = DmaMemory::new(fence_off + 8)?;
-        let iova = driver.map_raw(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
+        let iova = driver.map_reclaiming(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
         let q = QueueCore {
             driver,
             dev: dev.clone(),
@@ -293,6 +293,11 @@ impl QueueCore {
         let mut st = self.lock();
         let _ = self.reap(&mut st);
         st.done.entries()
+    }
+
+    /// The IOMMU domain this queue's device translates through.
+    pub fn domain(&self) -> &Arc<dyn crate::iommu::IommuDomain> {
+        self.driver.domain()
     }
 }
 

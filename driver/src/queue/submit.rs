@@ -147,6 +147,10 @@ impl crate::submitter::Submitter for CommandQueue {
         self.ring()
     }
 
+    fn domain(&self) -> &Arc<dyn crate::iommu::IommuDomain> {
+        QueueCore::domain(self)
+    }
+
     fn try_submit(&self, cmds: &[Descriptor]) -> Result<(BatchFences, u64)> {
         let f = self.submit_batch(cmds, Backpressure::WouldBlock)?;
         Ok((f, f.end.seqno))
