@@ -419,6 +419,10 @@ impl Submitter for IoQueue {
         self.core.qid as u32
     }
 
+    fn domain(&self) -> &Arc<dyn crate::iommu::IommuDomain> {
+        self.core.shared.driver.domain()
+    }
+
     fn try_submit(&self, cmds: &[NvmeCommand]) -> Result<(NvmeBatch, u64)> {
         let b = self.submit_batch(cmds)?;
         Ok((b, b.seqno))
