@@ -132,11 +132,7 @@ impl Driver {
     /// Register a cache of idle mappings to be asked for room when the domain runs out
     /// (see the module docs). Held weakly: a dropped one is forgotten.
     pub fn add_reclaimer(&self, r: Weak<dyn Reclaim>) {
-        let mut v = self
-            .inner
-            .reclaimers
-            .lock()
-            .expect("reclaimers lock poisoned");
+        let mut v = crate::driver_section::lock(&self.inner.reclaimers);
         v.retain(|w| w.strong_count() > 0);
         v.push(r);
     }
@@ -145,11 +141,7 @@ impl Driver {
     /// anything was unmapped.
     pub fn reclaim(&self, bytes: u64, mappings: usize) -> bool {
         let live: Vec<Arc<dyn Reclaim>> = {
-            let mut v = self
-                .inner
-                .reclaimers
-                .lock()
-                .expect("reclaimers lock poisoned");
+            let mut v = crate::driver_section::lock(&self.inner.reclaimers);
             v.retain(|w| w.strong_count() > 0);
             v.iter().filter_map(Weak::upgrade).collect()
         };
@@ -239,12 +231,8 @@ impl Driver {
         } else {
             (PAGE_4K, 0)
         };
-        let iova = self
-            .inner
-            .iova
-            .lock()
-            .expect("iova lock poisoned")
-            .alloc_congruent(len, align, phase)?;
+        let iova =
+            crate::driver_section::lock(&self.inner.iova).alloc_congruent(len, align, phase)?;
         if let Err(e) = self.inner.domain.map(iova, host, len, perm) {
             self.free_iova(iova, len);
             return Err(e);
@@ -300,11 +288,7 @@ impl Driver {
             "IOVA {iova:#x} + {len:#x} quarantined: device work submitted against it may \
              still run"
         );
-        let mut q = self
-            .inner
-            .quarantine
-            .lock()
-            .expect("quarantine lock poisoned");
+        let mut q = crate::driver_section::lock(&self.inner.quarantine);
         q.push(Quarantined { iova, len, work });
         // Relaxed: a hint for the allocation path, which re-reads under the lock.
         self.inner.quarantined.fetch_add(len, Ordering::Relaxed);
@@ -325,22 +309,12 @@ impl Driver {
         if self.inner.quarantined.load(Ordering::Relaxed) == 0 {
             return;
         }
-        let held = std::mem::take(
-            &mut *self
-                .inner
-                .quarantine
-                .lock()
-                .expect("quarantine lock poisoned"),
-        );
+        let held = std::mem::take(&mut *crate::driver_section::lock(&self.inner.quarantine));
         // Checked outside the lock: `done` asks the queues.
         let (free, keep): (Vec<_>, Vec<_>) = held
             .into_iter()
             .partition(|q| q.work.iter().all(PendingWork::done));
-        self.inner
-            .quarantine
-            .lock()
-            .expect("quarantine lock poisoned")
-            .extend(keep);
+        crate::driver_section::lock(&self.inner.quarantine).extend(keep);
         for q in free {
             self.free_iova(q.iova, q.len);
             // Relaxed: see unmap_fenced.
@@ -349,15 +323,11 @@ impl Driver {
     }
 
     fn free_iova(&self, iova: u64, len: u64) {
-        self.inner
-            .iova
-            .lock()
-            .expect("iova lock poisoned")
-            .free(iova, len)
+        crate::driver_section::lock(&self.inner.iova).free(iova, len)
     }
 
     pub(crate) fn irq_enable(&self, ring: u32, on: bool) {
-        let _g = self.inner.irq_mask.lock().expect("irq mask lock poisoned");
+        let _g = crate::driver_section::lock(&self.inner.irq_mask);
         let Some(dev) = self.device() else { return };
         let m = dev.read32(regs::IRQ_MASK);
         let m = if on { m | 1 << ring } else { m & !(1 << ring) };
@@ -370,7 +340,7 @@ impl Driver {
     /// next one.
     pub fn set_enabled(&self, on: bool) {
         let Some(dev) = self.device() else { return };
-        let _g = self.inner.control.lock().expect("control lock poisoned");
+        let _g = crate::driver_section::lock(&self.inner.control);
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
     }
 
@@ -381,7 +351,7 @@ impl Driver {
         let dev = self.ring_device()?;
         {
             // A pause or resume between the read and the write would be undone by it.
-            let _g = self.inner.control.lock().expect("control lock poisoned");
+            let _g = crate::driver_section::lock(&self.inner.control);
             let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
             dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
         }

@@ -252,8 +252,8 @@ impl QueueCore {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("queue state lock poisoned")
+    fn lock(&self) -> crate::driver_section::Locked<MutexGuard<'_, State>> {
+        crate::driver_section::lock(&self.state)
     }
 
     /// The ring index on the device.

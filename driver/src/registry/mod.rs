@@ -333,11 +333,7 @@ impl Registry {
     pub fn add_observer(&self, o: Arc<dyn RegionObserver>) -> ObserverId {
         // Relaxed: a unique number, nothing is published through it.
         let id = self.inner.next_observer.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .observers
-            .lock()
-            .expect("observers lock poisoned")
-            .push((id, o));
+        crate::driver_section::lock(&self.inner.observers).push((id, o));
         ObserverId(id)
     }
 
@@ -345,11 +341,7 @@ impl Registry {
     /// there. Once this returns, pins that start later do not call it (one in progress
     /// may still).
     pub fn remove_observer(&self, id: ObserverId) -> bool {
-        let mut v = self
-            .inner
-            .observers
-            .lock()
-            .expect("observers lock poisoned");
+        let mut v = crate::driver_section::lock(&self.inner.observers);
         let before = v.len();
         v.retain(|(i, _)| *i != id.0);
         v.len() != before
@@ -357,11 +349,7 @@ impl Registry {
 
     /// Observers registered now.
     pub fn observers(&self) -> usize {
-        self.inner
-            .observers
-            .lock()
-            .expect("observers lock poisoned")
-            .len()
+        crate::driver_section::lock(&self.inner.observers).len()
     }
 
     /// Whether `range` may overlap a registered range. Lock-free and allocation-free

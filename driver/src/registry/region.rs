@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// Attach a submission's fence to a region it references. A ring completes in order,
 /// so per queue only the latest seqno matters: the list stays one entry per queue.
 pub(super) fn attach(r: &Region, queue: &Weak<dyn FenceTracker>, seqno: u64) {
-    let mut fl = r.inflight.lock().expect("inflight lock poisoned");
+    let mut fl = crate::driver_section::lock(&r.inflight);
     match fl.iter_mut().find(|x| Weak::ptr_eq(&x.queue, queue)) {
         Some(x) => x.seqno = x.seqno.max(seqno),
         None => fl.push(InFlight {
@@ -63,7 +63,7 @@ impl Region {
     }
 
     pub(super) fn idle(&self) -> bool {
-        let mut f = self.inflight.lock().expect("inflight lock poisoned");
+        let mut f = crate::driver_section::lock(&self.inflight);
         f.retain(|x| !x.done());
         f.is_empty()
     }
@@ -78,10 +78,7 @@ impl Region {
     /// The fences of the work that may still reach the region. Copied, not taken: a
     /// concurrent invalidation overlapping the same region must wait for them too.
     pub(super) fn inflight(&self) -> Vec<InFlight> {
-        self.inflight
-            .lock()
-            .expect("inflight lock poisoned")
-            .clone()
+        crate::driver_section::lock(&self.inflight).clone()
     }
 
     /// Wait (outside every lock, until `deadline`) until a downgrade in progress has
