@@ -517,7 +517,6 @@ in_child!(
     {
         let env = setup();
         assert!(env.mon.sync(Duration::MAX), "sync with no deadline");
-        assert!(env.mon.sync(Duration::ZERO) || !env.mon.sync(Duration::ZERO));
         println!("uffd sync: Duration::MAX ok");
     }
 );
