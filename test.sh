@@ -10,6 +10,9 @@ cargo test --workspace --doc
 # against the shared and the static library through pkg-config, run plain and under the
 # seccomp and userfaultfd monitors; the header compiled as C++.
 capi/test-c.sh
+# The Python module (python/test-python.sh): a virtualenv in target/pyenv with pinned
+# maturin, pytest and numpy (first run only), `maturin develop`, then pytest.
+python/test-python.sh
 export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom
 cargo test -p userptr-ring --test loom --release
 cargo test -p userptr-driver --test loom_notifier --release
