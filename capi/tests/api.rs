@@ -669,3 +669,39 @@ fn every_exported_function_is_guarded() {
     }
     assert!(seen >= 25, "found only {seen} exported functions");
 }
+
+/// A wait covers the whole batch: a fault in its first command is the wait's error
+/// even though the last command completed fine, and each completion says how its
+/// command ended.
+#[test]
+fn a_fault_anywhere_in_the_batch_fails_the_wait() {
+    let _s = serial();
+    let s = Setup::new();
+    let mut buf = vec![0u8; 8192];
+    let ro = s.register(&mut buf[..4096], UserptrPerm::Read as u32);
+    let rw = s.register(&mut buf[4096..], UserptrPerm::ReadWrite as u32);
+    let mut ro_iova = 0;
+    // SAFETY: a live registration, local out-parameter.
+    let rc = unsafe { userptr_registration_iova(ro, &mut ro_iova) };
+    assert_eq!(rc, C::Ok);
+    let (rc, f) = s.submit(&[ro, rw], &[fill(0, 0, 4096, 1), fill(1, 0, 4096, 2)]);
+    assert_eq!(rc, C::Ok, "{}", message());
+    let (rc, done) = s.wait(&f, 5000);
+    assert_eq!(rc, C::DmaFault, "{}", message());
+    assert!(message().contains("fault at IOVA"), "{}", message());
+    let mut fault = UserptrFault::default();
+    // SAFETY: a local out-parameter.
+    assert!(unsafe { userptr_last_error_fault(&mut fault) });
+    assert_eq!(
+        (fault.seqno, fault.iova, fault.access),
+        (f.first, ro_iova, 2)
+    );
+    assert_eq!(
+        (done[0].status, done[0].fault_iova, done[0].fault_access),
+        (1, ro_iova, 2)
+    );
+    assert_eq!((done[1].status, done[1].fault_access), (0, 0));
+    assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 2));
+    unregister(ro);
+    unregister(rw);
+}
