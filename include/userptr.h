@@ -108,6 +108,10 @@ enum userptr_code
      */
     USERPTR_CODE_MAPPING_TOO_LARGE = 24,
     /**
+     * A batch whose buffers cannot fit the pin budget or the mapping limit at once.
+     */
+    USERPTR_CODE_BATCH_TOO_LARGE = 25,
+    /**
      * No free IOVA range of the size asked for.
      */
     USERPTR_CODE_IOVA_EXHAUSTED = 30,
@@ -160,6 +164,10 @@ enum userptr_code
      */
     USERPTR_CODE_NO_RING_DEVICE = 48,
     /**
+     * A queue of another driver than the registry's.
+     */
+    USERPTR_CODE_FOREIGN_QUEUE = 49,
+    /**
      * A wait ran out before the fence was reached.
      */
     USERPTR_CODE_TIMEOUT = 50,
@@ -188,6 +196,14 @@ enum userptr_code
      * An invalidation gave up waiting for the device.
      */
     USERPTR_CODE_INVALIDATION_FAILED = 56,
+    /**
+     * A submission restarted too often (invalidations kept hitting its buffers).
+     */
+    USERPTR_CODE_TOO_MANY_RETRIES = 57,
+    /**
+     * An invalidation window stayed open past the registry's window timeout.
+     */
+    USERPTR_CODE_WINDOW_TIMEOUT = 58,
     /**
      * A system call failed.
      */

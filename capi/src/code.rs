@@ -56,6 +56,8 @@ pub enum UserptrCode {
     TooManyMappings = 23,
     /// One mapping larger than the domain allows.
     MappingTooLarge = 24,
+    /// A batch whose buffers cannot fit the pin budget or the mapping limit at once.
+    BatchTooLarge = 25,
 
     // IOVA space (30..39).
     /// No free IOVA range of the size asked for.
@@ -86,6 +88,8 @@ pub enum UserptrCode {
     RingStopped = 47,
     /// The driver has no ring-protocol device.
     NoRingDevice = 48,
+    /// A queue of another driver than the registry's.
+    ForeignQueue = 49,
 
     // Commands and waiting (50..59).
     /// A wait ran out before the fence was reached.
@@ -103,6 +107,10 @@ pub enum UserptrCode {
     DeviceTimeout = 55,
     /// An invalidation gave up waiting for the device.
     InvalidationFailed = 56,
+    /// A submission restarted too often (invalidations kept hitting its buffers).
+    TooManyRetries = 57,
+    /// An invalidation window stayed open past the registry's window timeout.
+    WindowTimeout = 58,
 
     // The environment (60..69).
     /// A system call failed.
@@ -139,7 +147,7 @@ pub enum UserptrCode {
 
 impl UserptrCode {
     /// Every code, in numeric order.
-    pub const ALL: [UserptrCode; 51] = {
+    pub const ALL: [UserptrCode; 55] = {
         use UserptrCode::*;
         [
             Ok,
@@ -159,6 +167,7 @@ impl UserptrCode {
             PinBudget,
             TooManyMappings,
             MappingTooLarge,
+            BatchTooLarge,
             IovaExhausted,
             IovaOutOfRange,
             IovaBusy,
@@ -172,6 +181,7 @@ impl UserptrCode {
             NoCompletion,
             RingStopped,
             NoRingDevice,
+            ForeignQueue,
             Timeout,
             DmaFault,
             BadDescriptor,
@@ -179,6 +189,8 @@ impl UserptrCode {
             DeviceError,
             DeviceTimeout,
             InvalidationFailed,
+            TooManyRetries,
+            WindowTimeout,
             Sys,
             IoUringUnavailable,
             ForkedChild,
@@ -228,6 +240,10 @@ impl UserptrCode {
             Error::NoCompletion { .. } => C::NoCompletion,
             Error::ForkedChild => C::ForkedChild,
             Error::PinBudget { .. } => C::PinBudget,
+            Error::BatchTooLarge { .. } => C::BatchTooLarge,
+            Error::TooManyRetries { .. } => C::TooManyRetries,
+            Error::WindowTimeout { .. } => C::WindowTimeout,
+            Error::ForeignQueue { .. } => C::ForeignQueue,
             Error::InvalidationFailed { .. } => C::InvalidationFailed,
             Error::MonitorUnavailable { .. } => C::MonitorUnavailable,
             Error::MonitorConflict { .. } => C::MonitorConflict,
@@ -283,6 +299,10 @@ impl UserptrCode {
             PinBudget => c"USERPTR_CODE_PIN_BUDGET",
             TooManyMappings => c"USERPTR_CODE_TOO_MANY_MAPPINGS",
             MappingTooLarge => c"USERPTR_CODE_MAPPING_TOO_LARGE",
+            BatchTooLarge => c"USERPTR_CODE_BATCH_TOO_LARGE",
+            ForeignQueue => c"USERPTR_CODE_FOREIGN_QUEUE",
+            TooManyRetries => c"USERPTR_CODE_TOO_MANY_RETRIES",
+            WindowTimeout => c"USERPTR_CODE_WINDOW_TIMEOUT",
             IovaExhausted => c"USERPTR_CODE_IOVA_EXHAUSTED",
             IovaOutOfRange => c"USERPTR_CODE_IOVA_OUT_OF_RANGE",
             IovaBusy => c"USERPTR_CODE_IOVA_BUSY",

@@ -98,6 +98,7 @@ pub fn to_pyerr(py: Python<'_>, f: Failure) -> PyErr {
         | C::PinBudget
         | C::TooManyMappings
         | C::MappingTooLarge
+        | C::BatchTooLarge
         | C::IovaExhausted => PinLimitError::new_err(f.message),
         C::DmaFault => DmaFault::new_err(f.message),
         C::Timeout | C::DeviceTimeout => DeviceTimeoutError::new_err(f.message),
@@ -117,6 +118,9 @@ pub fn to_pyerr(py: Python<'_>, f: Failure) -> PyErr {
         | C::Aborted
         | C::DeviceError
         | C::InvalidationFailed
+        | C::TooManyRetries
+        | C::WindowTimeout
+        | C::ForeignQueue
         | C::IoUringUnavailable
         | C::Vfio
         | C::Nvme
