@@ -243,6 +243,7 @@ fn bad_ring_requests_are_errors() {
 
 #[test]
 fn racing_opens_of_one_ring_leave_exactly_one_working_queue() {
+    let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
     for _ in 0..16 {
         let barrier = std::sync::Barrier::new(2);
@@ -262,6 +263,8 @@ fn racing_opens_of_one_ring_leave_exactly_one_working_queue() {
         assert!(matches!(e, Error::RingBusy { ring: 0 }), "{e}");
         q.run(Descriptor::nop()).unwrap();
     }
+    drop(drv);
+    pins.check();
 }
 
 #[test]
