@@ -22,6 +22,8 @@
 
 mod e2e;
 pub mod intercept;
+mod kvm_notifier;
+mod limits;
 pub mod measure;
 mod pin;
 mod plot;
@@ -155,10 +157,10 @@ fn steps(suite: &str, ctx: &Ctx, vfio: bool) -> u64 {
             4 * (s + 2) + big
         }
         "ring" if vfio => 3 * (s + 2) + 5 * s + 5,
-        "ring" => 3 * (s + 2) + 5 * s + 5 + 3 * s.min(10),
+        "ring" => 3 * (s + 2) + 3 * (5 * s + 5) + (s + 2) + 3 * s.min(10),
         "e2e" => 4 * (s.min(if ctx.quick { 5 } else { 15 }) + 1),
         "cache" => 5 * (s + 3),
-        "invalidate" => 4 * (s + 2) + s + 1,
+        "invalidate" => 5 * (s + 2) + s + 1,
         "intercept" => 13,
         "vfio" => 4 * (s + 3) + 2 + s.min(5),
         _ => 1,

@@ -379,6 +379,8 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
         s,
     ));
     reg.clear().map_err(|e| crate::explain(&e))?;
+    // The kernel's own notifier on the same 2 MiB discard, for comparison.
+    out.extend(super::kvm_notifier::kernel_notifier(ctx)?);
     Ok(out)
 }
 
