@@ -20,15 +20,19 @@
 //!     range come back as new regions (split), device-read-only if the region was
 //!     (re-pinned writable they would hand the device write access to write-protected
 //!     memory);
-//!   - `mprotect` to read-only (write removed): a writable region wholly inside the
+//!   - `mprotect` to read-only (write removed): a read-write region wholly inside the
 //!     range becomes device-read-only in place; one that sticks out is dropped and its
-//!     outside parts come back (split, as above); read-only regions are untouched;
+//!     outside parts come back (split, as above); a write-only region is dropped (and
+//!     split) whether inside or not: without write the device may do nothing with it,
+//!     and "device-read-only" would widen it; read-only regions are untouched;
 //!   - `mprotect` with write: device-read-only regions wholly inside the range get
 //!     write back;
 //!   - fork: nothing.
 //!
 //! After every operation the test checks, besides equality of the registry's regions
 //! (`Registry::regions`: range, permission, device-read-only) with the model:
+//! permissions only ever narrow (no write-only region is device-read-only: the device
+//! could then read what it was only allowed to write);
 //! the merge property on its own (after a miss, the region that now holds the
 //! registration holds every previously live region of its permission that overlapped
 //! or touched it, and nothing else changed; after a hit, nothing changed); the lookup
@@ -232,7 +236,8 @@ impl Model {
                             kept.push(r);
                             continue;
                         }
-                        if inside(&r) {
+                        // Write-only: dropped (and split) below, never made readable.
+                        if inside(&r) && PERMS[r.slot] == Perm::READ_WRITE {
                             r.read_only = true;
                             kept.push(r);
                             continue;
@@ -529,6 +534,16 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             });
         }
         actual.sort();
+        // Permissions only narrow: a device-read-only region was readable to begin with.
+        for r in &actual {
+            prop_assert!(
+                !r.read_only || PERMS[r.slot].read(),
+                "step {}: write-only region {:?} made device-readable after {:?}",
+                step,
+                r,
+                op
+            );
+        }
         // The merge property, stated on its own before the model comparison.
         if let Some((u, slot, want, miss)) = &registered {
             let holder = actual

@@ -225,3 +225,60 @@ fn dropping_a_queue_with_work_in_flight_leaks_nothing() {
     drop((m, drv));
     pins.check();
 }
+
+#[test]
+fn unclaimed_completions_stay_bounded_and_duration_max_is_no_deadline() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let mut q = drv.queue(0, 16).unwrap();
+    q.set_timeout(Duration::MAX);
+    let mut data = vec![7u8; 4096];
+    let m = drv.map_slice(&mut data).unwrap();
+    let bound = (q.size() as usize).max(userptr::driver::queue::store::MIN_CAP);
+    let mut last = None;
+    for _ in 0..2000 {
+        // Plain completions, one with a result, and only the last fence waited for,
+        // as the registry's batches are.
+        let f = q
+            .submit_batch(
+                &[
+                    Descriptor::nop(),
+                    Descriptor::crc32c(m.iova(), 4096, 0),
+                    Descriptor::nop(),
+                ],
+                Backpressure::Wait,
+            )
+            .unwrap();
+        q.wait(f.end, WaitMode::Block, Duration::MAX).unwrap();
+        assert!(
+            q.unclaimed_entries() <= bound,
+            "{} entries",
+            q.unclaimed_entries()
+        );
+        last = Some(f);
+    }
+    // The earlier fences of the last batch still answer, each with its own entry.
+    let f = last.unwrap();
+    let c = q.wait(f.start, WaitMode::Poll, Duration::MAX).unwrap();
+    assert_eq!((c.seqno, c.status), (f.start.seqno, Status::Ok));
+    let crc = userptr::Fence {
+        ring: 0,
+        seqno: f.start.seqno + 1,
+    };
+    let c = q.wait(crc, WaitMode::Block, T).unwrap();
+    assert_eq!(c.result as u32, crc32c::crc32c(&[7u8; 4096]));
+    // Long-gone ones were dropped unclaimed: an error, not a hang.
+    let e = q
+        .wait(userptr::Fence { ring: 0, seqno: 1 }, WaitMode::Poll, T)
+        .unwrap_err();
+    assert!(matches!(e, userptr::Error::NoCompletion { .. }), "{e}");
+    // Every other wait takes Duration::MAX as "no deadline" too.
+    q.wait_done(f.end.seqno, Duration::MAX).unwrap();
+    q.wait_for_room(1).unwrap();
+    let e = q.wait_for_room(u32::MAX).unwrap_err();
+    assert!(matches!(e, userptr::Error::RingFull { .. }), "{e}");
+    drv.reset(Duration::MAX).unwrap();
+    q.run(Descriptor::nop()).unwrap();
+    drop((m, q, drv));
+    pins.check();
+}

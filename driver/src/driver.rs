@@ -5,6 +5,26 @@
 //! A driver made with [`Driver::for_domain`] has no ring-protocol device: it maps
 //! memory into a domain that another engine drives (the NVMe engine over VFIO,
 //! `vfio::nvme`); [`Driver::queue`] then fails with [`Error::NoRingDevice`].
+//!
+//! # IOVA reuse and in-flight work
+//!
+//! An IOVA is never handed out again while device work submitted against its previous
+//! mapping may still run: whoever unmaps a range that such work may still reach
+//! (the registry, after a device that would not finish or reset in time) unmaps it with
+//! its pending work attached (`Driver::unmap_fenced`); the translation goes at once
+//! (a late access faults instead of reaching new memory) but the IOVA range is
+//! *quarantined*, out of the allocator, until every attached batch is proven finished
+//! (checked again on every later allocation). What cannot be proven finished for good
+//! stays quarantined for the driver's life: IOVA space is leaked rather than reused
+//! ([`Driver::quarantined_iova`] counts it).
+//!
+//! # Domain exhaustion
+//!
+//! A cache of idle mappings in the domain (the registry) registers itself as a
+//! [`Reclaim`]er. When a mapping the driver makes for itself or a caller (ring memory,
+//! [`Driver::map_user`]) finds the domain out of mapping slots, IOVA space or
+//! locked memory, the reclaimers are asked to unmap idle mappings, and the mapping is
+//! tried again.
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -12,8 +32,29 @@ use crate::iommu::{IommuDomain, Perm, PAGE_2M, PAGE_4K};
 use crate::iova::IovaAllocator;
 use crate::mapping::UserMapping;
 use crate::queue::CommandQueue;
-use std::sync::{Arc, Mutex};
+use crate::submitter::{deadline_after, millis, PendingWork};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use userptr_ring::regs;
+
+/// Something that keeps idle mappings in a driver's domain and can give them back
+/// when the domain runs out (the registry's pin cache is one).
+pub trait Reclaim: Send + Sync {
+    /// Unmap idle mappings worth at least `bytes` bytes and `mappings` mappings, as far
+    /// as it has them. Returns whether anything was unmapped. Called with none of the
+    /// driver's locks held.
+    fn reclaim(&self, bytes: u64, mappings: usize) -> bool;
+}
+
+/// An IOVA range unmapped while work submitted against it may still run.
+struct Quarantined {
+    iova: u64,
+    len: u64,
+    work: Vec<PendingWork>,
+}
+
+/// Rounds of reclaim-and-retry a mapping gets before its error is returned.
+const RECLAIM_ROUNDS: u32 = 8;
 
 struct Inner {
     device: Option<Arc<dyn Device>>,
@@ -23,6 +64,36 @@ struct Inner {
     irq_mask: Mutex<()>,
     /// Serialises read-modify-writes of CONTROL (pause/resume against a reset).
     control: Mutex<()>,
+    /// IOVA ranges held back from the allocator (see the module docs).
+    quarantine: Mutex<Vec<Quarantined>>,
+    /// Bytes in `quarantine` (read without its lock on every allocation).
+    quarantined: AtomicU64,
+    reclaimers: Mutex<Vec<Weak<dyn Reclaim>>>,
+    /// The rings a [`CommandQueue`](crate::CommandQueue) drives (at most one each).
+    rings: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+/// A queue's claim on its ring: while it is held, no other queue of this driver
+/// programs, enables or disables that ring. Released on drop.
+#[derive(Debug)]
+pub(crate) struct RingClaim {
+    driver: Driver,
+    ring: u32,
+}
+
+impl Drop for RingClaim {
+    fn drop(&mut self) {
+        crate::driver_section::lock(&self.driver.inner.rings).remove(&self.ring);
+    }
+}
+
+/// Whether `e` says the domain (or the locked-memory limit) is out of room, which
+/// unmapping idle mappings can cure.
+fn exhausted(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::TooManyMappings { .. } | Error::IovaExhausted { .. } | Error::PinLimit { .. }
+    )
 }
 
 /// A driver instance bound to one device. Cheap to clone (shared).
@@ -67,8 +138,35 @@ impl Driver {
                 iova: Mutex::new(iova),
                 irq_mask: Mutex::new(()),
                 control: Mutex::new(()),
+                quarantine: Mutex::new(Vec::new()),
+                quarantined: AtomicU64::new(0),
+                reclaimers: Mutex::new(Vec::new()),
+                rings: Mutex::new(std::collections::BTreeSet::new()),
             }),
         }
+    }
+
+    /// Register a cache of idle mappings to be asked for room when the domain runs out
+    /// (see the module docs). Held weakly: a dropped one is forgotten.
+    pub fn add_reclaimer(&self, r: Weak<dyn Reclaim>) {
+        let mut v = crate::driver_section::lock(&self.inner.reclaimers);
+        v.retain(|w| w.strong_count() > 0);
+        v.push(r);
+    }
+
+    /// Ask every reclaimer for `bytes` bytes and `mappings` mappings. Returns whether
+    /// anything was unmapped.
+    pub fn reclaim(&self, bytes: u64, mappings: usize) -> bool {
+        let live: Vec<Arc<dyn Reclaim>> = {
+            let mut v = crate::driver_section::lock(&self.inner.reclaimers);
+            v.retain(|w| w.strong_count() > 0);
+            v.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut freed = false;
+        for r in live {
+            freed |= r.reclaim(bytes, mappings);
+        }
+        freed
     }
 
     /// The ring-protocol device, if this driver has one.
@@ -115,6 +213,8 @@ impl Driver {
     }
 
     /// Open command ring `ring` with `size` slots.
+    /// Its memory is one mapping of the domain; a domain out of room first gets idle
+    /// mappings reclaimed (see the module docs).
     pub fn queue(&self, ring: u32, size: u32) -> Result<CommandQueue> {
         CommandQueue::new(self.clone(), ring, size)
     }
@@ -124,8 +224,23 @@ impl Driver {
         self.device().map_or(0, |d| d.read32(regs::CAPS) & 0xff)
     }
 
+    /// [`Driver::map_raw`], asking the reclaimers for room when the domain is out of it
+    /// (a bounded number of times).
+    pub(crate) fn map_reclaiming(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        let mut rounds = 0;
+        loop {
+            match self.map_raw(host, len, perm) {
+                Err(e) if exhausted(&e) && rounds < RECLAIM_ROUNDS && self.reclaim(len, 1) => {
+                    rounds += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Map whole pages at a freshly allocated IOVA; returns the IOVA.
     pub(crate) fn map_raw(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        self.release_quarantine();
         // Large ranges get an IOVA congruent to the host address modulo 2 MiB, so
         // that huge-page-backed memory can be mapped with 2 MiB IOMMU pages.
         let (align, phase) = if len >= PAGE_2M {
@@ -133,12 +248,8 @@ impl Driver {
         } else {
             (PAGE_4K, 0)
         };
-        let iova = self
-            .inner
-            .iova
-            .lock()
-            .expect("iova lock poisoned")
-            .alloc_congruent(len, align, phase)?;
+        let iova =
+            crate::driver_section::lock(&self.inner.iova).alloc_congruent(len, align, phase)?;
         if let Err(e) = self.inner.domain.map(iova, host, len, perm) {
             self.free_iova(iova, len);
             return Err(e);
@@ -153,6 +264,18 @@ impl Driver {
     /// (rings, NVMe queues) uses `map_raw` directly.
     pub(crate) fn map_user_pages(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
         let iova = self.map_raw(host, len, perm)?;
+        self.check_user_pages(iova, host, len, perm)
+    }
+
+    /// [`Driver::map_user_pages`], reclaiming idle cached mappings first when the domain
+    /// is out of room (see [`Driver::map_reclaiming`]).
+    pub(crate) fn map_user_reclaiming(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        let iova = self.map_reclaiming(host, len, perm)?;
+        self.check_user_pages(iova, host, len, perm)
+    }
+
+    /// The backing policy on a range just mapped at `iova`: unmapped again if refused.
+    fn check_user_pages(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<u64> {
         if let Err(e) = crate::backing::check(host..host + len, perm) {
             if let Err(u) = self.unmap_raw(iova, len) {
                 tracing::error!("unmapping refused range {host:#x} + {len:#x}: {u}");
@@ -169,16 +292,72 @@ impl Driver {
         Ok(())
     }
 
+    /// Undo `map_raw` for a range that the batches in `work` may still reach: the
+    /// translation goes now, the IOVA range only once all of them are finished
+    /// (quarantine, see the module docs). Returns whether the range was quarantined.
+    pub(crate) fn unmap_fenced(&self, iova: u64, len: u64, work: Vec<PendingWork>) -> Result<bool> {
+        self.inner.domain.unmap(iova, len)?;
+        if work.iter().all(PendingWork::done) {
+            self.free_iova(iova, len);
+            return Ok(false);
+        }
+        tracing::warn!(
+            "IOVA {iova:#x} + {len:#x} quarantined: device work submitted against it may \
+             still run"
+        );
+        let mut q = crate::driver_section::lock(&self.inner.quarantine);
+        q.push(Quarantined { iova, len, work });
+        // Relaxed: a hint for the allocation path, which re-reads under the lock.
+        self.inner.quarantined.fetch_add(len, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Bytes of IOVA space quarantined now: unmapped while device work submitted
+    /// against them may still run, kept out of the allocator until it is proven
+    /// finished (see the module docs).
+    pub fn quarantined_iova(&self) -> u64 {
+        // Relaxed: a reading.
+        self.inner.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// Return the quarantined ranges whose work is proven finished to the allocator.
+    fn release_quarantine(&self) {
+        // Relaxed: a hint; the list itself is read under its lock.
+        if self.inner.quarantined.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let held = std::mem::take(&mut *crate::driver_section::lock(&self.inner.quarantine));
+        // Checked outside the lock: `done` asks the queues.
+        let (free, keep): (Vec<_>, Vec<_>) = held
+            .into_iter()
+            .partition(|q| q.work.iter().all(PendingWork::done));
+        crate::driver_section::lock(&self.inner.quarantine).extend(keep);
+        for q in free {
+            self.free_iova(q.iova, q.len);
+            // Relaxed: see unmap_fenced.
+            self.inner.quarantined.fetch_sub(q.len, Ordering::Relaxed);
+        }
+    }
+
     fn free_iova(&self, iova: u64, len: u64) {
-        self.inner
-            .iova
-            .lock()
-            .expect("iova lock poisoned")
-            .free(iova, len)
+        crate::driver_section::lock(&self.inner.iova).free(iova, len)
+    }
+
+    /// Claim ring `ring` for one queue, or `RingBusy` if a queue already drives it.
+    /// Taken before anything touches the ring's registers, so a refused open leaves
+    /// the queue already open on the ring alone.
+    pub(crate) fn claim_ring(&self, ring: u32) -> Result<RingClaim> {
+        if !crate::driver_section::lock(&self.inner.rings).insert(ring) {
+            return Err(Error::RingBusy { ring });
+        }
+        Ok(RingClaim {
+            driver: self.clone(),
+            ring,
+        })
     }
 
     pub(crate) fn irq_enable(&self, ring: u32, on: bool) {
-        let _g = self.inner.irq_mask.lock().expect("irq mask lock poisoned");
+        let _g = crate::driver_section::lock(&self.inner.irq_mask);
         let Some(dev) = self.device() else { return };
         let m = dev.read32(regs::IRQ_MASK);
         let m = if on { m | 1 << ring } else { m & !(1 << ring) };
@@ -191,26 +370,27 @@ impl Driver {
     /// next one.
     pub fn set_enabled(&self, on: bool) {
         let Some(dev) = self.device() else { return };
-        let _g = self.inner.control.lock().expect("control lock poisoned");
+        let _g = crate::driver_section::lock(&self.inner.control);
         dev.write32(regs::CONTROL, if on { regs::CONTROL_ENABLE } else { 0 });
     }
 
-    /// Reset the device: every queued command completes with status `Aborted`.
-    /// Waits up to `timeout` for the reset to finish.
+    /// Reset the device: every queued command completes with status `Aborted` (a
+    /// command the engine is executing finishes first). Waits up to `timeout` for the
+    /// reset to finish (`Duration::MAX`: no practical limit).
     pub fn reset(&self, timeout: std::time::Duration) -> Result<()> {
         let dev = self.ring_device()?;
         {
             // A pause or resume between the read and the write would be undone by it.
-            let _g = self.inner.control.lock().expect("control lock poisoned");
+            let _g = crate::driver_section::lock(&self.inner.control);
             let keep = dev.read32(regs::CONTROL) & regs::CONTROL_ENABLE;
             dev.write32(regs::CONTROL, keep | regs::CONTROL_RESET);
         }
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         while dev.read32(regs::STATUS) & regs::STATUS_RESETTING != 0 {
             if std::time::Instant::now() > deadline {
                 return Err(Error::DeviceTimeout {
                     what: "its reset",
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: millis(timeout),
                 });
             }
             std::thread::yield_now();

@@ -194,3 +194,55 @@ pub fn is_own_ring(fd: i32) -> bool {
     // Relaxed: see `note_own_ring`.
     OWN_RINGS.iter().any(|s| s.load(Ordering::Relaxed) == fd)
 }
+
+/// A lock guard that is also a driver section: while a driver lock is held, an
+/// application signal handler must not run on this thread (its address-space call,
+/// once monitored, would need an invalidation that waits for this very lock). Drops the
+/// guard, then leaves the section (fields drop in declaration order).
+pub struct Locked<G> {
+    guard: G,
+    _section: DriverSection,
+}
+
+impl<G: std::ops::Deref> std::ops::Deref for Locked<G> {
+    type Target = G::Target;
+    fn deref(&self) -> &G::Target {
+        &self.guard
+    }
+}
+
+impl<G: std::ops::DerefMut> std::ops::DerefMut for Locked<G> {
+    fn deref_mut(&mut self) -> &mut G::Target {
+        &mut self.guard
+    }
+}
+
+/// Lock `m` inside a driver section (see [`Locked`]). A poisoned lock is taken anyway:
+/// a panic while a driver lock is held is a bug whichever way it is handled, and
+/// taking the lock lets teardown still release pins and stop the device instead of
+/// turning one panic into a cascade of them.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> Locked<std::sync::MutexGuard<'_, T>> {
+    let section = enter();
+    Locked {
+        guard: m.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        _section: section,
+    }
+}
+
+/// Read-lock `l` inside a driver section.
+pub fn read<T>(l: &std::sync::RwLock<T>) -> Locked<std::sync::RwLockReadGuard<'_, T>> {
+    let section = enter();
+    Locked {
+        guard: l.read().unwrap_or_else(std::sync::PoisonError::into_inner),
+        _section: section,
+    }
+}
+
+/// Write-lock `l` inside a driver section.
+pub fn write<T>(l: &std::sync::RwLock<T>) -> Locked<std::sync::RwLockWriteGuard<'_, T>> {
+    let section = enter();
+    Locked {
+        guard: l.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+        _section: section,
+    }
+}

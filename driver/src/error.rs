@@ -253,6 +253,59 @@ pub enum Error {
         /// The pin budget in bytes.
         budget: u64,
     },
+    /// A batch whose distinct pages cannot all be pinned at once: it would evict its
+    /// own buffers.
+    #[error(
+        "the batch references {need:#x} bytes of distinct pages in at least {mappings} \
+         mappings, but the registry pins at most {budget:#x} bytes in {max_mappings} \
+         mappings at once: split it into smaller batches, or raise the pin budget \
+         (RLIMIT_MEMLOCK, RegistryConfig::pin_budget)"
+    )]
+    BatchTooLarge {
+        /// Bytes of distinct pages the batch references.
+        need: u64,
+        /// The pin budget in bytes.
+        budget: u64,
+        /// The fewest mappings the batch's buffers need.
+        mappings: usize,
+        /// The most mappings the registry keeps.
+        max_mappings: usize,
+    },
+    /// An operation that kept being invalidated under it and gave up.
+    #[error(
+        "{what} gave up after {retries} retries: invalidations kept hitting its buffers \
+         between lookup and commit; try again once the address-space changes settle"
+    )]
+    TooManyRetries {
+        /// What was retried.
+        what: &'static str,
+        /// How many times.
+        retries: u32,
+    },
+    /// An invalidation window stayed open longer than the registry waits.
+    #[error(
+        "an invalidation window on {start:#x}..{end:#x} stayed open for {waited_ms} ms: \
+         an invalidate_start without its invalidate_end, or an address-space change that \
+         does not finish"
+    )]
+    WindowTimeout {
+        /// Start of the range waited for.
+        start: u64,
+        /// End of the range.
+        end: u64,
+        /// How long it waited, in milliseconds.
+        waited_ms: u64,
+    },
+    /// A queue whose device does not translate through the registry's IOMMU domain.
+    #[error(
+        "queue {queue} belongs to a device outside this registry's IOMMU domain: its \
+         device addresses would reach another device's mappings; submit through a queue \
+         of the registry's own driver"
+    )]
+    ForeignQueue {
+        /// The queue's identifier (ring or queue number).
+        queue: u32,
+    },
     /// An invalidation could not be completed.
     #[error("invalidation of {start:#x}..{end:#x} gave up waiting for the device: {reason}")]
     InvalidationFailed {

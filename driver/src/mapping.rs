@@ -39,7 +39,9 @@ impl UserMapping {
             .ok_or(Error::Overflow { addr, len })?;
         let start = addr & !(PAGE - 1);
         let map_len = end - start;
-        let map_iova = driver.map_user_pages(start, map_len, perm)?;
+        // A domain out of room gets idle cached mappings reclaimed first; the pages
+        // must pass the backing policy.
+        let map_iova = driver.map_user_reclaiming(start, map_len, perm)?;
         Ok(UserMapping {
             driver: driver.clone(),
             map_iova,

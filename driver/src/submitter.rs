@@ -16,10 +16,53 @@
 //!   and the device can no longer reach it). The registry keeps only the highest
 //!   sequence number per queue and region, so a queue whose completions come out of
 //!   order must answer for the whole prefix, not for one batch.
+//! * `domain()` is the IOMMU domain the queue's device translates through: the device
+//!   addresses a submission carries mean something only there, so whoever hands the
+//!   queue device addresses (the registry) checks it on every submission.
+//!
+//! Deadlines: every wait here takes a `Duration`, and a deadline computed from it
+//! saturates ([`deadline_after`]): `Duration::MAX` means "no deadline", never an
+//! overflow.
 
 use crate::error::Result;
-use std::sync::Weak;
-use std::time::Duration;
+use crate::iommu::IommuDomain;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// `now + timeout`, saturating: a timeout too large to add (`Duration::MAX`) gives a
+/// deadline centuries away instead of a panic.
+pub fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        // A century fits every clock this runs on; a second as the last resort keeps
+        // the function total.
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .or_else(|| now.checked_add(Duration::from_secs(1)))
+        .unwrap_or(now)
+}
+
+/// Milliseconds of `d` for messages, saturating at `u64::MAX`.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A batch a device may still be working on: its queue's completion side (held
+/// weakly: a record never keeps a queue open) and its sequence number.
+#[derive(Clone, Debug)]
+pub struct PendingWork {
+    /// The queue's completion side.
+    pub queue: Weak<dyn FenceTracker>,
+    /// The batch's sequence number.
+    pub seqno: u64,
+}
+
+impl PendingWork {
+    /// Whether the batch (and every earlier one of its queue) is finished, or its queue
+    /// is gone (then the device can no longer reach its memory).
+    pub fn done(&self) -> bool {
+        self.queue.upgrade().is_none_or(|q| q.is_done(self.seqno))
+    }
+}
 
 /// The completion side of a queue, as invalidation sees it.
 pub trait FenceTracker: Send + Sync {
@@ -46,6 +89,9 @@ pub trait Submitter {
 
     /// An identifier for messages (ring or queue number).
     fn queue_id(&self) -> u32;
+
+    /// The IOMMU domain the queue's device translates device addresses through.
+    fn domain(&self) -> &Arc<dyn IommuDomain>;
 
     /// Queue `cmds` as one batch without waiting for room: [`crate::Error::RingFull`]
     /// if the ring cannot take them now. Returns the fence and the batch's sequence

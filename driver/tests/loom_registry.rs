@@ -14,6 +14,8 @@
 //! | `Region::inflight.lock().push(seqno)`   | `attach` (per-queue latest seqno)               |
 //! | `region.inflight.clone()`               | `Region::inflight` (copied, not taken)          |
 //! | `Region::idle`                          | `Region::idle` (drop done fences, then empty?)  |
+//! | `Region::users` / `hold`                | `Region::users` / `region::Held`                |
+//! | `build` (a closure, outside the lock)   | the build callback, run through `outside`      |
 //! | `Queue::submit`                         | `Submitter::try_submit`                         |
 //! | `Queue::wait_done`                      | `FenceTracker::wait_done` in `wait_fences`      |
 //! | the device thread's access + `complete` | the engine's DMA, then its completion entry     |
@@ -81,9 +83,11 @@ fn pin(n: &Notifier<PinIndex>, pages: &AtomicU64, range: &Range<u64>) -> u32 {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        // The generation first, then the window wait.
+        // The generation first, then the window wait (bounded in the registry; under
+        // loom the timed wait never times out, so a lost wake-up is a deadlock).
         let gen = n.read().invalidations.generation();
-        n.wait_no_window(range);
+        n.wait_no_window_for(range, std::time::Duration::from_secs(30))
+            .expect("the window closes");
         // map_pinned: outside every lock.
         let pinned = pages.load(SeqCst);
         let mut g = n.write();
@@ -161,9 +165,26 @@ struct Region {
     epoch: Epoch,
     /// Seqnos of submissions that reference it (`Region::inflight`).
     inflight: Mutex<Vec<u64>>,
+    /// Batches resolving it now (`Region::users`, taken by `Held::new`).
+    users: AtomicU64,
 }
 
 impl Region {
+    /// `Held::new`: the caller holds the notifier lock (either side).
+    fn hold(&self) {
+        self.users.fetch_add(1, SeqCst);
+    }
+
+    /// `Held::drop`.
+    fn release(&self) {
+        self.users.fetch_sub(1, SeqCst);
+    }
+
+    /// `Region::held`, read under the exclusive lock.
+    fn held(&self) -> bool {
+        self.users.load(SeqCst) > 0
+    }
+
     fn attach(&self, seqno: u64) {
         self.inflight.lock().unwrap().push(seqno);
     }
@@ -258,24 +279,17 @@ fn world() -> Arc<World> {
         region: Region {
             epoch: Epoch::new(),
             inflight: Mutex::new(Vec::new()),
+            users: AtomicU64::new(0),
         },
         q: Queue::default(),
         unmapped: AtomicBool::new(false),
     })
 }
 
-/// `Registry::submit`'s general path for one cached reference. Returns the seqno if it
-/// submitted.
-fn submit_general(w: &World) -> Option<u64> {
-    // resolve: the lookup and the epoch snapshot, under the shared lock.
-    let seq = {
-        let g = w.n.read();
-        if !g.mapped {
-            return None; // a miss: the pin path (model 1)
-        }
-        w.region.epoch.get()
-    };
-    // (build the descriptors, outside the lock)
+/// The commit half of `Registry::submit`, after the lookup snapshot `seq` and the
+/// build (outside the lock): `read_retry`, then submit and attach in one shared
+/// section. Returns the seqno if it submitted.
+fn commit(w: &World, seq: u64) -> Option<u64> {
     let g = w.n.read();
     if w.n.read_retry(&g, &w.region.epoch, seq) {
         return None; // stale: start over, which misses and pins afresh
@@ -286,16 +300,39 @@ fn submit_general(w: &World) -> Option<u64> {
     Some(seqno)
 }
 
-/// `Registry::submit_all_hits`: lookup, submit and attach in one shared section.
+/// `Registry::submit`'s general path for one cached reference (`resolve`, then the
+/// build, then the commit). Returns the seqno if it submitted.
+fn submit_general(w: &World) -> Option<u64> {
+    // resolve: the lookup, the hold and the epoch snapshot, under the shared lock.
+    let seq = {
+        let g = w.n.read();
+        if !g.mapped {
+            return None; // a miss: the pin path (model 1)
+        }
+        w.region.hold();
+        w.region.epoch.get()
+    };
+    // (build the descriptors: outside the lock and the section)
+    let s = commit(w, seq);
+    w.region.release();
+    s
+}
+
+/// `Registry::submit` through `lookup_all_hits`: every lookup in one shared section,
+/// then the build outside it and the same commit (with its `read_retry`).
 fn submit_fast(w: &World) -> Option<u64> {
-    let g = w.n.read();
-    if !g.mapped {
-        return None;
-    }
-    let seqno = w.q.submit();
-    w.region.attach(seqno);
-    drop(g);
-    Some(seqno)
+    let seq = {
+        let g = w.n.read();
+        if !g.mapped {
+            return None;
+        }
+        w.region.hold();
+        w.region.epoch.get()
+    };
+    // (build)
+    let s = commit(w, seq);
+    w.region.release();
+    s
 }
 
 /// `Registry::invalidate_start` + `invalidate_end` (Drop policy). Returns the fences it
@@ -371,11 +408,106 @@ fn general_path_submission_is_waited_for_or_retries() {
     submit_vs_invalidate(false);
 }
 
-/// Fast path. Catches (tried): the lookup and the submit + attach in two shared
-/// sections instead of one.
+/// Fast path (lookups in one shared section, the build outside it, then the commit).
+/// Catches (tried): the commit's `read_retry` dropped (as the old fast path, which
+/// built under the lock, could do without it).
 #[test]
 fn fast_path_submission_is_waited_for_or_misses() {
     submit_vs_invalidate(true);
+}
+
+/// A build callback that invalidates its own buffer (the application changes the
+/// range it submits, telling the registry with `invalidate_start` / `invalidate_end`
+/// inside the callback). The build runs with no notifier lock held, so the
+/// invalidation's exclusive section can run, and the commit sees the epoch moved and
+/// starts over instead of submitting the unmapped region. Catches (tried): the build
+/// under the shared lock (the old order: loom reports the deadlock); the commit's
+/// `read_retry` dropped (the assertion).
+#[test]
+fn a_build_that_invalidates_its_own_buffer_starts_over() {
+    loom::model(|| {
+        let w = world();
+        let dev = {
+            let w = w.clone();
+            thread::spawn(move || w.q.run_device(&w.unmapped))
+        };
+        // resolve
+        let seq = {
+            let g = w.n.read();
+            assert!(g.mapped);
+            w.region.hold();
+            w.region.epoch.get()
+        };
+        // build: the callback munmaps its buffer, telling the registry.
+        invalidate_region(&w);
+        let s = commit(&w, seq);
+        w.region.release();
+        assert!(
+            s.is_none(),
+            "submitted a region its own build had invalidated"
+        );
+        w.q.give_up();
+        dev.join().unwrap();
+    });
+}
+
+/// `Inner::evict` for the one region: in one exclusive section, skip it if a batch
+/// holds it or work is in flight, else remove it and bump its epoch; then unmap.
+/// Returns whether it evicted.
+fn evict(w: &World) -> bool {
+    let mut g = w.n.write();
+    if !g.mapped || w.region.held() || !w.region.idle(&w.q) {
+        return false;
+    }
+    g.mapped = false;
+    w.region.epoch.bump(&g);
+    drop(g);
+    w.unmapped.store(true, SeqCst);
+    true
+}
+
+/// A batch that resolved a region against an eviction (the one its next reference's
+/// pin triggers, or any other): once the lookup found it, the region is held, so the
+/// eviction never takes it before the commit, and the batch commits on its first
+/// attempt (the old registry evicted it, and the batch started over without end).
+/// Catches (tried): the hold check dropped from `evict`; the hold taken after the
+/// lookup's shared section instead of in it.
+#[test]
+fn eviction_never_takes_a_region_the_batch_holds() {
+    loom::model(|| {
+        let w = world();
+        let sub = {
+            let w = w.clone();
+            thread::spawn(move || {
+                // resolve the first reference: lookup, hold, snapshot.
+                let seq = {
+                    let g = w.n.read();
+                    if !g.mapped {
+                        drop(g);
+                        w.q.give_up(); // evicted before the batch came: a plain miss
+                        return None;
+                    }
+                    w.region.hold();
+                    w.region.epoch.get()
+                };
+                // (resolving the other references pins, which evicts: the other thread)
+                let s = commit(&w, seq);
+                w.region.release();
+                assert!(s.is_some(), "the batch lost a region it had resolved");
+                s
+            })
+        };
+        let ev = {
+            let w = w.clone();
+            thread::spawn(move || evict(&w))
+        };
+        w.q.run_device(&w.unmapped);
+        let submitted = sub.join().unwrap();
+        let evicted = ev.join().unwrap();
+        if evicted && submitted.is_some() {
+            assert!(w.q.is_done(1), "evicted before the work completed");
+        }
+    });
 }
 
 /// `Registry::evict` against a fast-path submission: the evictor checks `idle()` and
@@ -398,17 +530,7 @@ fn eviction_never_unmaps_a_region_with_work_in_flight() {
         };
         let ev = {
             let w = w.clone();
-            thread::spawn(move || {
-                let mut g = w.n.write();
-                if !w.region.idle(&w.q) {
-                    return false;
-                }
-                g.mapped = false;
-                w.region.epoch.bump(&g);
-                drop(g);
-                w.unmapped.store(true, SeqCst);
-                true
-            })
+            thread::spawn(move || evict(&w))
         };
         // The check is the device's: it never accesses an unmapped region. (Both a
         // submission and an eviction may happen: the eviction after the completion.)

@@ -206,3 +206,278 @@ pub fn run_child(name: &str) -> String {
 pub fn is_child() -> bool {
     std::env::var_os(CHILD_ENV).is_some()
 }
+
+/// How a child process ended, with everything it printed.
+pub struct ChildRun {
+    /// `None`: it ran past its time limit and was killed.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    /// How long it ran.
+    pub elapsed: std::time::Duration,
+}
+
+impl ChildRun {
+    /// Standard output, then standard error.
+    pub fn text(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    /// The signal that killed it, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        self.status.and_then(|s| s.signal())
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// "exit 0", "killed by SIGSYS (31)", "timed out".
+    pub fn describe(&self) -> String {
+        match (self.status, self.signal()) {
+            (None, _) => "timed out (killed)".into(),
+            (Some(_), Some(sig)) => format!("killed by {}", signal_name(sig)),
+            (Some(s), None) => format!("exit {}", s.code().unwrap_or(-1)),
+        }
+    }
+}
+
+/// `SIGSYS (31)`, for failure messages.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGSYS => "SIGSYS",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGALRM => "SIGALRM",
+        _ => "signal",
+    };
+    format!("{name} ({sig})")
+}
+
+/// This test binary, re-run with only the (ignored) test `name`, marked as a child.
+pub fn child_command(name: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        name,
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_ENV, "1");
+    cmd
+}
+
+/// Run `cmd` to its end or until `limit` has passed (then its whole process group is
+/// killed): a child that hangs is a failure that reports, never a hung test.
+pub fn run_bounded(mut cmd: std::process::Command, limit: std::time::Duration) -> ChildRun {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        // Its own process group, so that a kill takes what it spawned too (and the
+        // pipes close).
+        .process_group(0);
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().expect("spawn child test");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for child") {
+            break Some(s);
+        }
+        if std::time::Instant::now() >= deadline {
+            // SAFETY: signals the process group this function created for the child.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    ChildRun {
+        status,
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Run every job's command, `parallel` at a time (the machine has few cores), each
+/// bounded by `limit`; results in the jobs' order.
+pub fn run_all<K: Send>(
+    jobs: Vec<(K, std::process::Command)>,
+    parallel: usize,
+    limit: std::time::Duration,
+) -> Vec<(K, ChildRun)> {
+    let n = jobs.len();
+    // Popped from the back: reversed, so the jobs start in their order.
+    let queue = Mutex::new(jobs.into_iter().enumerate().rev().collect::<Vec<_>>());
+    let done = Mutex::new(Vec::with_capacity(n));
+    std::thread::scope(|s| {
+        for _ in 0..parallel.max(1) {
+            s.spawn(|| loop {
+                let Some((i, (k, cmd))) = queue.lock().unwrap().pop() else {
+                    break;
+                };
+                let r = run_bounded(cmd, limit);
+                done.lock().unwrap().push((i, k, r));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap();
+    done.sort_by_key(|d| d.0);
+    done.into_iter().map(|(_, k, r)| (k, r)).collect()
+}
+
+/// An i386 system call made with `int 0x80` from this 64-bit process: the kernel runs
+/// it as a 32-bit (compat) call, and seccomp sees it as `AUDIT_ARCH_I386`. Arguments
+/// go in ebx, ecx, edx, esi, edi, ebp; the kernel's raw result comes back (`-errno` on
+/// failure).
+///
+/// # Safety
+/// The call's effects (on memory, signals, ...) are the caller's to justify.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn int80(nr: u32, a: [u32; 6]) -> i32 {
+    let ret: i32;
+    // SAFETY: rbx and rbp cannot be asm operands, so they are swapped in and restored
+    // around the instruction (push/pop leave rsp as it was); r8-r11 are declared
+    // clobbered (older kernels did not preserve them across int 0x80). What the call
+    // itself does is the caller's contract.
+    unsafe {
+        std::arch::asm!(
+            "xchg {b:r}, rbx",
+            "push rbp",
+            "mov ebp, {p:e}",
+            "int 0x80",
+            "pop rbp",
+            "xchg {b:r}, rbx",
+            b = inout(reg) a[0] as u64 => _,
+            p = in(reg) a[5],
+            inout("eax") nr as i32 => ret,
+            in("ecx") a[1],
+            in("edx") a[2],
+            in("esi") a[3],
+            in("edi") a[4],
+            out("r8") _,
+            out("r9") _,
+            out("r10") _,
+            out("r11") _,
+        );
+    }
+    ret
+}
+
+/// Whether `int 0x80` works in this process (the kernel may be built or booted without
+/// 32-bit emulation, and then the instruction kills the caller): probed in a forked
+/// child that makes the i386 `getpid` (20).
+pub fn int80_works() -> bool {
+    // SAFETY: the child makes one system call and exits at once, touching nothing
+    // of the parent's state.
+    unsafe {
+        let pid = libc::fork();
+        if pid == 0 {
+            let me = int80(20, [0; 6]);
+            libc::_exit(if me > 0 { 0 } else { 1 });
+        }
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0
+    }
+}
+
+/// Anonymous read-write memory below 4 GiB (MAP_32BIT), every page touched: the only
+/// memory an i386 call made with `int 0x80` can name.
+pub fn map_low(len: usize) -> usize {
+    // SAFETY: a fresh anonymous mapping at a kernel-chosen low address.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "mmap(MAP_32BIT)");
+    assert!((p as usize) + len <= 1 << 32);
+    // SAFETY: the mapping just made, len bytes.
+    unsafe { std::ptr::write_bytes(p as *mut u8, 0x11, len) };
+    p as usize
+}
+
+/// The page frame number behind each page of `[addr, addr + len)` as
+/// `/proc/self/pagemap` reports it (0: not present, or PFNs hidden: they need
+/// CAP_SYS_ADMIN). Read here, independently of the driver's own reader.
+pub fn pfns(addr: usize, len: usize) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").expect("open pagemap");
+    let pages = len.div_ceil(4096);
+    let mut buf = vec![0u8; pages * 8];
+    f.read_exact_at(&mut buf, (addr / 4096 * 8) as u64)
+        .expect("read pagemap");
+    buf.chunks_exact(8)
+        .map(|c| {
+            let e = u64::from_le_bytes(c.try_into().unwrap());
+            if e & (1 << 63) != 0 {
+                e & ((1 << 55) - 1)
+            } else {
+                0
+            }
+        })
+        .collect()
+}
+
+/// Whether this process sees real PFNs in pagemap (root, CAP_SYS_ADMIN).
+pub fn pfns_visible() -> bool {
+    let probe = Anon::new(4096);
+    pfns(probe.addr, 4096)[0] != 0
+}
+
+/// What a failed child said, briefly: how it ended, and its panic message (or the
+/// last lines of its output), without the backtrace.
+pub fn failure_summary(run: &ChildRun) -> String {
+    let text = run.text();
+    let lines: Vec<&str> = text.lines().collect();
+    let msg: Vec<&str> = match lines.iter().position(|l| l.contains("panicked at")) {
+        Some(i) => lines[i..]
+            .iter()
+            .take_while(|l| !l.starts_with("stack backtrace:") && !l.starts_with("note:"))
+            .take(12)
+            .copied()
+            .collect(),
+        None => {
+            let err: Vec<&str> = run
+                .stderr
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .collect();
+            err[err.len().saturating_sub(12)..].to_vec()
+        }
+    };
+    if msg.is_empty() {
+        return run.describe();
+    }
+    format!("{}\n    {}", run.describe(), msg.join("\n    "))
+}

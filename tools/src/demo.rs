@@ -9,35 +9,122 @@ use userptr::{Descriptor, Driver, Registry, RegistryConfig, Status, WaitMode};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// f32 elements per vector.
-    #[arg(long, default_value_t = 4 << 20)]
-    elements: usize,
-    /// SAXPY commands (each over a slice of the vectors).
-    #[arg(long, default_value_t = 8)]
-    saxpy: usize,
+    /// f32 elements per vector (1024 to 134217728). Default: 4 Mi, or what the
+    /// locked-memory budget allows (the demo says when it sized itself down).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1024..=MAX_ELEMENTS), allow_negative_numbers = true)]
+    elements: Option<u64>,
+    /// SAXPY commands, each over a slice of the vectors (1 to 4096, at most one per
+    /// 256 elements).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096), allow_negative_numbers = true)]
+    saxpy: u64,
     /// Print every registry counter at the end.
     #[arg(long)]
     stats: bool,
 }
 
-pub fn run(a: Args) -> Result<(), String> {
-    match demo(a) {
-        Ok((n, bytes)) => {
-            println!(
-                "demo: verified {n} commands, {:.1} MiB",
-                bytes as f64 / (1 << 20) as f64
-            );
-            Ok(())
-        }
-        Err(e) => {
-            println!("demo: error: {e}");
-            Err(e)
-        }
-    }
+/// The default size: 4 Mi elements, 16 MiB per vector.
+const DEFAULT_ELEMENTS: u64 = 4 << 20;
+/// The largest: 512 MiB per vector (the reference IOMMU maps at most 1 GiB at once).
+const MAX_ELEMENTS: u64 = 1 << 27;
+/// The CRC32C buffer at most.
+const DATA: u64 = 8 << 20;
+
+/// What the demo will pin and allocate, decided before any work.
+struct Plan {
+    elements: usize,
+    data: usize,
+    /// Why it is smaller than the default, when it is.
+    sized_down: Option<String>,
 }
 
-fn demo(a: Args) -> Result<(u64, u64), String> {
-    let n = a.elements.max(1024);
+fn plan(a: &Args) -> Result<Plan, String> {
+    let budget = crate::budget::Budget::now();
+    let need = |n: u64, d: u64| 8 * n + d;
+    let plan = match (a.elements, budget.usable()) {
+        (Some(n), _) => {
+            // Asked for explicitly: it fits, or the demo says why not.
+            let data = DATA.min(4 * n);
+            if !budget.fits(need(n, data)) {
+                return Err(format!(
+                    "--elements {n} {}\nhint: a smaller --elements, or omit it and the demo sizes itself to the budget",
+                    budget.refusal(need(n, data))
+                ));
+            }
+            Plan {
+                elements: n as usize,
+                data: data as usize,
+                sized_down: None,
+            }
+        }
+        (None, None) => Plan {
+            elements: DEFAULT_ELEMENTS as usize,
+            data: DATA as usize,
+            sized_down: None,
+        },
+        (None, Some(usable)) => {
+            let data = DATA.min(usable / 4) & !4095;
+            let n = DEFAULT_ELEMENTS.min(usable.saturating_sub(data) / 8) & !1023;
+            if n < 1024 || data < 4096 {
+                return Err(format!("the demo {}", budget.refusal(need(1024, 4096))));
+            }
+            let sized_down = (n < DEFAULT_ELEMENTS || data < DATA).then(|| {
+                format!(
+                    "sized to the locked-memory budget: {n} elements per vector and a {} CRC32C buffer ({} pinned at most; {})",
+                    crate::budget::human_bytes(data),
+                    crate::budget::human_bytes(need(n, data)),
+                    match budget {
+                        crate::budget::Budget::Limited { limit, .. } => format!(
+                            "RLIMIT_MEMLOCK {}, no CAP_IPC_LOCK; raise `ulimit -l` for the full size",
+                            crate::budget::human_bytes(limit)
+                        ),
+                        crate::budget::Budget::Unlimited => String::new(),
+                    }
+                )
+            });
+            Plan {
+                elements: n as usize,
+                data: data as usize,
+                sized_down,
+            }
+        }
+    };
+    if a.saxpy as usize > plan.elements / 256 {
+        return Err(format!(
+            "--saxpy {} splits {} elements into slices under 256 elements\nhint: at most {} commands for this size",
+            a.saxpy,
+            plan.elements,
+            plan.elements / 256
+        ));
+    }
+    // The vectors (x, y and the CPU's copy) and the byte buffer must fit in memory.
+    let ram = rustix::system::sysinfo().totalram as u64;
+    let bytes = 12 * plan.elements as u64 + plan.data as u64;
+    if bytes > ram / 2 {
+        return Err(format!(
+            "the demo would allocate {} of this machine's {}\nhint: a smaller --elements",
+            crate::budget::human_bytes(bytes),
+            crate::budget::human_bytes(ram)
+        ));
+    }
+    Ok(plan)
+}
+
+pub fn run(a: Args) -> Result<(), String> {
+    // Every argument is checked, and the size decided, before anything is opened.
+    let p = plan(&a)?;
+    if let Some(why) = &p.sized_down {
+        println!("demo: {why}");
+    }
+    let (n, bytes) = demo(&a, &p)?;
+    println!(
+        "demo: verified {n} commands, {:.1} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
+    let n = p.elements;
     let pins_before = userptr::proc_status::pinned_bytes().unwrap_or(0);
     let t0 = Instant::now();
     let drv = Driver::reference().map_err(|e| crate::explain(&e))?;
@@ -61,7 +148,7 @@ fn demo(a: Args) -> Result<(u64, u64), String> {
 
     let mut commands = 0u64;
     let mut bytes = 0u64;
-    let chunk = n.div_ceil(a.saxpy.max(1));
+    let chunk = n.div_ceil(a.saxpy as usize);
     let t = Instant::now();
     let mut fences = Vec::new();
     for (k, start) in (0..n).step_by(chunk).enumerate() {
@@ -101,19 +188,20 @@ fn demo(a: Args) -> Result<(u64, u64), String> {
         bytes as f64 / (1 << 20) as f64 / dt.as_secs_f64()
     );
 
-    let mut data: Vec<u8> = (0..(8usize << 20))
+    let mut data: Vec<u8> = (0..p.data)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let ud = reg
         .register_slice(&mut data)
         .map_err(|e| crate::explain(&e))?;
     let t = Instant::now();
-    for (k, len) in [4096u64, 1 << 20, 3 << 20, (8 << 20) - 5]
+    let dl = data.len() as u64;
+    for (k, len) in [4096u64, dl / 8, dl * 3 / 8, dl - 5]
         .into_iter()
         .enumerate()
     {
         let off = k as u64 * 3;
-        let len = len.min(data.len() as u64 - off);
+        let len = len.clamp(1, dl - off);
         let f = reg
             .submit(&q, &[&ud], |i| vec![Descriptor::crc32c(i[0] + off, len, 0)])
             .map_err(|e| crate::explain(&e))?;
@@ -148,7 +236,10 @@ fn demo(a: Args) -> Result<(u64, u64), String> {
     if a.stats {
         print!("{s}");
     }
-    drop((ux, uy, ud, reg, q, drv));
+    // Release the pins before the next buffer when the budget is tight: the registry
+    // keeps idle regions cached.
+    reg.clear().map_err(|e| crate::explain(&e))?;
+    drop((reg, q, drv));
     let pins_after = userptr::proc_status::pinned_bytes().unwrap_or(0);
     if pins_after != pins_before {
         return Err(format!(

@@ -9,7 +9,8 @@ use userptr::Driver;
 pub struct Args {
     /// A PCI function bound to vfio-pci (DDDD:BB:DD.F); without it, the embedded
     /// reference device.
-    bdf: Option<String>,
+    #[arg(value_parser = crate::args::bdf)]
+    bdf: Option<userptr::driver::vfio::pci::Bdf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,

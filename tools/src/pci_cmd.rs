@@ -1,7 +1,7 @@
 //! `userptr list`, `userptr bind BDF`, `userptr unbind BDF`: VFIO bring-up. Which PCI
 //! devices there are and what each lacks for VFIO; moving one to vfio-pci and back.
 
-use userptr::driver::vfio::pci::{self, Bdf, HostSupport, PciDevice, SysRoot};
+use userptr::driver::vfio::pci::{self, Bdf, HostSupport, PciDevice};
 
 #[derive(clap::Args)]
 pub struct ListArgs {
@@ -13,15 +13,25 @@ pub struct ListArgs {
 #[derive(clap::Args)]
 pub struct BindArgs {
     /// The PCI address, `DDDD:BB:DD.F` or `BB:DD.F` (as `userptr list` shows it).
-    #[arg(value_name = "BDF")]
-    bdf: String,
+    #[arg(value_name = "BDF", value_parser = crate::args::bdf)]
+    bdf: Bdf,
+    /// Bind even a device the system is using (a mounted disk, an interface that is
+    /// up, the boot VGA device): the system loses it.
+    #[arg(long)]
+    force: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
 }
 
-fn parse(bdf: &str) -> Result<Bdf, String> {
-    bdf.parse().map_err(|e| crate::explain(&e))
+#[derive(clap::Args)]
+pub struct UnbindArgs {
+    /// The PCI address, `DDDD:BB:DD.F` or `BB:DD.F` (as `userptr list` shows it).
+    #[arg(value_name = "BDF", value_parser = crate::args::bdf)]
+    bdf: Bdf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn or_dash(s: Option<&str>) -> &str {
@@ -29,7 +39,7 @@ fn or_dash(s: Option<&str>) -> &str {
 }
 
 pub fn list(a: ListArgs) -> Result<(), String> {
-    let root = SysRoot::system();
+    let root = crate::sys_root();
     let devs = pci::list(&root).map_err(|e| crate::explain(&e))?;
     let host = HostSupport::read(&root);
     let problems = host.problems();
@@ -159,8 +169,29 @@ fn device_json(d: &PciDevice, v: &Result<(), pci::VfioUnusable>) -> serde_json::
 }
 
 pub fn bind(a: BindArgs) -> Result<(), String> {
-    let bdf = parse(&a.bdf)?;
-    let r = pci::bind_vfio(&SysRoot::system(), bdf).map_err(|e| crate::explain(&e))?;
+    let bdf = a.bdf;
+    let root = crate::sys_root();
+    // The device exists (a readable error otherwise), and the system is not using it.
+    let dev = PciDevice::read(&root, bdf).map_err(|e| crate::explain(&e))?;
+    let uses = if dev.is_vfio_bound() {
+        Vec::new()
+    } else {
+        crate::pci_use::in_use(&root, bdf)
+    };
+    if !uses.is_empty() {
+        let why: Vec<String> = uses.iter().map(|u| u.to_string()).collect();
+        if !a.force {
+            return Err(format!(
+                "refusing to bind {bdf} ({}, on {}): the system is using it: {}\nhint: stop using it first (unmount, swapoff, `ip link set DEV down`), or pass --force to take it anyway",
+                dev.name(),
+                dev.driver.as_deref().unwrap_or("no driver"),
+                why.join("; ")
+            ));
+        }
+        tracing::warn!(%bdf, "binding a device the system is using (--force): {}", why.join("; "));
+    }
+    tracing::info!(%bdf, driver = ?dev.driver, "binding to vfio-pci");
+    let r = pci::bind_vfio(&root, bdf).map_err(|e| crate::explain(&e))?;
     if a.json {
         let v = serde_json::json!({
             "bdf": bdf.to_string(), "previous": r.previous, "driver": pci::VFIO_PCI,
@@ -185,9 +216,9 @@ pub fn bind(a: BindArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub fn unbind(a: BindArgs) -> Result<(), String> {
-    let bdf = parse(&a.bdf)?;
-    let root = SysRoot::system();
+pub fn unbind(a: UnbindArgs) -> Result<(), String> {
+    let bdf = a.bdf;
+    let root = crate::sys_root();
     let before = PciDevice::read(&root, bdf).map_err(|e| crate::explain(&e))?;
     let now = pci::unbind_vfio(&root, bdf).map_err(|e| crate::explain(&e))?;
     let touched =

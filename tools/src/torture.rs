@@ -30,10 +30,12 @@
 mod gpuvm;
 
 use crate::bench::measure::Mem;
+use crate::output::OutPath;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use userptr::driver::monitor::seccomp::SeccompMonitor;
+use userptr::{Cause, Invalidation};
 use userptr::{
     Descriptor, Driver, Perm, PinFaults, ReferenceConfig, Registry, RegistryConfig, Status,
     UringIommuConfig, WaitMode, CAUSE_NAMES,
@@ -47,21 +49,22 @@ const STALL: Duration = Duration::from_millis(300);
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// How long to run.
-    #[arg(long, default_value_t = 5.0)]
+    /// How long to run, in seconds (above 0, at most a week).
+    #[arg(long, default_value_t = 5.0, value_parser = crate::args::seconds, allow_negative_numbers = true)]
     seconds: f64,
     /// Turn the monitors off (the checker must then report violations).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "explicit")]
     no_protect: bool,
-    /// Write the report as JSON to FILE.
-    #[arg(long, value_name = "FILE")]
-    json: Option<std::path::PathBuf>,
-    /// Use only this mutation (madv_dontneed, madv_free, munmap_remap, mmap_fixed,
-    /// mremap, mprotect, fork), to isolate a failure.
-    #[arg(long)]
+    /// Write the report as JSON to FILE (`-`: stdout, and the human lines go to
+    /// stderr). Schema: docs/json-schema.md.
+    #[arg(long, value_name = "FILE", value_parser = crate::output::OutPath::parse)]
+    json: Option<OutPath>,
+    /// Use only this mutation, to isolate a failure.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(MUTATIONS))]
     only: Option<String>,
-    /// Tell the registry explicitly around each mutation instead of relying on the
-    /// seccomp monitor (isolates the monitor from the registry).
+    /// Tell the registry explicitly around each address-space change (the arena's
+    /// mutations and the free() of the malloc lane) instead of relying on the seccomp
+    /// monitor (isolates the monitor from the registry).
     #[arg(long)]
     explicit: bool,
     /// Inject faults: every 7th pin attempt fails (ENOMEM and EAGAIN in turn), the
@@ -73,6 +76,16 @@ pub struct Args {
     /// pointers), one on a VM of bound userptrs.
     #[arg(long)]
     gpuvm: bool,
+}
+
+impl Args {
+    fn settings(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seconds": self.seconds, "no_protect": self.no_protect, "only": self.only,
+            "explicit": self.explicit, "inject": self.inject, "gpuvm": self.gpuvm,
+            "monitor": if self.no_protect { "none" } else if self.explicit { "explicit" } else { "seccomp" },
+        })
+    }
 }
 
 struct Rng(u64);
@@ -104,6 +117,7 @@ struct Counts {
     submit_errors: AtomicU64,
     stalls: AtomicU64,
     lost_writes: AtomicU64,
+    malloc_lost_writes: AtomicU64,
     bad_status: AtomicU64,
     progress: AtomicU64,
 }
@@ -119,15 +133,46 @@ const MUTATIONS: [&str; 7] = [
 ];
 
 pub fn run(a: Args) -> Result<(), String> {
-    let only = match &a.only {
-        None => None,
-        Some(m) => Some(MUTATIONS.iter().position(|x| x == m).ok_or_else(|| {
-            format!(
-                "unknown mutation `{m}`\nhint: one of {}",
-                MUTATIONS.join(", ")
-            )
-        })?),
+    let doc = match torture(&a) {
+        Ok(doc) => doc,
+        Err(e) => {
+            if let Some(out) = &a.json {
+                out.write(&crate::output::error_document("torture", a.settings(), &e))?;
+            }
+            return Err(e);
+        }
     };
+    let failed = doc
+        .get("error")
+        .and_then(|e| e["message"].as_str())
+        .map(String::from);
+    let text = crate::output::pretty(&serde_json::Value::Object(doc));
+    match &a.json {
+        Some(OutPath::Stdout) => crate::progress::out(&text),
+        Some(f @ OutPath::File(_)) => {
+            crate::progress::out(&text);
+            f.write(&text)?;
+        }
+        None => crate::progress::out(&text),
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if a.json.as_ref().is_some_and(OutPath::is_stdout) {
+        crate::progress::err("torture: ok");
+    } else {
+        crate::progress::out("torture: ok");
+    }
+    Ok(())
+}
+
+/// The run; its report (the envelope and the counts, with `error` when it failed),
+/// or why it could not run.
+fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let only = a
+        .only
+        .as_ref()
+        .and_then(|m| MUTATIONS.iter().position(|x| x == m));
     if a.gpuvm {
         return gpuvm::run(a, only);
     }
@@ -217,7 +262,13 @@ pub fn run(a: Args) -> Result<(), String> {
                     last = (p, Instant::now());
                 } else if last.1.elapsed() > Duration::from_secs(10) {
                     deadlocks.fetch_add(1, Ordering::Relaxed);
-                    eprintln!("torture: no progress for 10 s: deadlock");
+                    let msg = "torture: no progress for 10 s: deadlock";
+                    crate::progress::finish();
+                    if let Some(out) = &a.json {
+                        let _ =
+                            out.write(&crate::output::error_document("torture", a.settings(), msg));
+                    }
+                    eprintln!("error: {msg}");
                     std::process::exit(3);
                 }
             }
@@ -227,6 +278,7 @@ pub fn run(a: Args) -> Result<(), String> {
             let inflight = &inflight;
             let lost = &lost;
             let finished = &finished;
+            let explicit = a.explicit;
             s.spawn(move || {
                 let _leave = Leave(finished);
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t as u64);
@@ -263,9 +315,10 @@ pub fn run(a: Args) -> Result<(), String> {
                     let len = u.len();
                     if rng.next() % 8 == 0 {
                         // The free/malloc-reuse lane: this thread's own block.
-                        if !malloc_reuse(reg, q, &mut byte) {
+                        if !malloc_reuse(reg, q, &mut byte, explicit) {
                             c.violations.fetch_add(1, Ordering::Relaxed);
                             c.lost_writes.fetch_add(1, Ordering::Relaxed);
+                            c.malloc_lost_writes.fetch_add(1, Ordering::Relaxed);
                         }
                         c.malloc_reuse.fetch_add(1, Ordering::Relaxed);
                         c.commands.fetch_add(2, Ordering::Relaxed);
@@ -387,34 +440,30 @@ pub fn run(a: Args) -> Result<(), String> {
                 while Instant::now() < deadline {
                     let (a, b) = rng.range();
                     let (start, len) = (base + a * SLOT, (b - a) * SLOT);
-                    let kind = (rng.next() % 7) as usize;
-                    for g in &gens[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
-                        g.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let kind = only.unwrap_or(kind);
-                    let inv = explicit.map(|r| {
-                        r.invalidate_start(
-                            start as u64..(start + len) as u64,
-                            userptr::Cause::Unmap,
-                        )
-                    });
-                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
-                        continue;
-                    }
+                    let kind = only.unwrap_or((rng.next() % 7) as usize);
                     // Mutators of overlapping ranges take turns (submitters do not wait
                     // for them: that is the point).
                     let _held: Vec<_> = (a..b)
                         .map(|i| mlocks[i].lock().unwrap_or_else(|p| p.into_inner()))
                         .collect();
+                    // A range another mapping took over is left alone, before anything
+                    // is counted or told: a mutation begun here is always finished.
+                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
+                        continue;
+                    }
+                    for g in &gens[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
+                        g.fetch_add(1, Ordering::SeqCst);
+                    }
                     // Commands in flight on the range now were submitted before the
-                    // invalidation begins: it must wait for them (or reset the device),
-                    // so each is done by the time the call returns.
+                    // invalidation begins (inside the mutating call, or at the explicit
+                    // invalidate_start in `mutate`): it must wait for them (or reset
+                    // the device), so each is done by the time the call returns.
                     let before: Vec<u64> = inflight[a..b]
                         .iter()
                         .map(|w| w.load(Ordering::SeqCst))
                         .filter(|&e| e != 0)
                         .collect();
-                    if !mutate(kind, start, len, scratch) {
+                    if !mutate(kind, start, len, scratch, explicit) {
                         for l in &lost[a..b] {
                             l.store(true, Ordering::SeqCst);
                         }
@@ -428,9 +477,6 @@ pub fn run(a: Args) -> Result<(), String> {
                                 c.violations.fetch_add(1, Ordering::Relaxed);
                             }
                         }
-                    }
-                    if let Some(Ok(inv)) = inv {
-                        explicit.expect("explicit").invalidate_end(inv);
                     }
                     for e in &ends[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
                         e.fetch_add(1, Ordering::SeqCst);
@@ -455,10 +501,22 @@ pub fn run(a: Args) -> Result<(), String> {
                 }
             });
         }
+        let bar = crate::progress::start(
+            (a.seconds * 1000.0) as u64,
+            "torture {bar:30} {elapsed}/{duration} (eta {eta}) {msg}",
+        );
         while Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+            bar.set_position(t0.elapsed().as_millis() as u64);
+            bar.set_message(format!(
+                "{} commands checked, {} violations",
+                c.commands.load(Ordering::Relaxed),
+                c.violations.load(Ordering::Relaxed)
+            ));
         }
+        bar.set_message("finishing");
     });
+    crate::progress::finish();
     if let Some(f) = &pin_faults {
         f.set_enabled(false);
     }
@@ -483,6 +541,7 @@ pub fn run(a: Args) -> Result<(), String> {
         "slots_lost_to_other_mappings": lost.iter().filter(|l| l.load(Ordering::SeqCst)).count(),
         "violations_by_kind": {
             "lost_writes": c.lost_writes.load(Ordering::Relaxed),
+            "lost_writes_malloc_reuse": c.malloc_lost_writes.load(Ordering::Relaxed),
             "unexpected_status": c.bad_status.load(Ordering::Relaxed),
             "in_flight_after_invalidation": c.inflight_after_invalidation.load(Ordering::Relaxed),
         },
@@ -507,19 +566,13 @@ pub fn run(a: Args) -> Result<(), String> {
         "mappings_end": mappings_end,
         "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
     });
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).unwrap_or_default()
-    );
-    if let Some(p) = a.json {
-        std::fs::write(
-            &p,
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        )
-        .map_err(|e| format!("writing {}: {e}", p.display()))?;
+    let commands = c.commands.load(Ordering::Relaxed);
+    let mut doc = crate::output::envelope("torture", a.settings());
+    if let serde_json::Value::Object(m) = report {
+        doc.extend(m);
     }
-    if violations > 0 || pins_end != pins_start || mappings_end != mappings_start {
-        return Err(format!(
+    let failure = if violations > 0 || pins_end != pins_start || mappings_end != mappings_start {
+        Some(format!(
             "torture: {violations} coherence violations, pins {pins_start} -> {pins_end} bytes, \
              domain mappings {mappings_start} -> {mappings_end}{}",
             if a.no_protect {
@@ -527,16 +580,25 @@ pub fn run(a: Args) -> Result<(), String> {
             } else {
                 ""
             }
-        ));
+        ))
+    } else if commands == 0 {
+        Some(format!(
+            "torture: no command completed in {:.3} s, so nothing was checked\nhint: a longer --seconds",
+            t0.elapsed().as_secs_f64()
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = failure {
+        doc.insert("error".into(), serde_json::json!({ "message": msg }));
     }
-    println!("torture: ok");
-    Ok(())
+    Ok(doc)
 }
 
 /// `free()` a registered `malloc` block and `malloc` one of the same size, which glibc
 /// maps at the same address: the device must write the new block, not the old pages.
 /// Returns false on a lost write.
-fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8) -> bool {
+fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8, explicit: bool) -> bool {
     const N: usize = 256 << 10;
     let fill = |p: usize, b: u8| -> Option<Status> {
         let u = reg.register(p, N, Perm::READ_WRITE).ok()?;
@@ -556,11 +618,19 @@ fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8) -> boo
     }
     *byte = byte.wrapping_add(1).max(1);
     let first = fill(p, *byte);
-    // SAFETY: freeing our block; a new one of the same size, often at the same address.
-    let p2 = unsafe {
-        libc::free(p as *mut libc::c_void);
-        libc::malloc(N)
-    } as usize;
+    // Above the mmap threshold, free() is a munmap: with --explicit the registry is
+    // told around each, as an application without a monitor would have to.
+    let free = |p: usize| {
+        let told = explicit.then(|| reg.invalidate_start(p as u64..(p + N) as u64, Cause::Unmap));
+        // SAFETY: freeing our block.
+        unsafe { libc::free(p as *mut libc::c_void) };
+        if let Some(Ok(inv)) = told {
+            reg.invalidate_end(inv);
+        }
+    };
+    free(p);
+    // SAFETY: a plain malloc: a block of the same size, often at the same address.
+    let p2 = unsafe { libc::malloc(N) } as usize;
     if p2 == 0 {
         return true;
     }
@@ -572,8 +642,7 @@ fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8) -> boo
     let seen = unsafe { std::slice::from_raw_parts(p2 as *const u8, N) }
         .iter()
         .all(|&x| x == *byte);
-    // SAFETY: freeing our block.
-    unsafe { libc::free(p2 as *mut libc::c_void) };
+    free(p2);
     // Only a write that completed OK yet is not visible is a violation; a command that
     // failed with a status (a reset's Aborted) is not.
     second != Some(Status::Ok) || seen || first.is_none()
@@ -588,24 +657,55 @@ impl Drop for Leave<'_> {
     }
 }
 
-/// One mutation of `[start, start + len)` (page-aligned, inside the arena).
+/// Run `f`, an address-space change of `range` for `cause`, inside an explicit
+/// invalidation window when `reg` is given (`--explicit`).
+fn told<R>(
+    reg: Option<&Registry>,
+    range: (usize, usize),
+    cause: Cause,
+    f: impl FnOnce() -> R,
+) -> R {
+    let inv: Option<Result<Invalidation, _>> =
+        reg.map(|r| r.invalidate_start(range.0 as u64..(range.0 + range.1) as u64, cause));
+    let out = f();
+    if let (Some(r), Some(Ok(inv))) = (reg, inv) {
+        r.invalidate_end(inv);
+    }
+    out
+}
+
+/// One mutation of `[start, start + len)` (page-aligned, inside the arena), with each
+/// of its calls told to `explicit` (when given) as its cause.
 /// Returns false when the range was lost: `munmap` leaves a hole for a moment, and
 /// another thread's allocation may land in it; the range is then someone else's.
-fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) -> bool {
+fn mutate(
+    kind: usize,
+    start: usize,
+    len: usize,
+    scratch: &Mem,
+    explicit: Option<&Registry>,
+) -> bool {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    let r = (start, len);
     // SAFETY: every change is to the torture's own arena (or scratch area) and leaves
     // the arena mapped read-write at the same addresses when it returns.
     unsafe {
         match kind {
             0 => {
-                libc::madvise(start as *mut _, len, libc::MADV_DONTNEED);
+                told(explicit, r, Cause::Discard, || {
+                    libc::madvise(start as *mut _, len, libc::MADV_DONTNEED)
+                });
             }
             1 => {
-                libc::madvise(start as *mut _, len, libc::MADV_FREE);
+                told(explicit, r, Cause::Discard, || {
+                    libc::madvise(start as *mut _, len, libc::MADV_FREE)
+                });
             }
             2 => {
-                libc::munmap(start as *mut _, len);
+                told(explicit, r, Cause::Unmap, || {
+                    libc::munmap(start as *mut _, len)
+                });
                 // Never MAP_FIXED over a hole: something else may live there now.
                 let fixed_noreplace = 0x100000; // MAP_FIXED_NOREPLACE
                 let p = libc::mmap(
@@ -624,32 +724,52 @@ fn mutate(kind: usize, start: usize, len: usize, scratch: &Mem) -> bool {
                 }
             }
             3 => {
-                libc::mmap(start as *mut _, len, rw, anon, -1, 0);
+                told(explicit, r, Cause::Unmap, || {
+                    libc::mmap(start as *mut _, len, rw, anon, -1, 0)
+                });
             }
             4 => {
                 // Move fresh pages from the scratch area over the range (the range is
-                // never left unmapped), then give the scratch area new pages.
+                // never left unmapped), then give the scratch area new pages. The
+                // range's old pages go away: an unmap of the destination.
                 let n = len.min(scratch.len);
                 std::ptr::write_bytes(scratch.addr as *mut u8, 0, n);
-                libc::mremap(
-                    scratch.addr as *mut _,
-                    n,
-                    n,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    start as *mut libc::c_void,
-                );
+                told(explicit, (start, n), Cause::Unmap, || {
+                    libc::mremap(
+                        scratch.addr as *mut _,
+                        n,
+                        n,
+                        libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                        start as *mut libc::c_void,
+                    )
+                });
                 libc::mmap(scratch.addr as *mut _, n, rw, anon, -1, 0);
             }
             5 => {
-                libc::mprotect(start as *mut _, len, libc::PROT_READ);
+                let down = Cause::Protect {
+                    new_prot: libc::PROT_READ,
+                };
+                told(explicit, r, down, || {
+                    libc::mprotect(start as *mut _, len, libc::PROT_READ)
+                });
                 std::thread::sleep(Duration::from_micros(200));
-                libc::mprotect(start as *mut _, len, rw);
+                told(explicit, r, Cause::Protect { new_prot: rw }, || {
+                    libc::mprotect(start as *mut _, len, rw)
+                });
             }
             _ => {
+                // Not through `told`: the child must not return into the registry
+                // (other threads held its locks at the fork).
+                let inv = explicit.map(|reg| {
+                    reg.invalidate_start(start as u64..(start + len) as u64, Cause::Fork)
+                });
                 let pid = libc::fork();
                 if pid == 0 {
                     std::ptr::write_bytes(start as *mut u8, 0xee, len);
                     libc::_exit(0);
+                }
+                if let (Some(reg), Some(Ok(inv))) = (explicit, inv) {
+                    reg.invalidate_end(inv);
                 }
                 if pid > 0 {
                     let mut st = 0;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userptr::driver::vfio::edu::{Edu, EDU_DMA_LIMIT};
 use userptr::driver::vfio::nvme::{IoQueue, Nvme, NvmeCommand};
-use userptr::driver::vfio::pci::{Bdf, HostSupport, SysRoot};
+use userptr::driver::vfio::pci::{Bdf, HostSupport};
 use userptr::driver::vfio::{IrqKind, VfioDomain, VfioPci};
 use userptr::{Driver, Perm, Registry, RegistryConfig, WaitMode};
 
@@ -22,7 +22,8 @@ const NVME_CLASS: u32 = 0x010802;
 #[derive(ClapArgs)]
 pub struct DeviceArgs {
     /// The PCI function (DDDD:BB:DD.F or BB:DD.F), bound to vfio-pci.
-    pub bdf: String,
+    #[arg(value_parser = crate::args::bdf)]
+    pub bdf: Bdf,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -31,12 +32,13 @@ pub struct DeviceArgs {
 #[derive(ClapArgs)]
 pub struct RingTestArgs {
     /// The NVMe function (DDDD:BB:DD.F or BB:DD.F), bound to vfio-pci.
-    pub bdf: String,
-    /// Commands per measurement.
-    #[arg(long, default_value_t = 2000)]
-    pub commands: usize,
-    /// Commands in flight for the throughput run (queue depth).
-    #[arg(long, default_value_t = 16)]
+    #[arg(value_parser = crate::args::bdf)]
+    pub bdf: Bdf,
+    /// Commands per measurement (10 to 10000000).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=10_000_000), allow_negative_numbers = true)]
+    pub commands: u64,
+    /// Commands in flight for the throughput run (queue depth, 1 to 255).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=255), allow_negative_numbers = true)]
     pub depth: u16,
     /// Machine-readable output.
     #[arg(long)]
@@ -45,10 +47,8 @@ pub struct RingTestArgs {
 
 /// Check the host, parse the address, open the function into a fresh domain.
 pub fn open(bdf: &str) -> Result<(Arc<VfioPci>, Driver), String> {
-    let b: Bdf = bdf
-        .parse()
-        .map_err(|e: userptr::Error| format!("{e}\nhint: a PCI address looks like 0000:00:04.0"))?;
-    let host = HostSupport::read(&SysRoot::system());
+    let b = crate::args::bdf(bdf)?;
+    let host = HostSupport::read(&crate::sys_root());
     let problems = host.problems();
     if !problems.is_empty() {
         return Err(format!(
@@ -94,7 +94,7 @@ fn cap_name(id: u8) -> &'static str {
 
 /// `userptr info BDF`.
 pub fn info(a: &DeviceArgs) -> Result<(), String> {
-    let (pci, drv) = open(&a.bdf)?;
+    let (pci, drv) = open(&a.bdf.to_string())?;
     let e = |e: userptr::Error| crate::explain(&e);
     let (vendor, device) = pci.ids().map_err(e)?;
     let bars = pci.bars();
@@ -183,7 +183,7 @@ struct Check {
 
 /// `userptr dma-test BDF`: edu or NVMe.
 pub fn dma_test(a: &DeviceArgs) -> Result<(), String> {
-    let (pci, drv) = open(&a.bdf)?;
+    let (pci, drv) = open(&a.bdf.to_string())?;
     let what = kind(&pci)?;
     let checks = match what {
         "edu" => edu_checks(pci, &drv)?,
@@ -196,7 +196,7 @@ pub fn dma_test(a: &DeviceArgs) -> Result<(), String> {
             ));
         }
     };
-    report(&a.bdf, what, &checks, a.json)
+    report(&a.bdf.to_string(), what, &checks, a.json)
 }
 
 fn report(bdf: &str, what: &str, checks: &[Check], as_json: bool) -> Result<(), String> {
@@ -477,7 +477,7 @@ pub fn iops(q: &IoQueue, drv: &Driver, n: usize, depth: u16, cached: bool) -> Re
 
 /// `userptr ring-test BDF`.
 pub fn ring_test(a: &RingTestArgs) -> Result<(), String> {
-    let (pci, drv) = open(&a.bdf)?;
+    let (pci, drv) = open(&a.bdf.to_string())?;
     if kind(&pci)? != "nvme" {
         return Err(format!(
             "{}: ring-test drives NVMe controllers only\nhint: `userptr dma-test {}` checks other devices",
@@ -486,9 +486,9 @@ pub fn ring_test(a: &RingTestArgs) -> Result<(), String> {
     }
     let e = |e: userptr::Error| crate::explain(&e);
     let nvme = Nvme::new(pci, &drv).map_err(e)?;
-    let depth = a.depth.clamp(1, 255);
+    let depth = a.depth;
     let q = nvme.io_queue(1, depth + 1).map_err(e)?;
-    let n = a.commands.max(10);
+    let n = a.commands as usize;
     let cached = qd1_latency(&q, &drv, n, true)?;
     let repinned = qd1_latency(&q, &drv, n, false)?;
     let rate = iops(&q, &drv, n, depth, true)?;
@@ -503,7 +503,7 @@ pub fn ring_test(a: &RingTestArgs) -> Result<(), String> {
     let (rm, r50, r99) = stats(&repinned);
     if a.json {
         let v = json!({
-            "bdf": a.bdf, "model": nvme.info().model, "commands": n, "depth": depth,
+            "bdf": a.bdf.to_string(), "model": nvme.info().model, "commands": n, "depth": depth,
             "interrupts": nvme.has_interrupts(),
             "read4k_qd1_cached_us": {"mean": cm, "p50": c50, "p99": c99},
             "read4k_qd1_repinned_us": {"mean": rm, "p50": r50, "p99": r99},

@@ -8,6 +8,13 @@ U="$1"
 : "${USERPTR_VFIO_EDU:?not in the guest}" "${USERPTR_VFIO_NVME:?not in the guest}"
 step() { echo; echo "== userptr $*"; "$U" "$@"; }
 
+# The readiness overview: in the guest every VFIO line is ready.
+step status
+step status --json > /tmp/status.json
+for want in '"ready": true' '"name": "IOMMU"' '"name": "vfio-pci"'; do
+  grep -q "$want" /tmp/status.json || { echo "status --json: no $want" >&2; exit 1; }
+done
+grep -A2 '"name": "IOMMU"' /tmp/status.json | grep -q '"state": "ok"' || { echo "status: the guest's IOMMU groups not seen" >&2; exit 1; }
 step list
 step list --json > /tmp/list.json
 grep -q '"usable": true' /tmp/list.json || { echo "list --json shows no usable device" >&2; exit 1; }

@@ -156,7 +156,7 @@ mod query {
         if crate::fork::in_forked_child() {
             return walk(&File::open("/proc/self/maps")?, range);
         }
-        let mut g = MAPS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = crate::driver_section::lock(&MAPS);
         if g.is_none() {
             *g = Some(File::open("/proc/self/maps")?);
         }

@@ -18,6 +18,7 @@ use super::hw::Hw;
 use super::pagetable::{Ctx, PageTable};
 use super::stats::{add, Counters, GpuVmStats};
 use super::GpuInner;
+use crate::driver_section::Locked;
 use crate::error::{Error, Result};
 use crate::queue::{Backpressure, BatchFences, CommandQueue};
 use crate::registry::notifier::InvalidationLog;
@@ -215,8 +216,11 @@ impl VmInner {
         &self.gpu.shared.hw
     }
 
-    pub(super) fn lock(&self) -> MutexGuard<'_, VmState> {
-        self.state.lock().expect("gpu vm lock poisoned")
+    /// The VM's state, locked inside a driver section: the registry's notices take
+    /// this lock from inside invalidations, which an application signal handler's
+    /// monitored call could start on a thread that holds it.
+    pub(super) fn lock(&self) -> Locked<MutexGuard<'_, VmState>> {
+        crate::driver_section::lock(&self.state)
     }
 
     pub(super) fn cx(&self) -> Ctx<'_> {

@@ -15,10 +15,18 @@
 //! In flight: at most `size` commands are submitted and not yet reaped, so the
 //! completion queue can never overflow.
 //!
+//! Unclaimed completions: reaped entries wait in a store until a `wait` claims them;
+//! its memory is bounded by the ring size (at least [`store::MIN_CAP`] entries),
+//! whatever is left unclaimed: the rule is in [`store`].
+//!
+//! Deadlines saturate: every timeout here, `Duration::MAX` included, is a bound, never
+//! an overflow ([`crate::submitter::deadline_after`]).
+//!
 //! Files: this one (opening and closing a ring, its registers and memory), `submit`
 //! (descriptors, the doorbell, back-pressure), `wait` (reaping completions, waiting
-//! for fences).
+//! for fences), [`store`] (the unclaimed completions).
 
+pub mod store;
 mod submit;
 mod wait;
 
@@ -30,15 +38,12 @@ use crate::dma_memory::DmaMemory;
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
-use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use userptr_ring::regs::{self, ring, ring_reg};
-use userptr_ring::{
-    Completion, Consumer, Geometry, Producer, SharedIndices, COMPLETION_SIZE, DESCRIPTOR_SIZE,
-};
+use userptr_ring::{Consumer, Geometry, Producer, SharedIndices, COMPLETION_SIZE, DESCRIPTOR_SIZE};
 
 /// The SQ counters as the driver sees them: registers; storing the tail is the doorbell.
 struct SqRegs<'a>(&'a dyn Device, u32);
@@ -79,9 +84,8 @@ struct State {
     cons: Consumer,
     next_seqno: u64,
     in_flight: u32,
-    done: BTreeMap<u64, Completion>,
-    /// Completions with seqno below this were dropped unclaimed.
-    dropped_below: u64,
+    /// Reaped completions nobody has claimed yet.
+    done: store::Store,
     /// Highest seqno reaped; the ring completes in order, so every lower one was too.
     max_reaped: u64,
 }
@@ -90,6 +94,9 @@ struct State {
 /// memory unmapped) on drop. Derefs to [`QueueCore`], where the methods are.
 pub struct CommandQueue {
     core: Arc<QueueCore>,
+    /// Dropped after [`Drop::drop`] has disabled the ring: the next queue on this
+    /// ring can only be opened once this one no longer touches it.
+    _claim: crate::driver::RingClaim,
 }
 
 impl std::ops::Deref for CommandQueue {
@@ -132,10 +139,12 @@ impl std::fmt::Debug for CommandQueue {
 
 impl CommandQueue {
     /// Set how long `Backpressure::Wait` and `run` wait before [`Error::Timeout`].
+    /// `Duration::MAX` (or anything past `u64::MAX` ms) means no practical limit.
     pub fn set_timeout(&mut self, timeout: Duration) {
+        // Relaxed: a setting, not a synchronisation point.
         self.core
             .timeout_ms
-            .store(timeout.as_millis() as u64, Ordering::Relaxed);
+            .store(crate::submitter::millis(timeout), Ordering::Relaxed);
     }
 
     pub(crate) fn new(driver: Driver, ring_idx: u32, size: u32) -> Result<CommandQueue> {
@@ -152,10 +161,17 @@ impl CommandQueue {
         if size > 1 << ((caps >> 8) & 0xff) {
             return Err(Error::RingSize(userptr_ring::GeometryError::Size(size)));
         }
+        // Before anything is built whose drop would disable the ring: a refused open
+        // must leave the queue already driving it untouched.
+        let claim = driver.claim_ring(ring_idx)?;
+        if dev.read32(ring_reg(ring_idx, ring::CONTROL)) & ring::CONTROL_ENABLE != 0 {
+            // Enabled by something other than a queue of this driver.
+            return Err(Error::RingBusy { ring: ring_idx });
+        }
         let cq_off = size as usize * DESCRIPTOR_SIZE;
         let fence_off = cq_off + size as usize * COMPLETION_SIZE;
         let mem = DmaMemory::new(fence_off + 8)?;
-        let iova = driver.map_raw(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
+        let iova = driver.map_reclaiming(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
         let q = QueueCore {
             driver,
             dev: dev.clone(),
@@ -170,8 +186,7 @@ impl CommandQueue {
                 cons: Consumer::new(geo, &CqRegs(&*dev, ring_idx)),
                 next_seqno: 1,
                 in_flight: 0,
-                done: BTreeMap::new(),
-                dropped_below: 0,
+                done: store::Store::new(size),
                 max_reaped: 0,
             }),
             eventfd: Arc::new(
@@ -186,7 +201,10 @@ impl CommandQueue {
             irq_wakeups: AtomicU64::new(0),
         };
         // From here on, Drop undoes whatever was done.
-        let q = CommandQueue { core: Arc::new(q) };
+        let q = CommandQueue {
+            core: Arc::new(q),
+            _claim: claim,
+        };
         q.program()?;
         Ok(q)
     }
@@ -247,8 +265,8 @@ impl QueueCore {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("queue state lock poisoned")
+    fn lock(&self) -> crate::driver_section::Locked<MutexGuard<'_, State>> {
+        crate::driver_section::lock(&self.state)
     }
 
     /// The ring index on the device.
@@ -280,6 +298,19 @@ impl QueueCore {
     /// The last seqno the device wrote into the fence word (a hint: see module doc).
     pub fn completed_seqno(&self) -> u64 {
         self.mem.load_u64(self.fence_off)
+    }
+
+    /// Entries in the store of unclaimed completions (bounded by the ring size: see
+    /// [`store`]). For tests and diagnostics.
+    pub fn unclaimed_entries(&self) -> usize {
+        let mut st = self.lock();
+        let _ = self.reap(&mut st);
+        st.done.entries()
+    }
+
+    /// The IOMMU domain this queue's device translates through.
+    pub fn domain(&self) -> &Arc<dyn crate::iommu::IommuDomain> {
+        self.driver.domain()
     }
 }
 

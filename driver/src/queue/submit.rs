@@ -4,6 +4,7 @@
 use super::{QueueCore, SqRegs};
 use crate::error::{Error, Result};
 use crate::queue::CommandQueue;
+use crate::submitter::{deadline_after, millis};
 use std::sync::Arc;
 use std::time::Instant;
 use userptr_ring::{Descriptor, Fence, DESCRIPTOR_SIZE};
@@ -64,7 +65,7 @@ impl QueueCore {
                 size: self.geo.size(),
             });
         }
-        let deadline = Instant::now() + self.timeout();
+        let deadline = deadline_after(self.timeout());
         let mut first = None;
         let mut last = 0;
         let mut rest = count;
@@ -111,7 +112,7 @@ impl QueueCore {
                 return Err(Error::Timeout {
                     ring: self.ring,
                     seqno: last,
-                    waited_ms: self.timeout().as_millis() as u64,
+                    waited_ms: millis(self.timeout()),
                 });
             }
             spins += 1;
@@ -144,6 +145,10 @@ impl crate::submitter::Submitter for CommandQueue {
 
     fn queue_id(&self) -> u32 {
         self.ring()
+    }
+
+    fn domain(&self) -> &Arc<dyn crate::iommu::IommuDomain> {
+        QueueCore::domain(self)
     }
 
     fn try_submit(&self, cmds: &[Descriptor]) -> Result<(BatchFences, u64)> {

@@ -4,6 +4,7 @@
 use super::submit::Backpressure;
 use super::{CqRegs, QueueCore, State};
 use crate::error::{Error, Result};
+use crate::submitter::{deadline_after, millis};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use userptr_ring::regs::{self, ring};
@@ -17,9 +18,6 @@ pub enum WaitMode {
     /// Sleep on the ring's interrupt eventfd.
     Block,
 }
-
-/// Completions kept for commands nobody has waited for yet.
-pub(super) const RETAIN: usize = 1 << 16;
 
 impl QueueCore {
     /// Drain the completion queue into the completion store.
@@ -38,15 +36,10 @@ impl QueueCore {
                 .read(self.cq_off + st.cons.slot(i) * COMPLETION_SIZE, &mut raw);
             let c = Completion::decode(&raw);
             st.max_reaped = st.max_reaped.max(c.seqno);
-            st.done.insert(c.seqno, c);
+            st.done.insert(c);
         }
         st.cons.release(&cq, n);
         st.in_flight -= n.min(st.in_flight);
-        while st.done.len() > RETAIN {
-            if let Some((s, _)) = st.done.pop_first() {
-                st.dropped_below = st.dropped_below.max(s + 1);
-            }
-        }
         Ok(())
     }
 
@@ -64,10 +57,12 @@ impl QueueCore {
     pub(super) fn take(&self, seqno: u64) -> Result<Option<Completion>> {
         let mut st = self.lock();
         self.reap(&mut st)?;
-        if let Some(c) = st.done.remove(&seqno) {
+        if let Some(c) = st.done.take(seqno) {
             return Ok(Some(c));
         }
-        if seqno <= st.max_reaped || seqno >= st.next_seqno || seqno < st.dropped_below {
+        // The ring completes in order: a reaped seqno the store does not hold was
+        // claimed already or dropped unclaimed (see `store`).
+        if seqno <= st.max_reaped || seqno >= st.next_seqno {
             return Err(Error::NoCompletion {
                 ring: self.ring,
                 seqno,
@@ -77,9 +72,10 @@ impl QueueCore {
     }
 
     /// Wait until `fence`'s command completed and return its completion entry (whatever
-    /// its status). Each completion can be claimed once.
+    /// its status). Each completion can be claimed once; an earlier fence of a batch
+    /// can still be waited for after its last (the rule is in [`super::store`]).
     pub fn wait(&self, fence: Fence, mode: WaitMode, timeout: Duration) -> Result<Completion> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut spins = 0u32;
         loop {
             if mode == WaitMode::Block || fence.is_signalled_by(self.completed_seqno()) {
@@ -93,7 +89,7 @@ impl QueueCore {
                 return Err(Error::Timeout {
                     ring: self.ring,
                     seqno: fence.seqno,
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: millis(timeout),
                 });
             }
             match mode {
@@ -137,7 +133,7 @@ impl QueueCore {
     /// the device no longer works on it). For invalidation, which must know the device
     /// stopped using memory but must not steal the submitter's completion.
     pub fn wait_done(&self, seqno: u64, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(timeout);
         let mut spins = 0u32;
         loop {
             // Acquire: pairs with the Release in CommandQueue::drop.
@@ -156,7 +152,7 @@ impl QueueCore {
                 return Err(Error::Timeout {
                     ring: self.ring,
                     seqno,
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: millis(timeout),
                 });
             }
             spins += 1;
@@ -172,14 +168,21 @@ impl QueueCore {
 
     /// Wait until `n` more commands fit (the device reaped enough), up to the queue's
     /// timeout.
+    /// More than the ring holds never fits: [`Error::RingFull`] at once.
     pub fn wait_for_room(&self, n: u32) -> Result<()> {
-        let deadline = Instant::now() + self.timeout();
+        if n > self.geo.size() {
+            return Err(Error::RingFull {
+                ring: self.ring,
+                size: self.geo.size(),
+            });
+        }
+        let deadline = deadline_after(self.timeout());
         let mut spins = 0u32;
         loop {
             {
                 let mut st = self.lock();
                 self.reap(&mut st)?;
-                if st.in_flight + n <= self.geo.size() {
+                if st.in_flight.saturating_add(n) <= self.geo.size() {
                     return Ok(());
                 }
             }
@@ -188,7 +191,7 @@ impl QueueCore {
                 return Err(Error::Timeout {
                     ring: self.ring,
                     seqno: 0,
-                    waited_ms: self.timeout().as_millis() as u64,
+                    waited_ms: millis(self.timeout()),
                 });
             }
             spins += 1;

@@ -79,7 +79,7 @@ impl DmaPort {
         };
         let fault = |iova| FaultRecord { iova, access };
         let end = iova.checked_add(len).ok_or(fault(iova))?;
-        let table = self.iommu.table.read().expect("iommu table lock poisoned");
+        let table = crate::driver_section::read(&self.iommu.table);
         let mut at = iova;
         while at < end {
             let (start, e) = table.lookup(at).ok_or(fault(at))?;
@@ -100,7 +100,7 @@ impl DmaPort {
         }
         self.scratch.clear();
         let iommu = self.iommu.clone();
-        let table = iommu.table.read().expect("iommu table lock poisoned");
+        let table = crate::driver_section::read(&iommu.table);
         let mut prev_then = false;
         for tr in batch {
             let (need, access) = match tr.dir {

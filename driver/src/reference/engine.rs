@@ -204,7 +204,7 @@ impl Engine {
 
     fn interrupt(&self, r: u32) {
         self.shared.irq_status.fetch_or(1 << r, Ordering::AcqRel);
-        let fd = self.shared.irq.lock().expect("irq table lock poisoned")[r as usize].clone();
+        let fd = crate::driver_section::lock(&self.shared.irq)[r as usize].clone();
         if let Some(fd) = fd {
             // An eventfd write only fails if the counter would overflow, in which case
             // the waiter is already due to wake.

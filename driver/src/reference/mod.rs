@@ -426,16 +426,11 @@ impl Device for ReferenceDevice {
 
     fn set_irq_eventfd(&self, ring: u32, eventfd: Option<Arc<OwnedFd>>) -> Result<()> {
         if ring == regs::FAULT_VECTOR {
-            let mut f = self
-                .shared
-                .gpu
-                .fault_irq
-                .lock()
-                .expect("irq table lock poisoned");
+            let mut f = crate::driver_section::lock(&self.shared.gpu.fault_irq);
             *f = eventfd;
             return Ok(());
         }
-        let mut irq = self.shared.irq.lock().expect("irq table lock poisoned");
+        let mut irq = crate::driver_section::lock(&self.shared.irq);
         let slot = irq.get_mut(ring as usize).ok_or(Error::NoSuchRing {
             ring,
             count: self.shared.rings,

@@ -313,7 +313,7 @@ impl IommuDomain for UringIommu {
         }
         self.check_range(iova, host, len)?;
         let slot = {
-            let mut t = self.table.write().expect("iommu table lock poisoned");
+            let mut t = crate::driver_section::write(&self.table);
             if t.overlapping(iova, len) {
                 return Err(Error::IovaBusy { iova, len });
             }
@@ -338,7 +338,7 @@ impl IommuDomain for UringIommu {
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
             None => self.register(slot, host, len),
         };
-        let mut t = self.table.write().expect("iommu table lock poisoned");
+        let mut t = crate::driver_section::write(&self.table);
         match r {
             Ok(()) => {
                 if let Some(e) = t.entries.get_mut(&iova) {
@@ -359,7 +359,7 @@ impl IommuDomain for UringIommu {
             return Err(Error::ForkedChild);
         }
         let slot = {
-            let mut t = self.table.write().expect("iommu table lock poisoned");
+            let mut t = crate::driver_section::write(&self.table);
             match t.entries.get(&iova) {
                 Some(e) if e.len == len && e.ready => {
                     let slot = e.slot;
@@ -381,7 +381,7 @@ impl IommuDomain for UringIommu {
             });
         }
         let r = self.register(slot, 0, 0);
-        let mut t = self.table.write().expect("iommu table lock poisoned");
+        let mut t = crate::driver_section::write(&self.table);
         match r {
             Ok(()) => {
                 t.free_slots.push(slot);
@@ -401,7 +401,7 @@ impl IommuDomain for UringIommu {
             return Err(Error::ForkedChild);
         }
         let slot = {
-            let mut t = self.table.write().expect("iommu table lock poisoned");
+            let mut t = crate::driver_section::write(&self.table);
             match t.entries.get_mut(&iova) {
                 Some(e) if e.len == len && e.ready => {
                     e.perm = perm;
@@ -434,11 +434,7 @@ impl IommuDomain for UringIommu {
     }
 
     fn mappings(&self) -> usize {
-        self.table
-            .read()
-            .expect("iommu table lock poisoned")
-            .entries
-            .len()
+        crate::driver_section::read(&self.table).entries.len()
     }
 
     fn max_mapping_len(&self) -> u64 {

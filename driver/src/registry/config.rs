@@ -8,11 +8,22 @@ pub struct RegistryConfig {
     /// Most bytes pinned at once (soft: concurrent pins may overshoot by one region).
     /// Default: RLIMIT_MEMLOCK, or a quarter of RAM with CAP_IPC_LOCK / no limit.
     pub pin_budget: Option<u64>,
-    /// Most regions mapped at once. Default: the domain's limit less 64 (kept for
-    /// ring memory and direct mappings).
+    /// Most regions mapped at once. Default, and upper bound: the domain's limit less
+    /// 64 (kept for ring memory and direct mappings), counting every mapping the
+    /// domain holds, not only this registry's.
     pub max_mappings: Option<usize>,
-    /// How long an invalidation waits for in-flight work before resetting the device.
+    /// How long an invalidation (or the registry's teardown) waits for in-flight work
+    /// before resetting the device, and then again for the reset work to complete.
+    /// `Duration::MAX`: no practical limit.
     pub fence_timeout: Duration,
+    /// How long a pin (a registration, a submission's cache miss) waits for an
+    /// invalidation window over its range to close, or for a permission downgrade to
+    /// finish, before [`Error::WindowTimeout`](crate::Error::WindowTimeout).
+    pub window_timeout: Duration,
+    /// How many times a submission (or a pin) starts over because an invalidation hit
+    /// its buffers in the meantime, or the ring filled up, before
+    /// [`Error::TooManyRetries`](crate::Error::TooManyRetries).
+    pub submit_retries: u32,
     /// Split partially invalidated regions (re-map the surviving parts) instead of
     /// dropping them whole.
     pub split: bool,
@@ -27,6 +38,8 @@ impl Default for RegistryConfig {
             pin_budget: None,
             max_mappings: None,
             fence_timeout: Duration::from_secs(5),
+            window_timeout: Duration::from_secs(30),
+            submit_retries: 64,
             split: true,
             validate: false,
         }

@@ -1,18 +1,20 @@
-//! Eviction: idle regions go, in clock (second-chance) order, when the pin budget or
-//! the mapping limit is reached; regions with device work in flight never do.
+//! Eviction: idle regions go, in clock (second-chance) order, when the pin budget, the
+//! registry's mapping limit or the domain's (shared with everything else mapped in it)
+//! is reached; regions with device work in flight never do, and neither do regions a
+//! batch is resolving now (held: see `region::Held`).
 
 use super::region::Region;
 use super::stats::Stats;
-use super::Registry;
+use super::Inner;
 use crate::error::{Error, Result};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-impl Registry {
+impl Inner {
     /// Unmap retired regions whose device work is done.
     pub(super) fn reclaim_draining(&self) {
         let done: Vec<Arc<Region>> = {
-            let mut g = self.inner.notifier.write();
+            let mut g = self.notifier.write();
             if g.draining.is_empty() {
                 return;
             }
@@ -25,39 +27,63 @@ impl Registry {
         }
     }
 
-    /// Evict idle regions (clock order) until `len` more bytes and one more mapping fit.
+    /// Domain mappings beyond what this registry may let the domain hold (0: room for
+    /// one more).
+    fn domain_excess(&self) -> usize {
+        (self.driver.domain().mappings() + 1).saturating_sub(self.domain_cap)
+    }
+
+    /// Evict idle regions (clock order) until `len` more bytes and one more mapping fit
+    /// the budget, the registry's mapping limit and the domain's; when this registry
+    /// has nothing idle left and the domain is still full, the other caches on the
+    /// driver are asked too ([`crate::driver::Reclaim`]).
     pub(super) fn make_room(&self, len: u64) -> Result<()> {
-        let inner = &*self.inner;
-        let fits = || {
-            inner.pinned.load(Ordering::Relaxed).saturating_add(len) <= inner.budget
-                && inner.mappings.load(Ordering::Relaxed) < inner.max_mappings
-        };
-        if fits() {
+        let bytes_fit = || self.pinned.load(Ordering::Relaxed).saturating_add(len) <= self.budget;
+        let maps_fit = || self.mappings.load(Ordering::Relaxed) < self.max_mappings;
+        if bytes_fit() && maps_fit() && self.domain_excess() == 0 {
             return Ok(());
         }
         self.reclaim_draining();
-        let need_bytes = (inner.pinned.load(Ordering::Relaxed) + len).saturating_sub(inner.budget);
-        let need_maps =
-            (inner.mappings.load(Ordering::Relaxed) + 1).saturating_sub(inner.max_mappings);
+        let need_bytes =
+            (self.pinned.load(Ordering::Relaxed).saturating_add(len)).saturating_sub(self.budget);
+        let need_maps = (self.mappings.load(Ordering::Relaxed) + 1)
+            .saturating_sub(self.max_mappings)
+            .max(self.domain_excess());
         self.evict(need_bytes, need_maps);
-        if fits() {
-            Ok(())
-        } else {
+        let excess = self.domain_excess();
+        if excess > 0 {
+            self.driver.reclaim(0, excess);
+        }
+        if !bytes_fit() {
             Err(Error::PinBudget {
                 len,
-                budget: inner.budget,
+                budget: self.budget,
             })
+        } else if !maps_fit() {
+            Err(Error::TooManyMappings {
+                limit: self.max_mappings,
+            })
+        } else if self.domain_excess() > 0 {
+            Err(Error::TooManyMappings {
+                limit: self.domain_cap,
+            })
+        } else {
+            Ok(())
         }
     }
 
-    /// Evict idle regions in clock order until `need_bytes` bytes and `need_maps`
-    /// mappings are free (or nothing idle is left). Returns the bytes unpinned.
+    /// Evict idle, unheld regions in clock order until `need_bytes` bytes and
+    /// `need_maps` mappings are free (or nothing evictable is left). Returns the bytes
+    /// unpinned.
     pub(super) fn evict(&self, mut need_bytes: u64, mut need_maps: usize) -> u64 {
+        if need_bytes == 0 && need_maps == 0 {
+            return 0;
+        }
+        let _section = crate::driver_section::enter();
         let _span = tracing::debug_span!("evict", need_bytes, need_maps).entered();
-        let inner = &*self.inner;
         let mut victims = Vec::new();
         {
-            let mut g = inner.notifier.write();
+            let mut g = self.notifier.write();
             // Two sweeps of the clock: the first clears accessed bits.
             for _sweep in 0..2 {
                 for slot in 0..3 {
@@ -73,6 +99,11 @@ impl Registry {
                             .map(|(r, v)| (r, v.clone()));
                         let Some((r, region)) = next else { break };
                         hand = r.end;
+                        // A region a batch is resolving keeps its accessed bit too: it is
+                        // in use, not a candidate.
+                        if region.held() {
+                            continue;
+                        }
                         // Relaxed: see resolve.
                         if region.accessed.swap(false, Ordering::Relaxed) || !region.idle() {
                             continue;
@@ -87,7 +118,7 @@ impl Registry {
                 }
             }
         }
-        Stats::add(&inner.stats.evictions, victims.len() as u64);
+        Stats::add(&self.stats.evictions, victims.len() as u64);
         for v in &victims {
             self.unmap_region(v, super::UnmapReason::Eviction);
         }

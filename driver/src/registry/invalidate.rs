@@ -1,22 +1,50 @@
 //! Invalidation: the write side of the notifier contract. Open the window, retire or
 //! downgrade the overlapping regions under the exclusive lock, wait for the device,
-//! unmap, re-pin the parts outside the range (split); restore on an upgrade.
+//! unmap, re-pin the parts outside the range (split); restore on an upgrade. Every
+//! path out of `invalidate_start` closes the window it opened, unless it hands it to
+//! the [`Invalidation`] it returns (which closes it when ended or dropped).
 
 use super::cause::{policy, Action};
-use super::region::{InFlight, Region};
+use super::notifier::{Notifier, WindowId};
+use super::region::{read_only, Region};
 use super::stats::Stats;
-use super::{page_range, Cause, Invalidation, Registry, PAGE};
+use super::{page_range, Cause, Index, Invalidation, Registry, PAGE};
 use crate::error::{Error, Result};
-use crate::iommu::Perm;
+use crate::submitter::{deadline_after, millis};
 use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+
+/// An open window, closed on drop unless handed on with `keep`.
+struct WindowGuard<'a> {
+    notifier: &'a Notifier<Index>,
+    id: Option<WindowId>,
+}
+
+impl WindowGuard<'_> {
+    fn keep(mut self) -> WindowId {
+        self.id.take().expect("a guard holds its window until kept")
+    }
+}
+
+impl Drop for WindowGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.notifier.close_window(id);
+        }
+    }
+}
 
 impl Registry {
-    /// Begin invalidating `[start, end)` for `cause`. When this returns, the device no
-    /// longer uses the range (or its work failed after a device reset), and no new
-    /// mapping of it can be established until [`Registry::invalidate_end`].
+    /// Begin invalidating `[start, end)` for `cause`. When this returns `Ok`, the device
+    /// no longer uses the range (or its work failed after a device reset), and no new
+    /// mapping of it can be established until [`Registry::invalidate_end`] (or until the
+    /// [`Invalidation`] is dropped).
+    ///
+    /// An error means the device's work on the range could not be proven finished (the
+    /// device did not finish or reset in time, the ring stopped): the range's regions
+    /// are unmapped all the same, with their IOVA ranges quarantined (see the module
+    /// docs' "Teardown and reset"), and no window stays open.
     pub fn invalidate_start(&self, range: Range<u64>, cause: Cause) -> Result<Invalidation> {
         let _section = crate::driver_section::enter();
         let inner = &*self.inner;
@@ -29,6 +57,7 @@ impl Registry {
         let none = Invalidation {
             window: None,
             range: range.clone(),
+            owner: Arc::downgrade(&self.inner),
         };
         if range.is_empty() || crate::fork::in_forked_child() {
             return Ok(none);
@@ -42,7 +71,10 @@ impl Registry {
             }
             Action::Downgrade | Action::Drop => {}
         }
-        let window = inner.notifier.open_window(range.clone());
+        let window = WindowGuard {
+            notifier: &inner.notifier,
+            id: Some(inner.notifier.open_window(range.clone())),
+        };
         let mut victims = Vec::new();
         let mut downgrades = Vec::new();
         let mut others_downgrading = Vec::new();
@@ -64,8 +96,13 @@ impl Registry {
                         }
                         // A region wholly inside the range becomes device-read-only in
                         // place. One that sticks out is dropped and split instead: its
-                        // outside parts must stay writable for the device.
-                        if range.start <= rr.start && rr.end <= range.end {
+                        // outside parts must stay writable for the device. A write-only
+                        // one is dropped too: without write the device may do nothing
+                        // with it (read-only would widen it).
+                        if range.start <= rr.start
+                            && rr.end <= range.end
+                            && read_only(r.perm).is_some()
+                        {
                             let r = r.clone();
                             // Whatever may still write it is waited for, even when
                             // another downgrade got there first (then its set_perm is
@@ -124,10 +161,12 @@ impl Registry {
             }
             g.retiring.extend(victims.iter().cloned());
         }
-        self.tell_invalidating(&range, cause);
-        let waited = self.wait_fences(&fences, &range);
+        inner.tell_invalidating(&range, cause);
+        let waited = inner.wait_work(&fences, &range);
+        // Unmapped whatever the wait says: a region whose work may still run keeps its
+        // IOVA range out of circulation (quarantined) until the work is proven done.
         for r in &victims {
-            self.unmap_region(r, super::UnmapReason::Invalidation(cause));
+            inner.unmap_region(r, super::UnmapReason::Invalidation(cause));
         }
         if !victims.is_empty() {
             let mut g = inner.notifier.write();
@@ -135,16 +174,24 @@ impl Registry {
                 .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
         }
         for r in &downgrades {
-            self.tell_downgrading(r);
-            match inner.driver.domain().set_perm(r.iova, r.len(), Perm::READ) {
+            inner.tell_downgrading(r);
+            let ro = read_only(r.perm).expect("only readable regions are downgraded");
+            match inner.driver.domain().set_perm(r.iova, r.len(), ro) {
                 Ok(()) => Stats::add(&inner.stats.downgrades, 1),
                 Err(e) => tracing::error!("downgrading region: {e}"),
             }
             // Release: the read-only device mapping is in place before hits proceed.
             r.perm_pending.store(false, Ordering::Release);
         }
+        let mut result = waited;
         for r in &others_downgrading {
-            r.wait_perm();
+            if !r.wait_perm(deadline_after(inner.cfg.window_timeout)) && result.is_ok() {
+                result = Err(Error::WindowTimeout {
+                    start: r.range.start,
+                    end: r.range.end,
+                    waited_ms: millis(inner.cfg.window_timeout),
+                });
+            }
         }
         for (s, perm, ro) in survivors {
             let _span = tracing::debug_span!("split_repin", start = s.start, end = s.end).entered();
@@ -156,19 +203,20 @@ impl Registry {
                 Stats::add(&inner.stats.splits, 1);
             }
         }
-        waited?;
+        // On an error the guard closes the window here.
+        result?;
         Ok(Invalidation {
-            window: Some(window),
+            window: Some(window.keep()),
             range,
+            owner: Arc::downgrade(&self.inner),
         })
     }
 
     /// End an invalidation: new mappings of the range may be established again.
+    /// (Dropping the [`Invalidation`] does the same.)
     pub fn invalidate_end(&self, inv: Invalidation) {
         let _section = crate::driver_section::enter();
-        if let Some(w) = inv.window {
-            self.inner.notifier.close_window(w);
-        }
+        drop(inv);
     }
 
     /// `invalidate_start` + `invalidate_end`, for a change that already happened or
@@ -202,64 +250,5 @@ impl Registry {
                 }
             }
         }
-    }
-
-    /// Wait for `fences`; on timeout reset the device (queued work completes with
-    /// `Aborted`) and wait again.
-    pub(super) fn wait_fences(&self, fences: &[InFlight], range: &Range<u64>) -> Result<()> {
-        let inner = &*self.inner;
-        let pending: Vec<&InFlight> = fences.iter().filter(|f| !f.done()).collect();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let _span = tracing::debug_span!(
-            "invalidate_wait",
-            start = range.start,
-            end = range.end,
-            fences = pending.len()
-        )
-        .entered();
-        Stats::add(&inner.stats.fence_waits, 1);
-        let t0 = Instant::now();
-        let deadline = t0 + inner.cfg.fence_timeout;
-        let mut reset = false;
-        let mut result = Ok(());
-        for f in pending {
-            let Some(q) = f.queue.upgrade() else { continue };
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match q.wait_done(f.seqno, left) {
-                    Ok(()) => break,
-                    Err(Error::Timeout { .. }) if !reset => {
-                        let _span = tracing::info_span!(
-                            "device_reset",
-                            start = range.start,
-                            end = range.end,
-                            seqno = f.seqno
-                        )
-                        .entered();
-                        tracing::warn!(
-                            "invalidation timed out waiting for the device: resetting it"
-                        );
-                        Stats::add(&inner.stats.device_resets, 1);
-                        reset = true;
-                        if let Err(e) = q.abort(inner.cfg.fence_timeout) {
-                            result = Err(e);
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        result = Err(Error::InvalidationFailed {
-                            start: range.start,
-                            end: range.end,
-                            reason: e.to_string(),
-                        });
-                        break;
-                    }
-                }
-            }
-        }
-        Stats::add(&inner.stats.wait_ns, t0.elapsed().as_nanos() as u64);
-        result
     }
 }

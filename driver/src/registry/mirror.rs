@@ -52,13 +52,15 @@ impl super::Registry {
     /// Add a device-side mirror (see the module docs). Held weakly: a mirror that is
     /// dropped is forgotten.
     pub fn add_mirror(&self, m: std::sync::Weak<dyn RangeMirror>) {
-        let mut ms = self.inner.mirrors.lock().expect("mirrors lock poisoned");
+        let mut ms = crate::driver_section::lock(&self.inner.mirrors);
         ms.retain(|w| w.strong_count() > 0);
         ms.push(m);
     }
+}
 
+impl super::Inner {
     fn live_mirrors(&self) -> Vec<std::sync::Arc<dyn RangeMirror>> {
-        let ms = self.inner.mirrors.lock().expect("mirrors lock poisoned");
+        let ms = crate::driver_section::lock(&self.mirrors);
         ms.iter().filter_map(|w| w.upgrade()).collect()
     }
 

@@ -10,9 +10,10 @@
 //!   (clock/LRU under a pinned-bytes budget and the domain's mapping-count limit;
 //!   regions with device work in flight are never evicted).
 //! * Submission and invalidation follow the protocol written down in [`notifier`]:
-//!   a cache hit snapshots the region's epoch under the shared lock and re-checks it
-//!   with `read_retry` before it writes the descriptors and attaches the fence; a miss
-//!   pins outside every lock. Invalidation opens a window (no new mapping of the range
+//!   a cache hit snapshots the region's epoch under the shared lock, the commands are
+//!   built with no lock held, and `read_retry` re-checks every epoch under the shared
+//!   lock before the descriptors are written and the fence attached; a miss pins
+//!   outside every lock. Invalidation opens a window (no new mapping of the range
 //!   until it closes), bumps epochs under the exclusive lock, waits for the fences of
 //!   in-flight work (bounded: on timeout the device is reset, so that work completes
 //!   with `Aborted`), then unmaps.
@@ -21,15 +22,56 @@
 //!   ranges, under the same lock), so a pin that raced an invalidation is dropped and
 //!   retaken, never installed stale. `driver/tests/loom_registry.rs` model-checks both
 //!   paths, the fence wait and eviction.
-//! * Causes carry context and the policy uses it (see [`Cause`]).
+//! * Causes carry context and the policy uses it (see [`Cause`]). A permission change
+//!   only ever narrows what the device may do: a downgrade takes write away (a
+//!   write-only region, which would be left with nothing, is dropped instead), an
+//!   upgrade gives back at most what the registration asked for.
+//! * A batch is resolved as a whole: every region one of its references resolved is
+//!   *held* until the batch is submitted, and eviction skips held regions, so that
+//!   resolving one reference never evicts another of the same batch. A batch whose
+//!   distinct pages exceed the pin budget or the mapping limit is refused at once
+//!   ([`Error::BatchTooLarge`]); starting over is bounded
+//!   ([`RegistryConfig::submit_retries`]).
+//! * The domain is shared: besides its own limits, the registry counts every mapping
+//!   the domain holds against the domain's limit less 64 (kept for ring memory and
+//!   direct mappings), and when the domain runs out of slots, IOVA space or locked
+//!   memory it evicts idle regions (its own first, then those of the other caches on
+//!   the driver, through [`Reclaim`](crate::driver::Reclaim)), as it does for its budget.
+//! * Application code never runs under a registry lock or inside a driver section: the
+//!   descriptors a submission builds and the [`RegionObserver`]s are called through
+//!   [`driver_section::outside`](crate::driver_section::outside), with no lock held.
+//!
+//! # Teardown and reset
+//!
+//! What happens to device work still in flight when the registry lets go of memory:
+//! * **Invalidation** waits for the work that may reach the range, up to
+//!   [`RegistryConfig::fence_timeout`]; then it resets the device (the work that has
+//!   not started completes with `Aborted`, on every queue of the device) and waits
+//!   again, bounded the same way (a command the device is executing when the reset
+//!   comes finishes first). If the work still cannot be proven finished (the
+//!   reset timed out, the ring stopped), `invalidate_start` returns an error, *and* the
+//!   regions are unmapped anyway with their IOVA ranges quarantined: the device's late
+//!   accesses fault, and the IOVAs are not handed out again until the work is proven
+//!   finished (see [`crate::driver`]). The window is closed on every path out.
+//! * **Teardown** (dropping the last [`Registry`] handle) does the same for everything
+//!   it holds, with *one* deadline for all its waits (not one per region): wait up to
+//!   `fence_timeout`, reset the device, wait up to `fence_timeout` again, then unmap
+//!   every region, quarantining the IOVAs of any work still not proven finished. Work
+//!   that was still queued completes `Aborted`; it never runs later into memory that
+//!   a new registration got.
+//! * **Eviction** only ever picks idle regions; a merge's retired regions are unmapped
+//!   once idle.
+//! * An open [`Invalidation`] dropped without [`Registry::invalidate_end`] ends itself.
 //!
 //! Files, one concept each: this one (the types: [`Registry`], [`Userptr`],
 //! [`Invalidation`], the index), [`notifier`] (the contract and its primitives),
 //! `cause` (the policy per cause), `config` ([`RegistryConfig`]), `region` (a pinned
-//! region and its fences), `pin` (the miss path: resolve, merge, pin, install), `submit`
-//! (the read side), `invalidate` (the write side: retire, downgrade, wait, split,
-//! restore), `evict` (clock eviction under the budget), [`interval`] (the index),
-//! `stats` (the counters), [`validate`] (the PFN cross-check).
+//! region, its fences and holds), `pin` (the miss path: resolve, merge, pin, install),
+//! `submit` (the read side), `invalidate` (the write side: retire, downgrade, wait,
+//! split, restore), `evict` (clock eviction under the budget and the domain's limits),
+//! `teardown` (waiting for the device, resetting it, unmapping, the registry's drop),
+//! [`interval`] (the index), `stats` (the counters), [`validate`] (the PFN
+//! cross-check).
 
 mod cause;
 mod config;
@@ -42,6 +84,7 @@ mod pin;
 mod region;
 mod stats;
 mod submit;
+mod teardown;
 pub mod validate;
 
 pub use cause::Cause;
@@ -59,7 +102,10 @@ use notifier::{InvalidationLog, Notifier, WindowId};
 use region::Region;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Domain mapping slots no registry takes: kept for ring memory and direct mappings.
+pub const RESERVED_MAPPINGS: usize = 64;
 
 const PAGE: u64 = 4096;
 
@@ -85,6 +131,9 @@ struct Inner {
     cfg: RegistryConfig,
     budget: u64,
     max_mappings: usize,
+    /// The most mappings the whole domain may hold before this registry maps no more
+    /// (its limit less [`RESERVED_MAPPINGS`]).
+    domain_cap: usize,
     pinned: AtomicU64,
     mappings: AtomicUsize,
     stats: Stats,
@@ -92,7 +141,8 @@ struct Inner {
     /// `clear`): the lock-free "could this touch a registered range" pre-check.
     lo: AtomicU64,
     hi: AtomicU64,
-    observers: Mutex<Vec<Arc<dyn RegionObserver>>>,
+    observers: Mutex<Vec<(u64, Arc<dyn RegionObserver>)>>,
+    next_observer: AtomicU64,
     /// Device-side mirrors, told before a region's mapping goes away (`mirror`).
     mirrors: Mutex<Vec<std::sync::Weak<dyn RangeMirror>>>,
 }
@@ -143,11 +193,17 @@ impl Userptr {
 
 /// Told about every region the registry pins (after it is installed), so that a
 /// monitor can start watching its range (userfaultfd registers it, for example).
-/// Called outside every registry lock, on the thread that pinned.
+/// Called outside every registry lock and outside the driver section (an observer may
+/// be application code: its address-space calls are monitored), on the thread that
+/// pinned.
 pub trait RegionObserver: Send + Sync {
     /// `range` (whole pages) was pinned and mapped.
     fn pinned(&self, range: Range<u64>);
 }
+
+/// An observer's registration, for [`Registry::remove_observer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObserverId(u64);
 
 /// A live region as [`Registry::regions`] reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,18 +218,43 @@ pub struct RegionInfo {
     pub device_read_only: bool,
 }
 
-/// An open invalidation (between `invalidate_start` and `invalidate_end`).
-#[derive(Debug)]
-#[must_use = "call invalidate_end once the address-space change is done"]
+/// An open invalidation (between `invalidate_start` and `invalidate_end`). Dropping
+/// it ends it, as [`Registry::invalidate_end`] does.
+#[must_use = "call invalidate_end once the address-space change is done (dropping it ends it too)"]
 pub struct Invalidation {
     window: Option<WindowId>,
     range: Range<u64>,
+    /// The registry whose window it holds (weakly: an open invalidation does not keep
+    /// a registry alive).
+    owner: Weak<Inner>,
 }
 
 impl Invalidation {
     /// The page-aligned range being invalidated.
     pub fn range(&self) -> Range<u64> {
         self.range.clone()
+    }
+}
+
+impl std::fmt::Debug for Invalidation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invalidation")
+            .field(
+                "range",
+                &format_args!("{:#x}..{:#x}", self.range.start, self.range.end),
+            )
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Invalidation {
+    fn drop(&mut self) {
+        if let Some(w) = self.window.take() {
+            if let Some(inner) = self.owner.upgrade() {
+                inner.notifier.close_window(w);
+            }
+        }
     }
 }
 
@@ -194,25 +275,33 @@ impl Registry {
         // Whatever the domain, a fork child must find the registry fenced off.
         crate::fork::install();
         let budget = cfg.pin_budget.unwrap_or_else(default_budget);
-        let max_mappings = cfg
-            .max_mappings
-            .unwrap_or_else(|| driver.domain().max_mappings().saturating_sub(64).max(1));
-        Registry {
-            inner: Arc::new(Inner {
-                driver,
-                notifier: Notifier::new(Index::default()),
-                cfg,
-                budget,
-                max_mappings,
-                pinned: AtomicU64::new(0),
-                mappings: AtomicUsize::new(0),
-                stats: Stats::default(),
-                lo: AtomicU64::new(u64::MAX),
-                hi: AtomicU64::new(0),
-                observers: Mutex::new(Vec::new()),
-                mirrors: Mutex::new(Vec::new()),
-            }),
-        }
+        let domain_cap = driver
+            .domain()
+            .max_mappings()
+            .saturating_sub(RESERVED_MAPPINGS)
+            .max(1);
+        let max_mappings = cfg.max_mappings.unwrap_or(domain_cap).clamp(1, domain_cap);
+        let inner = Arc::new(Inner {
+            driver,
+            notifier: Notifier::new(Index::default()),
+            cfg,
+            budget,
+            max_mappings,
+            domain_cap,
+            pinned: AtomicU64::new(0),
+            mappings: AtomicUsize::new(0),
+            stats: Stats::default(),
+            lo: AtomicU64::new(u64::MAX),
+            hi: AtomicU64::new(0),
+            observers: Mutex::new(Vec::new()),
+            next_observer: AtomicU64::new(0),
+            mirrors: Mutex::new(Vec::new()),
+        });
+        // When the domain runs out, the driver (or another registry on it) may ask
+        // this one for its idle regions.
+        let weak: Weak<dyn crate::driver::Reclaim> = Arc::downgrade(&inner) as Weak<_>;
+        inner.driver.add_reclaimer(weak);
+        Registry { inner }
     }
 
     /// The driver.
@@ -226,8 +315,9 @@ impl Registry {
     }
 
     /// The most regions the registry keeps mapped at once: the domain's mapping limit
-    /// (VFIO: `dma_entry_limit`) less 64 kept for the driver's own ring memory,
-    /// unless [`RegistryConfig::max_mappings`] says otherwise.
+    /// (VFIO: `dma_entry_limit`) less [`RESERVED_MAPPINGS`] kept for the driver's own
+    /// ring memory and direct mappings, unless [`RegistryConfig::max_mappings`] says
+    /// less. (Every mapping of the domain counts against that limit too.)
     pub fn max_mappings(&self) -> usize {
         self.inner.max_mappings
     }
@@ -243,13 +333,28 @@ impl Registry {
         self.inner.mappings.load(Ordering::Relaxed)
     }
 
-    /// Add an observer of newly pinned regions (see [`RegionObserver`]).
-    pub fn add_observer(&self, o: Arc<dyn RegionObserver>) {
-        self.inner
-            .observers
-            .lock()
-            .expect("observers lock poisoned")
-            .push(o);
+    /// Add an observer of newly pinned regions (see [`RegionObserver`]); remove it
+    /// with [`Registry::remove_observer`].
+    pub fn add_observer(&self, o: Arc<dyn RegionObserver>) -> ObserverId {
+        // Relaxed: a unique number, nothing is published through it.
+        let id = self.inner.next_observer.fetch_add(1, Ordering::Relaxed);
+        crate::driver_section::lock(&self.inner.observers).push((id, o));
+        ObserverId(id)
+    }
+
+    /// Remove an observer [`Registry::add_observer`] added. Returns whether it was
+    /// there. Once this returns, pins that start later do not call it (one in progress
+    /// may still).
+    pub fn remove_observer(&self, id: ObserverId) -> bool {
+        let mut v = crate::driver_section::lock(&self.inner.observers);
+        let before = v.len();
+        v.retain(|(i, _)| *i != id.0);
+        v.len() != before
+    }
+
+    /// Observers registered now.
+    pub fn observers(&self) -> usize {
+        crate::driver_section::lock(&self.inner.observers).len()
     }
 
     /// Whether `range` may overlap a registered range. Lock-free and allocation-free
@@ -300,7 +405,7 @@ impl Registry {
             perm,
             pages,
         };
-        self.resolve(&u)?;
+        drop(self.resolve(&u)?);
         Stats::add(&self.inner.stats.registrations, 1);
         Ok(u)
     }
@@ -324,25 +429,8 @@ impl Registry {
     }
 }
 
-impl Drop for Inner {
-    fn drop(&mut self) {
-        let _section = crate::driver_section::enter();
-        if crate::fork::in_forked_child() {
-            return; // the parent owns the pins
-        }
-        let g = self.notifier.write();
-        let mut all: Vec<Arc<Region>> = g.draining.clone();
-        for m in &g.maps {
-            all.extend(m.iter().map(|(_, r)| r.clone()));
-        }
-        drop(g);
-        for r in all {
-            for f in r.inflight() {
-                if let Some(q) = f.queue.upgrade() {
-                    let _ = q.wait_done(f.seqno, self.cfg.fence_timeout);
-                }
-            }
-            let _ = self.driver.unmap_raw(r.iova, r.len());
-        }
+impl crate::driver::Reclaim for Inner {
+    fn reclaim(&self, bytes: u64, mappings: usize) -> bool {
+        self.evict(bytes, mappings) > 0
     }
 }

@@ -9,16 +9,20 @@
 //! **Submission, cache hit** (`Registry::submit`, `Registry::resolve`). Under the shared
 //! lock, find the object in the index and snapshot its epoch there (an object in the
 //! index has not been invalidated: invalidation removes it under the exclusive lock).
-//! Then, under the shared lock again, `read_retry(epoch, seq)`: if the epoch moved, an
-//! invalidation hit the object meanwhile: start over. Otherwise write the descriptors
+//! Release the lock and build the descriptors from the snapshot **outside every lock**
+//! (the build callback is application code: it may change its own address space,
+//! which invalidates under the exclusive lock). Then, under the shared lock again,
+//! `read_retry(epoch, seq)` for every object: if an epoch moved, an invalidation hit
+//! the object meanwhile: start over (and build again). Otherwise write the descriptors
 //! and **attach this submission's fence to the objects before releasing the lock**.
-//! The fast path (`submit_all_hits`) looks up, writes and attaches in *one* shared
-//! section, so it needs no `read_retry`.
+//! The fast path (`submit_all_hits`) is the same sequence with every lookup in one
+//! shared section.
 //!
 //! **Submission, cache miss: a fresh pin** (`Registry::pin`). The object does not exist
 //! until it is installed, so it has no epoch to snapshot; the generation stands in:
 //! 1. `gen = log.generation()` (shared lock);
-//! 2. `wait_no_window(range)` (in this order: see [`InvalidationLog`]);
+//! 2. `wait_no_window_for(range, timeout)` (in this order: see [`InvalidationLog`]; a
+//!    window still open at the timeout is an error, never an endless wait);
 //! 3. pin and map the range **outside every lock** (pinning faults pages in,
 //!    allocates and can block);
 //! 4. take the **exclusive** lock; if `log.invalidated_since(gen, range)`, drop the pin
@@ -42,8 +46,8 @@
 //! * A submission to a cached object runs its check and its fence attach in one shared
 //!   section, so it is wholly before or wholly after the invalidation's exclusive
 //!   section: before, and the invalidation copied its fence and waits for it; after, and
-//!   the object is gone from the index (fast path) or its epoch moved (`read_retry`).
-//!   Nothing can slip in between.
+//!   the object's epoch moved since the snapshot (`read_retry`). Nothing can slip in
+//!   between, whatever ran between the snapshot and the check.
 //! * A fresh pin: an invalidation recorded after step 1 is newer than `gen` in the log,
 //!   so step 4 sees it (when the ranges overlap) and retries; one recorded before step 1
 //!   opened its window before that, so step 2 waits until the window closes, by which
@@ -57,9 +61,10 @@
 //! atomics here): `tests/loom_registry.rs` runs the registry's sequences against the
 //! real [`Notifier`], [`Epoch`] and [`InvalidationLog`]: a fresh pin against an
 //! invalidation (no stale pin installed), a submission's fence attach, fast and general
-//! path, against the invalidation's fence wait (no device access after
-//! `invalidate_start` returns, no lost wake-up), and eviction's idle check against a
-//! fast-path submission. The steps around those types (the index lookup, the fence
+//! path, with the build between the snapshot and the check, against the invalidation's
+//! fence wait (no device access after `invalidate_start` returns, no lost wake-up),
+//! a build that invalidates its own buffer, and eviction's idle and hold checks against
+//! a submission. The steps around those types (the index lookup, the fence
 //! list, the queue's completion wait) are copies in the test, because the registry
 //! itself needs a device; the test says what each copy stands for.
 //! `tests/loom_notifier.rs` checks `read_begin`/`read_retry` and the window wake-ups.
@@ -77,6 +82,7 @@ use std::sync::{
 
 use std::collections::VecDeque;
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 /// An object's sequence count. Changed only under the exclusive notifier lock.
 #[derive(Debug, Default)]
@@ -163,7 +169,32 @@ impl<T> Notifier<T> {
         (seq, waited)
     }
 
-    /// Wait until no window overlaps `range`. Returns whether it waited.
+    /// Wait until no window overlaps `range`, but no longer than `timeout`. Returns
+    /// whether it waited, or `None` if a window was still open when the time ran out.
+    /// This is the registry's window wait (every wait in the registry is bounded).
+    pub fn wait_no_window_for(&self, range: &Range<u64>, timeout: Duration) -> Option<bool> {
+        let deadline = crate::submitter::deadline_after(timeout);
+        let mut w = self.windows.lock().expect("notifier windows poisoned");
+        let mut waited = false;
+        while w.active.iter().any(|x| overlaps(&x.range, range)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            waited = true;
+            // (Under loom the wait never times out: a lost wake-up is then a deadlock
+            // the model reports.)
+            w = self
+                .closed
+                .wait_timeout(w, left)
+                .expect("notifier windows poisoned")
+                .0;
+        }
+        Some(waited)
+    }
+
+    /// Wait until no window overlaps `range`, however long. Returns whether it waited.
+    /// (For `read_begin`; the registry uses [`Notifier::wait_no_window_for`].)
     pub fn wait_no_window(&self, range: &Range<u64>) -> bool {
         let mut w = self.windows.lock().expect("notifier windows poisoned");
         let mut waited = false;

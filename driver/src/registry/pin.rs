@@ -2,48 +2,67 @@
 //! neighbours) outside every lock, and installing the pin unless an invalidation
 //! raced it (the fresh-pin half of the notifier contract).
 
-use super::notifier::Epoch;
-use super::region::{perm_slot, Region};
+use super::region::{perm_slot, read_only, Held, Region};
 use super::stats::Stats;
 use super::{validate, Cause, Registry, Userptr, PAGE};
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
+use crate::submitter::{deadline_after, millis};
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
+/// Rounds of evict-and-retry a pin that the domain or the kernel refused for want of
+/// room gets.
+const RECLAIM_ROUNDS: u32 = 8;
+
+/// Whether `e` says there is no room (the locked-memory limit, the domain's slots or
+/// IOVA space), which evicting idle regions can cure.
+fn exhausted(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::PinLimit { .. } | Error::TooManyMappings { .. } | Error::IovaExhausted { .. }
+    )
+}
+
 impl Registry {
-    /// Resolve `u` to a live region covering it, and that region's epoch.
-    pub(super) fn resolve(&self, u: &Userptr) -> Result<(Arc<Region>, u64)> {
+    /// Resolve `u` to a live region covering it, held (see [`Held`]), and that region's
+    /// epoch.
+    pub(super) fn resolve(&self, u: &Userptr) -> Result<(Held, u64)> {
+        let inner = &*self.inner;
         let slot = perm_slot(u.perm);
-        let hit = {
-            let g = self.inner.notifier.read();
-            g.maps[slot]
-                .covering(u.pages.clone())
-                .map(|(_, r)| (r.clone(), r.epoch.get()))
-        };
-        if let Some((r, mut seq)) = hit {
+        let mut downgrade_waits = 0;
+        loop {
+            let hit = {
+                let g = inner.notifier.read();
+                g.maps[slot]
+                    .covering(u.pages.clone())
+                    .map(|(_, r)| (Held::new(r), r.epoch.get()))
+            };
+            let Some((r, seq)) = hit else { break };
             // Relaxed: the clock bit is a hint for eviction.
             r.accessed.store(true, Ordering::Relaxed);
             // A downgrade in progress: no submission until the device mapping is
-            // read-only. Its epoch bump came before the flag, so the epoch read after
-            // the wait is the post-downgrade one.
+            // read-only. Wait outside every lock, then look up again: the region may
+            // have gone meanwhile (its epoch then moved past anything read here).
             // Relaxed: a hint; wait_perm's Acquire load decides.
             if r.perm_pending.load(Ordering::Relaxed) {
-                r.wait_perm();
-                seq = r.epoch.get();
+                drop(r);
+                self.wait_downgrade(&u.pages, slot, &mut downgrade_waits)?;
+                continue;
             }
-            if self.inner.cfg.validate && !self.still_current(&r, &u.pages) {
-                Stats::add(&self.inner.stats.validation_failures, 1);
+            if inner.cfg.validate && !self.still_current(&r, &u.pages) {
+                Stats::add(&inner.stats.validation_failures, 1);
+                drop(r);
                 let inv = self.invalidate_start(u.pages.clone(), Cause::Release)?;
                 self.invalidate_end(inv);
-            } else {
-                Stats::add(&self.inner.stats.hits, 1);
-                return Ok((r, seq));
+                break;
             }
+            Stats::add(&inner.stats.hits, 1);
+            return Ok((r, seq));
         }
-        Stats::add(&self.inner.stats.misses, 1);
+        Stats::add(&inner.stats.misses, 1);
         let _span = tracing::debug_span!(
             "pin_miss",
             start = u.pages.start,
@@ -52,6 +71,31 @@ impl Registry {
         )
         .entered();
         self.pin(u.pages.clone(), u.perm, true, true, false)
+    }
+
+    /// Wait (bounded) for the downgrade in progress on the region covering `pages`.
+    fn wait_downgrade(&self, pages: &Range<u64>, slot: usize, waits: &mut u32) -> Result<()> {
+        let inner = &*self.inner;
+        *waits += 1;
+        if *waits > inner.cfg.submit_retries.max(1) {
+            return Err(Error::TooManyRetries {
+                what: "a lookup behind permission downgrades",
+                retries: *waits - 1,
+            });
+        }
+        let r = {
+            let g = inner.notifier.read();
+            g.maps[slot].covering(pages.clone()).map(|(_, r)| r.clone())
+        };
+        let Some(r) = r else { return Ok(()) };
+        if !r.wait_perm(deadline_after(inner.cfg.window_timeout)) {
+            return Err(Error::WindowTimeout {
+                start: pages.start,
+                end: pages.end,
+                waited_ms: millis(inner.cfg.window_timeout),
+            });
+        }
+        Ok(())
     }
 
     pub(super) fn still_current(&self, r: &Region, pages: &Range<u64>) -> bool {
@@ -65,10 +109,11 @@ impl Registry {
     }
 
     /// Pin `want` (merged with same-permission neighbours if `merge`) as a new region
-    /// and install it, unless an invalidation raced the pin (then retry).
-    /// With `may_wait` false, a range under an open window is not pinned (an error)
-    /// instead of waiting for the window to close. With `device_ro`, the region is
-    /// mapped device-read-only from the start (a piece of a downgraded region).
+    /// and install it, held, unless an invalidation raced the pin (then retry, a
+    /// bounded number of times). With `may_wait` false, a range under an open window
+    /// is not pinned (an error) instead of waiting (bounded) for the window to close.
+    /// With `device_ro`, the region is mapped device-read-only from the start (a piece
+    /// of a downgraded region).
     ///
     /// A device-read-only region (its memory write-protected) is never widened into a
     /// writable one: a merge leaves it out, and if the new region overlaps it, it is
@@ -80,12 +125,21 @@ impl Registry {
         merge: bool,
         may_wait: bool,
         device_ro: bool,
-    ) -> Result<(Arc<Region>, u64)> {
+    ) -> Result<(Held, u64)> {
         let merge = merge && !device_ro;
-        let map_perm = if device_ro { Perm::READ } else { perm };
+        // Device-read-only: the registration's permission without write, never more.
+        let map_perm = if device_ro {
+            read_only(perm).ok_or(Error::BadAddress {
+                addr: want.start,
+                len: want.end - want.start,
+            })?
+        } else {
+            perm
+        };
         let inner = &*self.inner;
         let slot = perm_slot(perm);
         let max_len = inner.driver.domain().max_mapping_len();
+        let mut retries = 0;
         loop {
             // The generation first, then the window wait: see InvalidationLog.
             let gen = inner.notifier.read().invalidations.generation();
@@ -100,9 +154,22 @@ impl Registry {
                 let _span = tracing::debug_span!("window_wait", start = want.start, end = want.end)
                     .entered();
                 let t0 = Instant::now();
-                if inner.notifier.wait_no_window(&want) {
-                    Stats::add(&inner.stats.window_waits, 1);
-                    Stats::add(&inner.stats.window_wait_ns, t0.elapsed().as_nanos() as u64);
+                match inner
+                    .notifier
+                    .wait_no_window_for(&want, inner.cfg.window_timeout)
+                {
+                    Some(true) => {
+                        Stats::add(&inner.stats.window_waits, 1);
+                        Stats::add(&inner.stats.window_wait_ns, t0.elapsed().as_nanos() as u64);
+                    }
+                    Some(false) => {}
+                    None => {
+                        return Err(Error::WindowTimeout {
+                            start: want.start,
+                            end: want.end,
+                            waited_ms: millis(inner.cfg.window_timeout),
+                        })
+                    }
                 }
             }
             let mut range = want.clone();
@@ -136,7 +203,7 @@ impl Registry {
                     budget: inner.budget,
                 });
             }
-            self.make_room(len)?;
+            inner.make_room(len)?;
             let pin_span =
                 tracing::debug_span!("pin", start = range.start, end = range.end).entered();
             let iova = match self.map_pinned(range.start, len, map_perm) {
@@ -156,15 +223,8 @@ impl Registry {
                 None
             };
             let region = Arc::new(Region {
-                range: range.clone(),
-                perm,
-                iova,
-                epoch: Epoch::new(),
-                downgraded: AtomicBool::new(device_ro),
-                perm_pending: AtomicBool::new(false),
-                accessed: AtomicBool::new(true),
-                inflight: Mutex::new(Vec::new()),
                 pfns,
+                ..Region::new(range.clone(), perm, iova, device_ro)
             });
             // Widen the pre-check bounds before the region becomes visible.
             // Release: see may_overlap.
@@ -175,6 +235,13 @@ impl Registry {
                 drop(g);
                 let _ = inner.driver.unmap_raw(iova, len);
                 Stats::add(&inner.stats.retries, 1);
+                retries += 1;
+                if retries > inner.cfg.submit_retries {
+                    return Err(Error::TooManyRetries {
+                        what: "a pin",
+                        retries: retries - 1,
+                    });
+                }
                 continue;
             }
             // Retire whatever overlaps (the regions merged in, or one another thread
@@ -204,6 +271,9 @@ impl Registry {
             g.maps[slot]
                 .insert(range.clone(), region.clone())
                 .expect("overlaps were removed");
+            // Held before the lock is released, so no eviction can take it before the
+            // caller uses it.
+            let held = Held::new(&region);
             // Counted before the lock is released: once it is, an invalidation may
             // unmap the region and uncount it.
             inner.pinned.fetch_add(len, Ordering::Relaxed);
@@ -211,33 +281,45 @@ impl Registry {
             drop(g);
             Stats::add(&inner.stats.pins, 1);
             Stats::add(&inner.stats.pinned_bytes, len);
-            let observers = inner
-                .observers
-                .lock()
-                .expect("observers lock poisoned")
-                .clone();
-            for o in observers {
-                o.pinned(range.clone());
-            }
+            self.tell_observers(&range);
             for piece in ro_leftovers {
                 // Best effort, like a split: on failure they re-pin on next use.
                 let _ = self.pin(piece, perm, false, false, true);
             }
-            self.reclaim_draining();
-            return Ok((region, seq));
+            inner.reclaim_draining();
+            return Ok((held, seq));
         }
     }
 
-    /// Map and pin `[host, host + len)`, handling the kernel's transient refusals:
-    /// `EAGAIN` ([`Error::PinAgain`]) is retried a few times with a short back-off, and
-    /// `ENOMEM` ([`Error::PinLimit`]: the locked-memory limit or the kernel's memory)
-    /// evicts idle regions worth `len` bytes from the cache and tries once more. What
-    /// still fails is returned, counted in `pin_failures`.
+    /// Call the observers of new regions: outside every lock and outside the driver
+    /// section (an observer may be application code).
+    fn tell_observers(&self, range: &Range<u64>) {
+        let observers: Vec<_> = self
+            .inner
+            .observers
+            .lock()
+            .expect("observers lock poisoned")
+            .iter()
+            .map(|(_, o)| o.clone())
+            .collect();
+        for o in observers {
+            crate::driver_section::outside(|| o.pinned(range.clone()));
+        }
+    }
+
+    /// Map and pin `[host, host + len)`, handling the kernel's and the domain's
+    /// refusals: `EAGAIN` ([`Error::PinAgain`]) is retried a few times with a short
+    /// back-off; no room ([`Error::PinLimit`]: the locked-memory limit or the kernel's
+    /// memory; [`Error::TooManyMappings`], [`Error::IovaExhausted`]: the domain's
+    /// slots or IOVA space) evicts idle regions worth `len` bytes and a mapping (this
+    /// registry's first, then those of the other caches on the driver) and tries
+    /// again, a bounded number of times. What still fails is returned, counted in
+    /// `pin_failures`.
     pub(super) fn map_pinned(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
         const AGAIN_TRIES: u32 = 4;
         let inner = &*self.inner;
         let mut again = 0;
-        let mut evicted = false;
+        let mut reclaims = 0;
         loop {
             match inner.driver.map_user_pages(host, len, perm) {
                 Ok(iova) => return Ok(iova),
@@ -246,8 +328,12 @@ impl Registry {
                     Stats::add(&inner.stats.pin_retries, 1);
                     std::thread::sleep(std::time::Duration::from_micros(50 << again));
                 }
-                Err(Error::PinLimit { .. }) if !evicted && self.evict(len, 0) > 0 => {
-                    evicted = true;
+                Err(e)
+                    if exhausted(&e)
+                        && reclaims < RECLAIM_ROUNDS
+                        && (inner.evict(len, 1) > 0 || inner.driver.reclaim(len, 1)) =>
+                {
+                    reclaims += 1;
                     Stats::add(&inner.stats.pin_retries, 1);
                 }
                 Err(e) => {
@@ -257,24 +343,5 @@ impl Registry {
                 }
             }
         }
-    }
-
-    pub(super) fn unmap_region(&self, r: &Region, why: super::UnmapReason) {
-        let inner = &*self.inner;
-        self.tell_unmapping(r, why);
-        if let Err(e) = inner.driver.unmap_raw(r.iova, r.len()) {
-            if !crate::fork::in_forked_child() {
-                tracing::error!(
-                    "unmapping region {:#x}..{:#x}: {e}",
-                    r.range.start,
-                    r.range.end
-                );
-            }
-            return;
-        }
-        inner.pinned.fetch_sub(r.len(), Ordering::Relaxed);
-        inner.mappings.fetch_sub(1, Ordering::Relaxed);
-        Stats::add(&inner.stats.unpins, 1);
-        Stats::add(&inner.stats.unpinned_bytes, r.len());
     }
 }

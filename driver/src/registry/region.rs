@@ -1,31 +1,19 @@
-//! A region: a pinned, IOVA-mapped range of one permission, and the fences of the
-//! device work that may still reach it.
+//! A region: a pinned, IOVA-mapped range of one permission, the fences of the device
+//! work that may still reach it, and the holds of the batches resolving it now.
 
 use super::notifier::Epoch;
 use crate::iommu::Perm;
 use crate::submitter::FenceTracker;
+pub(super) use crate::submitter::PendingWork as InFlight;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Weak};
-use std::time::Duration;
-
-/// A submission the device may still be working on.
-#[derive(Clone, Debug)]
-pub(super) struct InFlight {
-    pub(super) queue: Weak<dyn FenceTracker>,
-    pub(super) seqno: u64,
-}
-
-impl InFlight {
-    pub(super) fn done(&self) -> bool {
-        self.queue.upgrade().is_none_or(|q| q.is_done(self.seqno))
-    }
-}
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 /// Attach a submission's fence to a region it references. A ring completes in order,
 /// so per queue only the latest seqno matters: the list stays one entry per queue.
 pub(super) fn attach(r: &Region, queue: &Weak<dyn FenceTracker>, seqno: u64) {
-    let mut fl = r.inflight.lock().expect("inflight lock poisoned");
+    let mut fl = crate::driver_section::lock(&r.inflight);
     match fl.iter_mut().find(|x| Weak::ptr_eq(&x.queue, queue)) {
         Some(x) => x.seqno = x.seqno.max(seqno),
         None => fl.push(InFlight {
@@ -47,37 +35,92 @@ pub(super) struct Region {
     /// mapping is read-only: until then a cache hit waits instead of submitting.
     pub(super) perm_pending: AtomicBool,
     pub(super) accessed: AtomicBool,
+    /// Batches resolving the region now ([`Held`]): eviction leaves it alone, so that
+    /// resolving one reference of a batch never evicts another reference of it.
+    pub(super) users: AtomicUsize,
     pub(super) inflight: Mutex<Vec<InFlight>>,
     pub(super) pfns: Option<Vec<u64>>,
 }
 
 impl Region {
+    pub(super) fn new(range: Range<u64>, perm: Perm, iova: u64, device_ro: bool) -> Region {
+        Region {
+            range,
+            perm,
+            iova,
+            epoch: Epoch::new(),
+            downgraded: AtomicBool::new(device_ro),
+            perm_pending: AtomicBool::new(false),
+            accessed: AtomicBool::new(true),
+            users: AtomicUsize::new(0),
+            inflight: Mutex::new(Vec::new()),
+            pfns: None,
+        }
+    }
+
     pub(super) fn len(&self) -> u64 {
         self.range.end - self.range.start
     }
 
     pub(super) fn idle(&self) -> bool {
-        let mut f = self.inflight.lock().expect("inflight lock poisoned");
+        let mut f = crate::driver_section::lock(&self.inflight);
         f.retain(|x| !x.done());
         f.is_empty()
+    }
+
+    /// Whether a batch holds the region now (see [`Held`]). Read under the exclusive
+    /// notifier lock, which orders it after every hold taken under either side.
+    pub(super) fn held(&self) -> bool {
+        // Relaxed: the notifier lock orders it (see above).
+        self.users.load(Ordering::Relaxed) > 0
     }
 
     /// The fences of the work that may still reach the region. Copied, not taken: a
     /// concurrent invalidation overlapping the same region must wait for them too.
     pub(super) fn inflight(&self) -> Vec<InFlight> {
-        self.inflight
-            .lock()
-            .expect("inflight lock poisoned")
-            .clone()
+        crate::driver_section::lock(&self.inflight).clone()
     }
 
-    /// Wait (outside every lock) until a downgrade in progress has made the device
-    /// mapping read-only.
-    pub(super) fn wait_perm(&self) {
+    /// Wait (outside every lock, until `deadline`) until a downgrade in progress has
+    /// made the device mapping read-only. Returns false on timeout.
+    pub(super) fn wait_perm(&self, deadline: Instant) -> bool {
         // Acquire: pairs with the Release store after set_perm.
         while self.perm_pending.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
             std::thread::sleep(Duration::from_micros(20));
         }
+        true
+    }
+}
+
+/// A batch's hold on a region it resolved: while one is alive, eviction skips the
+/// region. Taken under the notifier lock (either side), where eviction's exclusive
+/// section sees it.
+#[derive(Debug)]
+pub(super) struct Held(Arc<Region>);
+
+impl Held {
+    /// Hold `r`. The caller holds the notifier lock.
+    pub(super) fn new(r: &Arc<Region>) -> Held {
+        // Relaxed: ordered by the notifier lock the caller holds (see Region::held).
+        r.users.fetch_add(1, Ordering::Relaxed);
+        Held(r.clone())
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = Arc<Region>;
+    fn deref(&self) -> &Arc<Region> {
+        &self.0
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Relaxed: a release that eviction sees late only spares the region once more.
+        self.0.users.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -87,4 +130,11 @@ pub(super) fn perm_slot(p: Perm) -> usize {
         (false, true) => 1,
         _ => 2,
     }
+}
+
+/// What the device may do to a region of `perm` that is device-read-only: `perm`
+/// without write, never more. `None` for a write-only one (it may do nothing: such a
+/// region is dropped instead of downgraded).
+pub(super) fn read_only(perm: Perm) -> Option<Perm> {
+    perm.read().then_some(Perm::READ)
 }

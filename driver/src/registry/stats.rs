@@ -70,6 +70,8 @@ counters! {
     pin_failures: "Pin attempts that failed for good (the error went to the caller).",
     validation_failures: "Cache hits whose pages no longer matched (validation mode).",
     window_wait_ns: "Time pins spent waiting for invalidation windows to close, in ns.",
+    quarantined: "Regions unmapped while device work may still reach them: their IOVA range is held back until it is proven finished.",
+    trims: "Batches that fit only once every idle region was evicted (their references hit regions larger than they need).",
 }
 
 impl Stats {

@@ -1,20 +1,43 @@
-//! Submission: the read side of the notifier contract, the fast path (every
-//! reference a cache hit, one shared section) and the general one (`read_retry`).
+//! Submission: the read side of the notifier contract. Resolve every reference (the
+//! fast path: all cache hits, in one shared section; else one by one, pinning what
+//! misses), holding each region it resolved; build the commands outside every lock and
+//! outside the driver section; then, under the shared lock, `read_retry` every region
+//! and only then submit and attach the fence.
 
-use super::region::{attach, perm_slot, Region};
+use super::region::{attach, perm_slot, Held};
 use super::stats::Stats;
 use super::{Registry, Userptr};
 use crate::error::{Error, Result};
+use crate::iommu::IommuDomain;
 use crate::submitter::Submitter;
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+/// Whether two handles name the same domain (the data pointers: vtable pointers of
+/// one type may differ between codegen units).
+fn same_domain(a: &Arc<dyn IommuDomain>, b: &Arc<dyn IommuDomain>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
 
 impl Registry {
     /// Submit the commands `build` makes from the device addresses of `refs` (in
     /// order), as one batch, on `q`. Follows the read side of the notifier protocol:
-    /// it never submits with a stale pin, retrying when an invalidation hits a
-    /// referenced region between its lookup and the commit. `build` may run under the
-    /// shared notifier lock: it must not call back into the registry.
+    /// it never submits with a stale pin, starting over when an invalidation hits a
+    /// referenced region between its lookup and the commit.
+    ///
+    /// `build` is application code: it runs outside every registry lock and outside
+    /// the driver section (its address-space calls are monitored; it may call back
+    /// into the registry, invalidate its own buffers included). It **may run more than
+    /// once**: when the registry starts over, it builds again from the new addresses;
+    /// only the commands of the last run are submitted.
+    ///
+    /// Errors, besides the pin errors: [`Error::ForeignQueue`] if `q`'s device does not
+    /// translate through this registry's domain; [`Error::BatchTooLarge`] at once if
+    /// the distinct pages of `refs` exceed the pin budget or the mapping limit (the
+    /// batch would have to evict its own buffers); [`Error::TooManyRetries`] after
+    /// [`RegistryConfig::submit_retries`](super::RegistryConfig::submit_retries)
+    /// starts over.
     pub fn submit<Q, F>(&self, q: &Q, refs: &[&Userptr], build: F) -> Result<Q::Fence>
     where
         Q: Submitter,
@@ -25,22 +48,35 @@ impl Registry {
             return Err(Error::ForkedChild);
         }
         let inner = &*self.inner;
-        if !inner.cfg.validate {
-            if let Some(r) = self.submit_all_hits(q, refs, &build) {
-                return r;
-            }
+        if !same_domain(q.domain(), inner.driver.domain()) {
+            return Err(Error::ForeignQueue {
+                queue: q.queue_id(),
+            });
         }
-        let mut resolved = Vec::with_capacity(refs.len());
-        let mut iovas = Vec::with_capacity(refs.len());
+        self.check_fits(refs)?;
+        let mut trimmed = false;
+        let mut retries = 0;
         loop {
-            resolved.clear();
-            iovas.clear();
-            for u in refs {
-                let (r, seq) = self.resolve(u)?;
-                iovas.push(r.iova + (u.addr - r.range.start));
-                resolved.push((r, seq));
-            }
-            let descs = build(&iovas);
+            let resolved = match self.resolve_batch(refs) {
+                Ok(r) => r,
+                // The batch fits the limits (checked above), but not beside the regions
+                // its own references hit (cached regions larger than it needs, merged
+                // neighbours): once, evict every idle region, its own included, and
+                // resolve it afresh at its own size.
+                Err(Error::PinBudget { .. } | Error::TooManyMappings { .. }) if !trimmed => {
+                    trimmed = true;
+                    Stats::add(&inner.stats.trims, 1);
+                    inner.evict(u64::MAX, usize::MAX);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let iovas: Vec<u64> = refs
+                .iter()
+                .zip(&resolved)
+                .map(|(u, (r, _))| r.iova + (u.addr - r.range.start))
+                .collect();
+            let descs = crate::driver_section::outside(|| build(&iovas));
             if descs.len() > q.capacity() {
                 return Err(Error::RingFull {
                     ring: q.queue_id(),
@@ -68,6 +104,15 @@ impl Registry {
                     }
                 }
             };
+            // Let go of the regions before waiting for anything.
+            drop(resolved);
+            if retries >= inner.cfg.submit_retries {
+                return Err(Error::TooManyRetries {
+                    what: "a submission",
+                    retries,
+                });
+            }
+            retries += 1;
             match full {
                 // Wait for room outside the lock, then start over (the pins may have
                 // been invalidated meanwhile).
@@ -77,25 +122,63 @@ impl Registry {
         }
     }
 
-    /// The fast path of `submit`: when every reference is a cache hit, look them up,
-    /// write the descriptors and attach the fence in *one* shared section. No
-    /// invalidation can run inside it (it needs the exclusive side), so the epochs
-    /// read here cannot move before the commit and no `read_retry` is needed. `None`
-    /// sends the caller to the general path (a miss, or a full ring).
-    pub(super) fn submit_all_hits<Q, F>(
-        &self,
-        q: &Q,
-        refs: &[&Userptr],
-        build: &F,
-    ) -> Option<Result<Q::Fence>>
-    where
-        Q: Submitter,
-        F: Fn(&[u64]) -> Vec<Q::Command>,
-    {
+    /// Refuse, before pinning anything, a batch whose distinct pages exceed the pin
+    /// budget or whose buffers need more mappings than the registry keeps: resolving
+    /// it would evict its own references.
+    fn check_fits(&self, refs: &[&Userptr]) -> Result<()> {
+        let inner = &*self.inner;
+        let max_len = inner.driver.domain().max_mapping_len().max(1);
+        let (mut need, mut mappings) = (0u64, 0usize);
+        for slot in 0..3 {
+            let mut pages: Vec<Range<u64>> = refs
+                .iter()
+                .filter(|u| perm_slot(u.perm) == slot)
+                .map(|u| u.pages.clone())
+                .collect();
+            pages.sort_by_key(|r| r.start);
+            // Overlapping or touching ranges may share a region.
+            let mut runs: Vec<Range<u64>> = Vec::new();
+            for p in pages {
+                match runs.last_mut() {
+                    Some(last) if p.start <= last.end => last.end = last.end.max(p.end),
+                    _ => runs.push(p),
+                }
+            }
+            for r in runs {
+                let len = r.end - r.start;
+                need = need.saturating_add(len);
+                mappings = mappings.saturating_add(len.div_ceil(max_len) as usize);
+            }
+        }
+        if need > inner.budget || mappings > inner.max_mappings {
+            return Err(Error::BatchTooLarge {
+                need,
+                budget: inner.budget,
+                mappings,
+                max_mappings: inner.max_mappings,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every reference resolved, held, with its epoch: the fast path if every one is a
+    /// cache hit, else one by one.
+    fn resolve_batch(&self, refs: &[&Userptr]) -> Result<Vec<(Held, u64)>> {
+        if !self.inner.cfg.validate {
+            if let Some(hits) = self.lookup_all_hits(refs) {
+                return Ok(hits);
+            }
+        }
+        refs.iter().map(|u| self.resolve(u)).collect()
+    }
+
+    /// The fast path: when every reference is a cache hit, look them all up, hold them
+    /// and snapshot their epochs in *one* shared section. `None` sends the caller to
+    /// the general path (a miss, or a downgrade in progress, which it waits for).
+    pub(super) fn lookup_all_hits(&self, refs: &[&Userptr]) -> Option<Vec<(Held, u64)>> {
         let inner = &*self.inner;
         let g = inner.notifier.read();
-        let mut hits: Vec<&Arc<Region>> = Vec::with_capacity(refs.len());
-        let mut iovas = Vec::with_capacity(refs.len());
+        let mut hits = Vec::with_capacity(refs.len());
         for u in refs {
             let (_, r) = g.maps[perm_slot(u.perm)].covering(u.pages.clone())?;
             // Relaxed: under the shared lock, which orders it after the downgrade's
@@ -103,28 +186,14 @@ impl Registry {
             if r.perm_pending.load(Ordering::Relaxed) {
                 return None;
             }
-            iovas.push(r.iova + (u.addr - r.range.start));
-            hits.push(r);
+            hits.push((Held::new(r), r.epoch.get()));
         }
-        let descs = build(&iovas);
-        if descs.len() > q.capacity() {
-            return Some(Err(Error::RingFull {
-                ring: q.queue_id(),
-                size: q.capacity() as u32,
-            }));
-        }
-        let (f, seqno) = match q.try_submit(&descs) {
-            Ok(x) => x,
-            Err(Error::RingFull { .. }) => return None,
-            Err(e) => return Some(Err(e)),
-        };
-        let queue = q.tracker();
-        for r in hits {
+        drop(g);
+        for (r, _) in &hits {
             // Relaxed: the clock bit is a hint for eviction.
             r.accessed.store(true, Ordering::Relaxed);
-            attach(r, &queue, seqno);
         }
         Stats::add(&inner.stats.hits, refs.len() as u64);
-        Some(Ok(f))
+        Some(hits)
     }
 }

@@ -247,7 +247,7 @@ impl IommuDomain for VfioDomain {
         }
         self.check(iova, host, len)?;
         {
-            let maps = self.maps.lock().expect("vfio maps lock poisoned");
+            let maps = crate::driver_section::lock(&self.maps);
             let overlaps = maps
                 .range(..iova + len)
                 .next_back()
@@ -265,10 +265,7 @@ impl IommuDomain for VfioDomain {
         // IOVA range is the caller's (allocated to it), so no one else maps it
         // meanwhile; the kernel refuses an overlap with EEXIST anyway.
         self.kernel_map(iova, host, len, perm)?;
-        self.maps
-            .lock()
-            .expect("vfio maps lock poisoned")
-            .insert(iova, Entry { host, len, perm });
+        crate::driver_section::lock(&self.maps).insert(iova, Entry { host, len, perm });
         Ok(())
     }
 
@@ -276,7 +273,7 @@ impl IommuDomain for VfioDomain {
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
-        let mut maps = self.maps.lock().expect("vfio maps lock poisoned");
+        let mut maps = crate::driver_section::lock(&self.maps);
         match maps.get(&iova) {
             Some(e) if e.len == len => {}
             _ => return Err(Error::NotMapped { iova, len }),
@@ -291,7 +288,7 @@ impl IommuDomain for VfioDomain {
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
-        let mut maps = self.maps.lock().expect("vfio maps lock poisoned");
+        let mut maps = crate::driver_section::lock(&self.maps);
         let e = match maps.get(&iova) {
             Some(e) if e.len == len => *e,
             _ => return Err(Error::NotMapped { iova, len }),
@@ -334,7 +331,7 @@ impl IommuDomain for VfioDomain {
     }
 
     fn mappings(&self) -> usize {
-        self.maps.lock().expect("vfio maps lock poisoned").len()
+        crate::driver_section::lock(&self.maps).len()
     }
 
     fn max_mapping_len(&self) -> u64 {
@@ -348,7 +345,7 @@ impl Drop for VfioDomain {
     fn drop(&mut self) {
         // Closing the container unmaps and unpins everything anyway; unmapping here
         // keeps the accounting exact while devices are still open elsewhere.
-        let maps = std::mem::take(&mut *self.maps.lock().unwrap_or_else(|p| p.into_inner()));
+        let maps = std::mem::take(&mut *crate::driver_section::lock(&self.maps));
         for (iova, e) in maps {
             if let Err(err) = self.kernel_unmap(iova, e.len) {
                 tracing::error!("unmapping IOVA {iova:#x}: {err}");

@@ -15,84 +15,97 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let samples = ctx.samples.min(if ctx.quick { 5 } else { 15 });
 
     let len = 64usize << 20;
-    let (src, dst) = (Mem::new(len)?, Mem::new(len)?);
-    let ms = drv
-        .map_user(src.addr, len, Perm::READ)
-        .map_err(|e| crate::explain(&e))?;
-    let md = drv
-        .map_user(dst.addr, len, Perm::READ_WRITE)
-        .map_err(|e| crate::explain(&e))?;
-    let gb = |secs: f64| len as f64 / secs / 1e9;
-    let mut err = None;
-    let (ours, base) = interleaved(
-        samples,
-        1,
-        || {
-            let t = Instant::now();
-            if let Err(e) = q.run(Descriptor::copy(ms.iova(), md.iova(), len as u64)) {
-                err = Some(crate::explain(&e));
-            }
-            gb(t.elapsed().as_secs_f64())
-        },
-        || {
-            let t = Instant::now();
-            // SAFETY: both mappings are ours, `len` bytes, disjoint.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.addr as *const u8, dst.addr as *mut u8, len)
-            };
-            gb(t.elapsed().as_secs_f64())
-        },
-    );
-    if let Some(e) = err {
-        return Err(e);
+    if ctx.fits("e2e", "copy_64MiB", 2 * len as u64) {
+        let (src, dst) = (Mem::new(len)?, Mem::new(len)?);
+        let ms = drv
+            .map_user(src.addr, len, Perm::READ)
+            .map_err(|e| crate::explain(&e))?;
+        let md = drv
+            .map_user(dst.addr, len, Perm::READ_WRITE)
+            .map_err(|e| crate::explain(&e))?;
+        let gb = |secs: f64| len as f64 / secs / 1e9;
+        let mut err = None;
+        let (ours, base) = interleaved(
+            samples,
+            1,
+            || {
+                let t = Instant::now();
+                if let Err(e) = q.run(Descriptor::copy(ms.iova(), md.iova(), len as u64)) {
+                    err = Some(crate::explain(&e));
+                }
+                gb(t.elapsed().as_secs_f64())
+            },
+            || {
+                let t = Instant::now();
+                // SAFETY: both mappings are ours, `len` bytes, disjoint.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.addr as *const u8, dst.addr as *mut u8, len)
+                };
+                gb(t.elapsed().as_secs_f64())
+            },
+        );
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.push(
+            Measurement::new("e2e", "copy_64MiB", "GB/s", ours).with_baseline("memcpy_64MiB", base),
+        );
+        drop((ms, md));
     }
-    out.push(
-        Measurement::new("e2e", "copy_64MiB", "GB/s", ours).with_baseline("memcpy_64MiB", base),
-    );
-    drop((ms, md));
 
     let n = 16usize << 20;
-    let x = vec![1.5f32; n];
-    let mut y = vec![2.0f32; n];
-    let mx = drv
-        .map_user(x.as_ptr() as usize, n * 4, Perm::READ)
-        .map_err(|e| crate::explain(&e))?;
-    let my = drv.map_slice(&mut y).map_err(|e| crate::explain(&e))?;
-    let (yiova, xiova) = (my.iova(), mx.iova());
-    let mut ycpu = vec![2.0f32; n];
-    let bytes = (n * 12) as f64;
-    let (ours, base) = interleaved(
-        samples,
-        1,
-        || {
-            let t = Instant::now();
-            if let Err(e) = q.run(Descriptor::saxpy(0.5, xiova, yiova, n as u64)) {
-                err = Some(crate::explain(&e));
-            }
-            bytes / t.elapsed().as_secs_f64() / 1e9
-        },
-        || {
-            let t = Instant::now();
-            for (y, x) in ycpu.iter_mut().zip(&x) {
-                *y += 0.5 * *x;
-            }
-            std::hint::black_box(&ycpu);
-            bytes / t.elapsed().as_secs_f64() / 1e9
-        },
-    );
-    if let Some(e) = err {
-        return Err(e);
+    if ctx.fits("e2e", "saxpy_16M", 8 * n as u64) {
+        let x = vec![1.5f32; n];
+        let mut y = vec![2.0f32; n];
+        let mx = drv
+            .map_user(x.as_ptr() as usize, n * 4, Perm::READ)
+            .map_err(|e| crate::explain(&e))?;
+        let my = drv.map_slice(&mut y).map_err(|e| crate::explain(&e))?;
+        let (yiova, xiova) = (my.iova(), mx.iova());
+        let mut ycpu = vec![2.0f32; n];
+        let bytes = (n * 12) as f64;
+        let mut err = None;
+        let (ours, base) = interleaved(
+            samples,
+            1,
+            || {
+                let t = Instant::now();
+                if let Err(e) = q.run(Descriptor::saxpy(0.5, xiova, yiova, n as u64)) {
+                    err = Some(crate::explain(&e));
+                }
+                bytes / t.elapsed().as_secs_f64() / 1e9
+            },
+            || {
+                let t = Instant::now();
+                for (y, x) in ycpu.iter_mut().zip(&x) {
+                    *y += 0.5 * *x;
+                }
+                std::hint::black_box(&ycpu);
+                bytes / t.elapsed().as_secs_f64() / 1e9
+            },
+        );
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.push(
+            Measurement::new("e2e", "saxpy_16M", "GB/s", ours).with_baseline("cpu_saxpy_16M", base),
+        );
+        drop((mx, my));
     }
-    out.push(
-        Measurement::new("e2e", "saxpy_16M", "GB/s", ours).with_baseline("cpu_saxpy_16M", base),
-    );
-    drop((mx, my));
+    let clen = 16usize << 20;
+    if !ctx.fits("e2e", "copy_16MiB_invalidation_storm", 3 * clen as u64) {
+        ctx.skip(
+            "e2e",
+            "saxpy_4M_invalidation_storm",
+            ctx.budget.refusal(3 * clen as u64),
+        );
+        return Ok(out);
+    }
 
     // COPY and SAXPY through the registry while another thread invalidates unrelated
     // and related ranges (a storm of discards on a third buffer and on the
     // destination), each next to the same command with the storm paused, interleaved.
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let clen = 16usize << 20;
     let (a, b, c) = (Mem::new(clen)?, Mem::new(clen)?, Mem::new(clen)?);
     let e = |e: userptr::Error| crate::explain(&e);
     let ua = reg.register(a.addr, clen, Perm::READ).map_err(e)?;

@@ -41,10 +41,17 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     res.extend(child_results_of(ctx, "floor", None)?);
     match preload_so() {
         Some(so) => res.extend(child_results(ctx, Some(&so))?),
-        None => eprintln!(
-            "intercept: the LD_PRELOAD shim is not built, skipping its figures \
-             (hint: cargo build --release -p userptr-preload)"
-        ),
+        None => {
+            for n in ["preload_unregistered_madvise", "preload_registered_madvise"] {
+                ctx.skip(
+                    "intercept",
+                    n,
+                    "the LD_PRELOAD shim is not built next to this binary \
+                     (cargo build --release -p userptr-preload)"
+                        .into(),
+                );
+            }
+        }
     }
     Ok(res)
 }
@@ -79,21 +86,38 @@ fn child_results_of(
     if let Some(so) = preload {
         cmd.env("LD_PRELOAD", so);
     }
-    let out = cmd
-        .output()
+    // Read its lines as they come: one progress step per figure.
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| format!("running the intercept child: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "the intercept child failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut e, &mut s);
+            s
+        })
+    });
     let mut res = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or("the intercept child has no stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
+        crate::progress::tick(1);
+        if let Some(name) = v["skip"].as_str() {
+            ctx.skip(
+                "intercept",
+                name,
+                v["reason"].as_str().unwrap_or("?").to_string(),
+            );
+            continue;
+        }
         let vals = |k: &str| Sample {
             values: v[k]
                 .as_array()
@@ -107,7 +131,19 @@ fn child_results_of(
         }
         res.push(m);
     }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the intercept child: {e}"))?;
+    let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    if !status.success() {
+        return Err(format!("the intercept child failed ({status}): {err}"));
+    }
     Ok(res)
+}
+
+/// Tell the parent a figure cannot be measured here, and why.
+fn emit_skip(name: &str, reason: &str) {
+    println!("{}", serde_json::json!({ "skip": name, "reason": reason }));
 }
 
 /// Print one measurement as a JSON line for the parent.
@@ -325,17 +361,29 @@ pub fn child(samples: usize) -> Result<(), String> {
     }
     // userfaultfd first: once the seccomp filter is in, madvise would pay its trap too.
     let (mut uffd_on, mut uffd_raw) = (Vec::new(), Vec::new());
+    let mut uffd_err = None;
     for _ in 0..samples.min(10) {
-        let (on, raw) =
-            userptr::driver::monitor::uffd::measure_madvise(50).map_err(|e| crate::explain(&e))?;
-        uffd_on.push(on);
-        uffd_raw.push(raw);
+        match userptr::driver::monitor::uffd::measure_madvise(50) {
+            Ok((on, raw)) => {
+                uffd_on.push(on);
+                uffd_raw.push(raw);
+            }
+            Err(e) => {
+                uffd_err = Some(e.to_string());
+                break;
+            }
+        }
     }
-    emit(
-        "uffd_registered_madvise",
-        &Sample { values: uffd_on },
-        Some(("raw_madvise", &Sample { values: uffd_raw })),
-    );
+    match uffd_err {
+        // userfaultfd refused (vm.unprivileged_userfaultfd, a container's seccomp
+        // profile): the seccomp figures can still be taken.
+        Some(e) => emit_skip("uffd_registered_madvise", &e),
+        None => emit(
+            "uffd_registered_madvise",
+            &Sample { values: uffd_on },
+            Some(("raw_madvise", &Sample { values: uffd_raw })),
+        ),
+    }
     // The unrelated-syscall baselines, in this same process before the filter exists.
     let getpid_before = repeat(samples, 3, || getpid_us(1000));
     let read_before = repeat(samples, 3, || read_us(1000));

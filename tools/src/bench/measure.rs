@@ -14,7 +14,8 @@ impl Sample {
         v.sort_by(|a, b| a.total_cmp(b));
         v
     }
-    fn pct(&self, p: f64) -> f64 {
+    /// The `p` quantile (0..=1), nearest rank; 0 for no samples.
+    pub fn pct(&self, p: f64) -> f64 {
         let v = self.sorted();
         if v.is_empty() {
             return 0.0;
@@ -24,7 +25,41 @@ impl Sample {
     pub fn median(&self) -> f64 {
         self.pct(0.5)
     }
+    pub fn max(&self) -> f64 {
+        self.values
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, f64::max)
+            .max(0.0)
+    }
+    pub fn min(&self) -> f64 {
+        if self.values.is_empty() {
+            return 0.0;
+        }
+        self.values.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+    pub fn mean(&self) -> f64 {
+        if self.values.is_empty() {
+            return 0.0;
+        }
+        self.values.iter().sum::<f64>() / self.values.len() as f64
+    }
+    /// The statistics every figure reports (docs/json-schema.md).
+    fn stats(&self, into: &mut serde_json::Value) {
+        into["median"] = self.median().into();
+        into["p10"] = self.pct(0.1).into();
+        into["p50"] = self.median().into();
+        into["p90"] = self.pct(0.9).into();
+        into["p99"] = self.pct(0.99).into();
+        into["min"] = self.min().into();
+        into["max"] = self.max().into();
+        into["mean"] = self.mean().into();
+    }
 }
+
+/// The units a figure may have: times (`ns`, `us`), throughputs (decimal SI: `GB/s`
+/// is 10^9 bytes/s, `Mops/s` 10^6 commands/s, `IO/s`). ASCII only.
+pub const UNITS: [&str; 5] = ["ns", "us", "GB/s", "Mops/s", "IO/s"];
 
 /// One reported figure.
 pub struct Measurement {
@@ -45,6 +80,7 @@ impl Measurement {
         unit: &'static str,
         ours: Sample,
     ) -> Measurement {
+        debug_assert!(UNITS.contains(&unit), "unit {unit} outside the convention");
         Measurement {
             suite,
             name: name.into(),
@@ -63,37 +99,87 @@ impl Measurement {
     fn to_us(&self, v: f64) -> f64 {
         match self.unit {
             "ns" => v / 1000.0,
-            "ms" => v * 1000.0,
             _ => v,
         }
+    }
+
+    /// ours / baseline, by medians.
+    pub fn ratio(&self) -> Option<f64> {
+        let (_, b) = self.baseline.as_ref()?;
+        let bm = b.median();
+        Some(if bm != 0.0 {
+            self.ours.median() / bm
+        } else {
+            0.0
+        })
+    }
+
+    /// ours − baseline in µs, for time units.
+    pub fn added_us(&self) -> Option<f64> {
+        let (_, b) = self.baseline.as_ref()?;
+        (!self.higher_is_better).then(|| self.to_us(self.ours.median()) - self.to_us(b.median()))
     }
 
     pub fn json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
             "suite": self.suite, "name": self.name, "unit": self.unit,
-            "median": self.ours.median(), "p10": self.ours.pct(0.1), "p90": self.ours.pct(0.9),
             "samples": self.ours.values.len(),
+            "higher_is_better": self.higher_is_better,
         });
+        self.ours.stats(&mut v);
         if let Some((name, b)) = &self.baseline {
-            let (o, bm) = (self.ours.median(), b.median());
-            v["baseline"] = serde_json::json!({ "name": name, "median": bm });
-            v["ratio"] = serde_json::json!(if bm != 0.0 { o / bm } else { 0.0 });
-            if !self.higher_is_better {
-                v["added_us"] = serde_json::json!(self.to_us(o) - self.to_us(bm));
+            let mut base = serde_json::json!({ "name": name, "samples": b.values.len() });
+            b.stats(&mut base);
+            v["baseline"] = base;
+            v["ratio"] = self.ratio().unwrap_or(0.0).into();
+            if let Some(a) = self.added_us() {
+                v["added_us"] = a.into();
             }
         }
         v
     }
 
+    /// The CSV columns (see [`CSV_HEADER`]).
+    pub fn csv(&self) -> String {
+        let f = |x: f64| format!("{x}");
+        let (bn, bm) = match &self.baseline {
+            Some((n, b)) => (n.clone(), f(b.median())),
+            None => (String::new(), String::new()),
+        };
+        let o = &self.ours;
+        [
+            self.suite.to_string(),
+            self.name.clone(),
+            self.unit.to_string(),
+            f(o.median()),
+            f(o.pct(0.1)),
+            f(o.median()),
+            f(o.pct(0.9)),
+            f(o.pct(0.99)),
+            f(o.max()),
+            o.values.len().to_string(),
+            bn,
+            bm,
+            self.ratio().map(f).unwrap_or_default(),
+            self.added_us().map(f).unwrap_or_default(),
+        ]
+        .iter()
+        .map(|c| csv_field(c))
+        .collect::<Vec<_>>()
+        .join(",")
+    }
+
     pub fn row(&self) -> String {
         let mut s = format!(
-            "{:<11} {:<30} {:>11.3} {:<6} [p10 {:.3}, p90 {:.3}]",
+            "{:<11} {:<30} {:>11.3} {:<6} [p10 {:.3}, p90 {:.3}, p99 {:.3}, max {:.3}]",
             self.suite,
             self.name,
             self.ours.median(),
             self.unit,
             self.ours.pct(0.1),
-            self.ours.pct(0.9)
+            self.ours.pct(0.9),
+            self.ours.pct(0.99),
+            self.ours.max()
         );
         if let Some((name, b)) = &self.baseline {
             let bm = b.median();
@@ -108,6 +194,19 @@ impl Measurement {
     }
 }
 
+/// The first line of `--csv`.
+pub const CSV_HEADER: &str =
+    "suite,name,unit,median,p10,p50,p90,p99,max,samples,baseline,baseline_median,ratio,added_us";
+
+/// RFC 4180: quote a field with a comma, quote or newline.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
 /// Time `f` once, in microseconds.
 pub fn time_us(f: impl FnOnce()) -> f64 {
     let t = Instant::now();
@@ -115,7 +214,8 @@ pub fn time_us(f: impl FnOnce()) -> f64 {
     t.elapsed().as_secs_f64() * 1e6
 }
 
-/// `samples` interleaved pairs: ours, then the baseline, after `warmup` pairs.
+/// `samples` interleaved pairs: ours, then the baseline, after `warmup` pairs (one
+/// progress step per pair).
 pub fn interleaved(
     samples: usize,
     warmup: usize,
@@ -125,22 +225,31 @@ pub fn interleaved(
     for _ in 0..warmup {
         ours();
         base();
+        crate::progress::tick(1);
     }
     let (mut a, mut b) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
     for _ in 0..samples {
         a.push(ours());
         b.push(base());
+        crate::progress::tick(1);
     }
     (Sample { values: a }, Sample { values: b })
 }
 
-/// `samples` samples of `f` after `warmup` runs.
+/// `samples` samples of `f` after `warmup` runs (one progress step per run).
 pub fn repeat(samples: usize, warmup: usize, mut f: impl FnMut() -> f64) -> Sample {
     for _ in 0..warmup {
         f();
+        crate::progress::tick(1);
     }
     Sample {
-        values: (0..samples).map(|_| f()).collect(),
+        values: (0..samples)
+            .map(|_| {
+                let v = f();
+                crate::progress::tick(1);
+                v
+            })
+            .collect(),
     }
 }
 

@@ -23,6 +23,9 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     }
     let mut out = Vec::new();
     for (len, label) in sizes {
+        if !ctx.fits("pin", &format!("map_unmap_{label}"), len as u64) {
+            continue;
+        }
         let mem = Mem::new(len)?;
         let n = if len >= 1 << 30 {
             3.max(ctx.samples / 5)

@@ -1,7 +1,10 @@
 //! ring: NOP submit + complete throughput by batch size and by ring count, and the
 //! fence round trip (one command, polling). With `--device`, the same on an NVMe I/O
 //! queue, with Flush (no data) as the NOP: `flush_batch_<n>` and `fence_roundtrip`.
+//! On the reference device also the blocking round trip and, next to them, the
+//! machine's floors for both ([`limits`]).
 
+use super::limits;
 use super::measure::{repeat, time_us, Sample};
 use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
@@ -60,7 +63,40 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         return Err(e);
     }
     out.push(Measurement::new("ring", "fence_roundtrip", "us", rt));
+    let mut err = None;
+    let rt = repeat(ctx.samples * 5, 5, || {
+        time_us(|| {
+            if let Err(e) = q
+                .submit(Descriptor::nop(), Backpressure::Wait)
+                .and_then(|f| q.wait(f, WaitMode::Block, T))
+            {
+                err = Some(crate::explain(&e));
+            }
+        })
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    out.push(Measurement::new(
+        "ring",
+        "fence_roundtrip_blocking",
+        "us",
+        rt,
+    ));
     drop(q);
+    // The machine's floors for the two rows above, in the same run.
+    out.push(Measurement::new(
+        "ring",
+        "fence_roundtrip_limit",
+        "us",
+        limits::fence_roundtrip(ctx.samples),
+    ));
+    out.push(Measurement::new(
+        "ring",
+        "eventfd_wakeup_limit",
+        "us",
+        limits::eventfd_wakeup(ctx.samples)?,
+    ));
     // Several rings, one submitting thread each, batches of 64.
     for rings in [1u32, 2, 4] {
         let qs: Vec<_> = (0..rings)
@@ -83,6 +119,7 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
             });
             values
                 .push((rounds / 2 * 64 * rings as usize) as f64 / t.elapsed().as_secs_f64() / 1e6);
+            crate::progress::tick(1);
         }
         out.push(Measurement::new(
             "ring",

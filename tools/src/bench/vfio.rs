@@ -35,6 +35,9 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         ]
     };
     for &(len, label) in sizes {
+        if !ctx.fits("vfio", &format!("vfio_map_unmap_{label}"), len as u64) {
+            continue;
+        }
         let m = super::measure::Mem::new(len)?;
         let once = |d: &Driver| {
             time_us(|| {
@@ -44,7 +47,7 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         };
         let (ours, base) = interleaved(ctx.samples, 3, || once(drv), || once(&reference));
         out.push(
-            Measurement::new("vfio", format!("vfio_map_unmap_{label}"), "µs", ours)
+            Measurement::new("vfio", format!("vfio_map_unmap_{label}"), "us", ours)
                 .with_baseline("reference io_uring map+unmap", base),
         );
     }
@@ -55,7 +58,7 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     let cached = qd1_latency(&q, drv, n, true)?;
     let repinned = qd1_latency(&q, drv, n, false)?;
     out.push(
-        Measurement::new("vfio", "nvme_read4k_qd1", "µs", cached)
+        Measurement::new("vfio", "nvme_read4k_qd1", "us", cached)
             .with_baseline("re-pinned each command", repinned),
     );
     let (mut cached, mut repinned) = (Vec::new(), Vec::new());

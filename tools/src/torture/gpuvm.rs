@@ -13,7 +13,7 @@
 //! work faults again after the TLB invalidation, and is checked by its results). A
 //! batch counts as completed only if every command of it did.
 
-use super::{mutate, peek, Args, Leave, Rng, MUTATIONS, PAGES_PER_SLOT, SLOT, SLOTS};
+use super::{mutate, peek, told, Args, Leave, Rng, MUTATIONS, PAGES_PER_SLOT, SLOT, SLOTS};
 use crate::bench::measure::Mem;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use userptr::driver::gpuvm::{Gpu, GpuVm, VmConfig};
 use userptr::driver::monitor::seccomp::SeccompMonitor;
 use userptr::{
-    CommandQueue, Descriptor, Driver, Perm, Registry, RegistryConfig, Status, WaitMode, CAUSE_NAMES,
+    Cause, CommandQueue, Descriptor, Driver, Perm, Registry, RegistryConfig, Status, WaitMode,
+    CAUSE_NAMES,
 };
 
 /// Where the bound VM maps the arena and the source.
@@ -44,7 +45,12 @@ struct Counts {
     progress: AtomicU64,
 }
 
-pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
+/// The run through GPU VMs; its report (the envelope and the counts, with `error`
+/// when it failed), or why it could not run.
+pub(super) fn run(
+    a: &Args,
+    only: Option<usize>,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     if a.inject {
         return Err("--inject is not supported with --gpuvm yet\nhint: run them apart".into());
     }
@@ -131,7 +137,13 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
                 if p != last.0 {
                     last = (p, Instant::now());
                 } else if last.1.elapsed() > Duration::from_secs(10) {
-                    eprintln!("torture: no progress for 10 s: deadlock");
+                    let msg = "torture --gpuvm: no progress for 10 s: deadlock";
+                    crate::progress::finish();
+                    if let Some(out) = &a.json {
+                        let _ =
+                            out.write(&crate::output::error_document("torture", a.settings(), msg));
+                    }
+                    eprintln!("error: {msg}");
                     std::process::exit(3);
                 }
             }
@@ -142,6 +154,7 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
                 (&gens, &ends, &locks, &c, &lost, &inflight);
             let (late, mlocks) = (&late, &mlocks);
             let (finished, source) = (&finished, &source);
+            let explicit_reg = a.explicit.then_some(&reg);
             s.spawn(move || {
                 let _leave = Leave(finished);
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t as u64);
@@ -174,7 +187,7 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
                         })
                         .collect();
                     if t == 0 && rng.next() % 8 == 0 {
-                        if !malloc_reuse_svm(vm, q, &mut byte) {
+                        if !malloc_reuse_svm(vm, q, &mut byte, explicit_reg) {
                             c.violations.fetch_add(1, Ordering::Relaxed);
                             c.lost_writes.fetch_add(1, Ordering::Relaxed);
                         }
@@ -319,26 +332,22 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
                     let (a, b) = rng.range();
                     let (start, len) = (base + a * SLOT, (b - a) * SLOT);
                     let kind = only.unwrap_or((rng.next() % 7) as usize);
-                    for g in &gens[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
-                        g.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let inv = explicit.map(|r| {
-                        r.invalidate_start(
-                            start as u64..(start + len) as u64,
-                            userptr::Cause::Unmap,
-                        )
-                    });
-                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
-                        continue;
-                    }
+                    // As in the plain torture: mutators of overlapping ranges take
+                    // turns, and a lost range is left alone before anything is counted.
                     let _held: Vec<_> = (a..b)
                         .map(|i| mlocks[i].lock().unwrap_or_else(|p| p.into_inner()))
                         .collect();
+                    if (a..b).any(|i| lost[i].load(Ordering::SeqCst)) {
+                        continue;
+                    }
+                    for g in &gens[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
+                        g.fetch_add(1, Ordering::SeqCst);
+                    }
                     let before: Vec<(usize, u64)> = (a..b)
                         .map(|i| (i, inflight[i].load(Ordering::SeqCst)))
                         .filter(|&(_, e)| e != 0)
                         .collect();
-                    if !mutate(kind, start, len, scratch) {
+                    if !mutate(kind, start, len, scratch, explicit) {
                         for l in &lost[a..b] {
                             l.store(true, Ordering::SeqCst);
                         }
@@ -349,9 +358,6 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
                                 late[i].store(s, Ordering::SeqCst);
                             }
                         }
-                    }
-                    if let Some(Ok(inv)) = inv {
-                        explicit.expect("explicit").invalidate_end(inv);
                     }
                     for e in &ends[a * PAGES_PER_SLOT..b * PAGES_PER_SLOT] {
                         e.fetch_add(1, Ordering::SeqCst);
@@ -384,6 +390,7 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
             .collect::<serde_json::Map<_, _>>()
     };
     let ld = |x: &AtomicU64| x.load(Ordering::Relaxed);
+    let commands = ld(&c.commands[0]) + ld(&c.commands[1]);
     let report = serde_json::json!({
         "mode": "gpuvm",
         "seconds": t0.elapsed().as_secs_f64(),
@@ -413,14 +420,14 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
         },
         "vm_svm": vm_json(&vstats[0]),
         "vm_bound": vm_json(&vstats[1]),
+        "peak_rss": userptr::proc_status::peak_rss_bytes().unwrap_or(0),
     });
-    let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-    println!("{text}");
-    if let Some(p) = a.json {
-        std::fs::write(&p, &text).map_err(|e| format!("writing {}: {e}", p.display()))?;
+    let mut doc = crate::output::envelope("torture", a.settings());
+    if let serde_json::Value::Object(m) = report {
+        doc.extend(m);
     }
-    if violations > 0 || pins_end != pins_start || mappings_end != mappings_start {
-        return Err(format!(
+    let failure = if violations > 0 || pins_end != pins_start || mappings_end != mappings_start {
+        Some(format!(
             "torture --gpuvm: {violations} coherence violations, pins {pins_start} -> {pins_end} \
              bytes, domain mappings {mappings_start} -> {mappings_end}{}",
             if a.no_protect {
@@ -428,17 +435,31 @@ pub(super) fn run(a: Args, only: Option<usize>) -> Result<(), String> {
             } else {
                 ""
             }
-        ));
+        ))
+    } else if commands == 0 {
+        Some(format!(
+            "torture --gpuvm: no command completed in {:.3} s, so nothing was checked\nhint: a longer --seconds",
+            t0.elapsed().as_secs_f64()
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = failure {
+        doc.insert("error".into(), serde_json::json!({ "message": msg }));
     }
-    println!("torture: ok");
-    Ok(())
+    Ok(doc)
 }
 
 /// The free/malloc-reuse lane through the SVM VM: FILL a fresh `malloc` block by its
 /// pointer, free it, malloc one of the same size (glibc maps it again, often at the
 /// same address), FILL that: the new block must get the write. Returns false on a
 /// lost write.
-fn malloc_reuse_svm(vm: &GpuVm, q: &CommandQueue, byte: &mut u8) -> bool {
+fn malloc_reuse_svm(
+    vm: &GpuVm,
+    q: &CommandQueue,
+    byte: &mut u8,
+    explicit: Option<&Registry>,
+) -> bool {
     const N: usize = 256 << 10;
     let fill = |p: usize, b: u8| -> Option<Status> {
         let f = vm
@@ -457,11 +478,17 @@ fn malloc_reuse_svm(vm: &GpuVm, q: &CommandQueue, byte: &mut u8) -> bool {
     }
     *byte = byte.wrapping_add(1).max(1);
     let first = fill(p, *byte);
-    // SAFETY: freeing our block; a new one of the same size, often at the same address.
-    let p2 = unsafe {
-        libc::free(p as *mut libc::c_void);
-        libc::malloc(N)
-    } as usize;
+    // Above the mmap threshold, free() is a munmap: with --explicit the registry is
+    // told around it (the SVM VM's chunks of the block go with it).
+    let free = |p: usize| {
+        told(explicit, (p, N), Cause::Unmap, || {
+            // SAFETY: freeing our block.
+            unsafe { libc::free(p as *mut libc::c_void) }
+        })
+    };
+    free(p);
+    // SAFETY: a new block of the same size, often at the same address.
+    let p2 = unsafe { libc::malloc(N) } as usize;
     if p2 == 0 {
         return true;
     }
@@ -473,7 +500,6 @@ fn malloc_reuse_svm(vm: &GpuVm, q: &CommandQueue, byte: &mut u8) -> bool {
     let seen = unsafe { std::slice::from_raw_parts(p2 as *const u8, N) }
         .iter()
         .all(|&x| x == *byte);
-    // SAFETY: freeing our block.
-    unsafe { libc::free(p2 as *mut libc::c_void) };
+    free(p2);
     second != Some(Status::Ok) || seen || first.is_none()
 }

@@ -272,9 +272,12 @@ fn condition(p: &mut Prog<'_>, op: Op) -> bool {
             true
         }
         Op::IoUringRegister => {
+            // With or without IORING_REGISTER_USE_REGISTERED_RING (bit 31).
             p.ld(arg_lo(1));
             p.jeq(IORING_REGISTER_RESTRICTIONS, L::Ip64);
             p.jeq(IORING_REGISTER_ENABLE_RINGS, L::Ip64);
+            p.jeq(IORING_REGISTER_RESTRICTIONS | 1 << 31, L::Ip64);
+            p.jeq(IORING_REGISTER_ENABLE_RINGS | 1 << 31, L::Ip64);
             p.ret(ALLOW);
             true
         }

@@ -29,7 +29,14 @@
 use crate::trampoline;
 
 const IORING_SETUP_R_DISABLED: u32 = 1 << 6;
+const IORING_RESTRICTION_REGISTER_OP: u16 = 0;
 const IORING_RESTRICTION_SQE_OP: u16 = 1;
+const IORING_RESTRICTION_SQE_FLAGS_ALLOWED: u16 = 2;
+/// `IORING_REGISTER_USE_REGISTERED_RING`: or-ed into the opcode, the fd argument is then
+/// an index into the caller's registered rings.
+const USE_REGISTERED_RING: u64 = 0x8000_0000;
+/// The register opcodes this table knows (`IORING_REGISTER_LAST` of Linux 6.18).
+const REGISTER_KNOWN_LAST: u8 = 35;
 const IORING_REGISTER_RESTRICTIONS: u64 = 11;
 const IORING_REGISTER_ENABLE_RINGS: u64 = 12;
 const IORING_REGISTER_PROBE: u64 = 8;
@@ -43,6 +50,8 @@ const MAX_RESTRICTIONS: usize = 128;
 
 /// The kernel's opcode count (`IORING_OP_LAST`), probed at install; 0 until then.
 static KERNEL_OPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// The kernel's register-opcode count (`IORING_REGISTER_LAST`), probed at install.
+static KERNEL_REGISTER_OPS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Whether an opcode is allowed on application rings.
 pub(super) fn allowed(op: u8) -> bool {
@@ -86,31 +95,79 @@ pub(super) fn probe_kernel() {
         KERNEL_OPS.store(probe[0] as u32 + 1, std::sync::atomic::Ordering::Relaxed);
     }
     sys(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
+    // The register opcodes: a restriction naming one the kernel does not know is
+    // refused (EINVAL), and an enabled restricted ring refuses every register opcode it
+    // was not allowed. The largest count the kernel accepts, on a disabled ring (a
+    // refused registration leaves it unrestricted, so it can be tried again).
+    let mut params = [0u8; 120];
+    params[8..12].copy_from_slice(&IORING_SETUP_R_DISABLED.to_le_bytes());
+    let fd = sys(
+        libc::SYS_io_uring_setup,
+        [1, params.as_mut_ptr() as u64, 0, 0, 0, 0],
+    );
+    if fd < 0 {
+        return;
+    }
+    for last in (1..=REGISTER_KNOWN_LAST).rev() {
+        let mut list = [[0u8; 16]; REGISTER_KNOWN_LAST as usize];
+        for (op, r) in list.iter_mut().enumerate().take(last as usize) {
+            r[0..2].copy_from_slice(&IORING_RESTRICTION_REGISTER_OP.to_le_bytes());
+            r[2] = op as u8;
+        }
+        let r = sys(
+            libc::SYS_io_uring_register,
+            [
+                fd as u64,
+                IORING_REGISTER_RESTRICTIONS,
+                list.as_ptr() as u64,
+                last as u64,
+                0,
+                0,
+            ],
+        );
+        if r == 0 {
+            // Relaxed: see `allowed`.
+            KERNEL_REGISTER_OPS.store(last as u32, std::sync::atomic::Ordering::Relaxed);
+            break;
+        }
+    }
+    sys(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
 }
 
-/// One `struct io_uring_restriction` (16 bytes).
-fn restriction(op: u8) -> [u8; 16] {
+/// One `struct io_uring_restriction` (16 bytes): a kind and its one-byte operand.
+fn restriction(kind: u16, operand: u8) -> [u8; 16] {
     let mut r = [0u8; 16];
-    r[0..2].copy_from_slice(&IORING_RESTRICTION_SQE_OP.to_le_bytes());
-    r[2] = op;
+    r[0..2].copy_from_slice(&kind.to_le_bytes());
+    r[2] = operand;
     r
 }
 
-/// Register our allow-list on `fd` (a ring still disabled). Returns 0 or -errno.
-fn restrict(fd: u64) -> i64 {
-    let mut list = [[0u8; 16]; 256];
+/// Register our allow-list on `fd` (a ring still disabled; `flag` is the caller's
+/// `USE_REGISTERED_RING`, if it named the ring by index). Once a ring has restrictions,
+/// the kernel allows only what they list, so the list names every opcode known to leave
+/// mappings alone, every register opcode, and every SQE flag. Returns 0 or -errno.
+fn restrict(fd: u64, flag: u64) -> i64 {
+    let mut list = [[0u8; 16]; 128];
     let mut n = 0;
     for op in 0..=OP_KNOWN_LAST {
         if allowed(op) {
-            list[n] = restriction(op);
+            list[n] = restriction(IORING_RESTRICTION_SQE_OP, op);
             n += 1;
         }
     }
+    // Relaxed: see `allowed`.
+    let reg = KERNEL_REGISTER_OPS.load(std::sync::atomic::Ordering::Relaxed) as u8;
+    for op in 0..reg.min(REGISTER_KNOWN_LAST) {
+        list[n] = restriction(IORING_RESTRICTION_REGISTER_OP, op);
+        n += 1;
+    }
+    list[n] = restriction(IORING_RESTRICTION_SQE_FLAGS_ALLOWED, 0xff);
+    n += 1;
     sys(
         libc::SYS_io_uring_register,
         [
             fd,
-            IORING_REGISTER_RESTRICTIONS,
+            IORING_REGISTER_RESTRICTIONS | flag,
             list.as_ptr() as u64,
             n as u64,
             0,
@@ -138,7 +195,7 @@ pub(super) fn setup(a: [u64; 6]) -> i64 {
     if fd < 0 {
         return fd;
     }
-    let r = restrict(fd as u64);
+    let r = restrict(fd as u64, 0);
     let r = if r == 0 {
         sys(
             libc::SYS_io_uring_register,
@@ -162,7 +219,8 @@ pub(super) fn setup(a: [u64; 6]) -> i64 {
 
 /// The application's `io_uring_register(fd, RESTRICTIONS | ENABLE_RINGS, arg, n)`.
 pub(super) fn register(a: [u64; 6]) -> i64 {
-    match a[1] {
+    let flag = a[1] & USE_REGISTERED_RING;
+    match a[1] & 0xffff_ffff & !USE_REGISTERED_RING {
         IORING_REGISTER_RESTRICTIONS => {
             let n = a[3] as usize;
             if n == 0 || n > MAX_RESTRICTIONS {
@@ -186,7 +244,7 @@ pub(super) fn register(a: [u64; 6]) -> i64 {
                 libc::SYS_io_uring_register,
                 [
                     a[0],
-                    IORING_REGISTER_RESTRICTIONS,
+                    IORING_REGISTER_RESTRICTIONS | flag,
                     list.as_ptr() as u64,
                     kept as u64,
                     0,
@@ -197,7 +255,7 @@ pub(super) fn register(a: [u64; 6]) -> i64 {
         IORING_REGISTER_ENABLE_RINGS => {
             // No restrictions registered yet: ours first. If the application registered
             // its own (sanitised above), this one fails and changes nothing.
-            let _ = restrict(a[0]);
+            let _ = restrict(a[0], flag);
             sys(libc::SYS_io_uring_register, a)
         }
         _ => sys(libc::SYS_io_uring_register, a),

@@ -81,7 +81,7 @@
 //! * `measure`: the cost of a monitored `madvise`, for the benchmark harness.
 
 use crate::error::{Error, Result};
-use crate::registry::Registry;
+use crate::registry::{ObserverId, Registry};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -113,6 +113,8 @@ pub struct UffdMonitor {
     features: u64,
     /// The process that started the threads (a fork child must not join them).
     pid: rustix::process::Pid,
+    /// The registry's observer this monitor added, removed again on stop.
+    observer: Option<(Registry, ObserverId)>,
 }
 
 impl std::fmt::Debug for UffdMonitor {
@@ -157,6 +159,7 @@ impl UffdMonitor {
             user_mode_only,
             features,
             pid: rustix::process::getpid(),
+            observer: None,
         };
         let (s, c, r) = (shared.clone(), ctl.clone(), registry.clone());
         mon.handler = Some(
@@ -169,6 +172,7 @@ impl UffdMonitor {
                 .map_err(|e| Error::sys("spawn(userfaultfd handler)", e))?,
         );
         let (s, c) = (shared.clone(), ctl.clone());
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         // On failure `mon` drops: shutdown marks the missing reader done, so the
         // handler ends and is joined.
         mon.reader = Some(
@@ -176,13 +180,20 @@ impl UffdMonitor {
                 .name("userptr-uffd".into())
                 .spawn(move || {
                     crate::driver_section::block_signals_for_thread();
+                    let _ = ready_tx.send(());
                     reader(s, c)
                 })
                 .map_err(|e| Error::sys("spawn(userfaultfd reader)", e))?,
         );
+        // Return only once the reader runs its loop, which allocates nothing: a thread
+        // still starting up allocates (glibc's and Rust's thread set-up), and a fork in
+        // the meantime holds malloc's locks while its own syscall waits for the reader
+        // to read the FORK event: a deadlock.
+        let _ = ready_rx.recv();
         // Observer first, then the existing regions: a region pinned in between is
         // seen by both, which is harmless (registering twice is a no-op).
-        registry.add_observer(Arc::new(Watcher(shared.clone())));
+        let id = registry.add_observer(Arc::new(Watcher(shared.clone())));
+        mon.observer = Some((registry.clone(), id));
         for r in registry.regions() {
             shared.register(&r.range);
         }
@@ -218,7 +229,7 @@ impl UffdMonitor {
     /// returned makes the change visible to the registry. Returns false on timeout or
     /// if the monitor has stopped.
     pub fn sync(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::submitter::deadline_after(timeout);
         let ctl = &*self.ctl;
         let mut p = ctl.progress();
         if p.reader_done || p.handler_done {
@@ -258,9 +269,9 @@ impl UffdMonitor {
         p.handled >= target
     }
 
-    /// Stop: handle the events already delivered, close the userfaultfd (unregistering
-    /// every range), and join both threads. The registry keeps a dead observer (there
-    /// is no way to remove one), which does nothing.
+    /// Stop: remove the registry's observer, handle the events already delivered,
+    /// close the userfaultfd (unregistering every range), and join both threads. What
+    /// `start` added is gone: a start/stop cycle leaves nothing behind.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -275,6 +286,10 @@ impl UffdMonitor {
                 std::mem::forget(h);
             }
             return;
+        }
+        // No new region is reported to a monitor that is going away.
+        if let Some((registry, id)) = self.observer.take() {
+            registry.remove_observer(id);
         }
         // Release: see the reader's Acquire.
         self.ctl.stop.store(true, Ordering::Release);
