@@ -76,6 +76,15 @@ impl super::Inner {
         }
     }
 
+    /// Regions out of the index that an invalidation of the range does not unmap
+    /// itself (another one is retiring them, or a merge left them draining): the
+    /// mirrors drop their entries for them now, so none survives the invalidation.
+    pub(super) fn tell_stale(&self, stale: &[std::sync::Arc<super::region::Region>], cause: Cause) {
+        for r in stale {
+            self.tell_unmapping(r, UnmapReason::Invalidation(cause));
+        }
+    }
+
     pub(super) fn tell_downgrading(&self, r: &super::region::Region) {
         for m in self.live_mirrors() {
             m.downgrading(r.range.clone(), r.iova, r.len());
