@@ -260,6 +260,34 @@ enum userptr_code
      * vfio-pci did not take the device.
      */
     USERPTR_CODE_PCI_BIND_FAILED = 78,
+    /**
+     * The device has no GPU virtual memory (register map 1.1 needed).
+     */
+    USERPTR_CODE_GPU_VM_UNSUPPORTED = 80,
+    /**
+     * The device's GPU VMs are managed by another `Gpu` handle already.
+     */
+    USERPTR_CODE_GPU_VM_BUSY = 81,
+    /**
+     * Every VM context of the device is in use.
+     */
+    USERPTR_CODE_NO_FREE_VM = 82,
+    /**
+     * A GPU VA range that cannot be bound there.
+     */
+    USERPTR_CODE_GPU_VA_BUSY = 83,
+    /**
+     * Device memory (page tables, the device-memory heap) ran out.
+     */
+    USERPTR_CODE_VRAM_EXHAUSTED = 84,
+    /**
+     * A queue used with a GPU VM it is not attached to.
+     */
+    USERPTR_CODE_QUEUE_NOT_ATTACHED = 85,
+    /**
+     * No binding of the GPU VM starts at that GPU VA.
+     */
+    USERPTR_CODE_NO_SUCH_BINDING = 86,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

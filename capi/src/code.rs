@@ -143,11 +143,27 @@ pub enum UserptrCode {
     PciVfioUnusable = 77,
     /// vfio-pci did not take the device.
     PciBindFailed = 78,
+
+    // GPU virtual memory (80..89).
+    /// The device has no GPU virtual memory (register map 1.1 needed).
+    GpuVmUnsupported = 80,
+    /// The device's GPU VMs are managed by another `Gpu` handle already.
+    GpuVmBusy = 81,
+    /// Every VM context of the device is in use.
+    NoFreeVm = 82,
+    /// A GPU VA range that cannot be bound there.
+    GpuVaBusy = 83,
+    /// Device memory (page tables, the device-memory heap) ran out.
+    VramExhausted = 84,
+    /// A queue used with a GPU VM it is not attached to.
+    QueueNotAttached = 85,
+    /// No binding of the GPU VM starts at that GPU VA.
+    NoSuchBinding = 86,
 }
 
 impl UserptrCode {
     /// Every code, in numeric order.
-    pub const ALL: [UserptrCode; 55] = {
+    pub const ALL: [UserptrCode; 62] = {
         use UserptrCode::*;
         [
             Ok,
@@ -205,6 +221,13 @@ impl UserptrCode {
             PciSysfs,
             PciVfioUnusable,
             PciBindFailed,
+            GpuVmUnsupported,
+            GpuVmBusy,
+            NoFreeVm,
+            GpuVaBusy,
+            VramExhausted,
+            QueueNotAttached,
+            NoSuchBinding,
         ]
     };
 
@@ -259,6 +282,13 @@ impl UserptrCode {
             Error::PciSysfs { .. } => C::PciSysfs,
             Error::PciVfioUnusable { .. } => C::PciVfioUnusable,
             Error::PciBindFailed { .. } => C::PciBindFailed,
+            Error::GpuVmUnsupported { .. } => C::GpuVmUnsupported,
+            Error::GpuVmBusy { .. } => C::GpuVmBusy,
+            Error::NoFreeVm { .. } => C::NoFreeVm,
+            Error::GpuVaBusy { .. } => C::GpuVaBusy,
+            Error::VramExhausted { .. } => C::VramExhausted,
+            Error::QueueNotAttached { .. } => C::QueueNotAttached,
+            Error::NoSuchBinding { .. } => C::NoSuchBinding,
         }
     }
 
@@ -337,6 +367,13 @@ impl UserptrCode {
             PciSysfs => c"USERPTR_CODE_PCI_SYSFS",
             PciVfioUnusable => c"USERPTR_CODE_PCI_VFIO_UNUSABLE",
             PciBindFailed => c"USERPTR_CODE_PCI_BIND_FAILED",
+            GpuVmUnsupported => c"USERPTR_CODE_GPU_VM_UNSUPPORTED",
+            GpuVmBusy => c"USERPTR_CODE_GPU_VM_BUSY",
+            NoFreeVm => c"USERPTR_CODE_NO_FREE_VM",
+            GpuVaBusy => c"USERPTR_CODE_GPU_VA_BUSY",
+            VramExhausted => c"USERPTR_CODE_VRAM_EXHAUSTED",
+            QueueNotAttached => c"USERPTR_CODE_QUEUE_NOT_ATTACHED",
+            NoSuchBinding => c"USERPTR_CODE_NO_SUCH_BINDING",
         }
     }
 }

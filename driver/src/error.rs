@@ -462,6 +462,67 @@ pub enum Error {
         /// The driver the device is on after the roll-back.
         driver: Option<String>,
     },
+    /// The device has no GPU virtual memory (`VM_CAPS` reads 0).
+    #[error(
+        "{device} has no GPU virtual memory (VM_CAPS reads 0): GPU VMs need a device with \
+         register map 1.1 (the reference device)"
+    )]
+    GpuVmUnsupported {
+        /// The device, for messages.
+        device: String,
+    },
+    /// The device's VMs are managed by another `Gpu` handle already.
+    #[error(
+        "the GPU VMs of {device} are already managed by another `Gpu` in this process: \
+         create VMs from that one"
+    )]
+    GpuVmBusy {
+        /// The device, for messages.
+        device: String,
+    },
+    /// Every VM context is in use.
+    #[error("all {limit} VM contexts of the device are in use: drop a GpuVm first")]
+    NoFreeVm {
+        /// VM contexts the device has.
+        limit: u32,
+    },
+    /// A GPU VA range that cannot be bound there.
+    #[error("GPU VA range {va:#x} + {len:#x} cannot be bound: {reason}")]
+    GpuVaBusy {
+        /// First GPU VA.
+        va: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Why, in words.
+        reason: &'static str,
+    },
+    /// Device memory (page tables, the device-memory heap) ran out.
+    #[error(
+        "the device's {what} is exhausted ({len:#x} bytes asked for): enlarge it \
+         (ReferenceConfig::gpu) or unbind something"
+    )]
+    VramExhausted {
+        /// Which part of device memory.
+        what: &'static str,
+        /// Bytes asked for.
+        len: u64,
+    },
+    /// A queue used with a VM it is not attached to.
+    #[error("ring {ring} is not attached to GPU VM {vm}: call GpuVm::attach first")]
+    QueueNotAttached {
+        /// The ring index.
+        ring: u32,
+        /// The VM id.
+        vm: u32,
+    },
+    /// No binding starts at that GPU VA.
+    #[error("no binding of GPU VM {vm} starts at GPU VA {va:#x}")]
+    NoSuchBinding {
+        /// The VM id.
+        vm: u32,
+        /// The GPU VA.
+        va: u64,
+    },
 }
 
 fn driver_text(d: &Option<String>) -> String {

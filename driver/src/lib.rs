@@ -9,6 +9,7 @@
 //!
 //! ```text
 //!   monitor/                 address-space monitors feeding the registry
+//!     │        gpuvm/        GPU VMs: page tables mirroring the registry's ranges
 //!     │
 //!   registry/                epochs, invalidation, pin cache
 //!     │        reference/    the reference device      vfio/   real devices through VFIO
@@ -45,10 +46,15 @@
 //!   function: NVMe (`vfio::nvme`) and QEMU's edu (`vfio::edu`);
 //! * [`registry`]: the userptr registry: the notifier contract, the cause policy,
 //!   pinning, merging and splitting, eviction;
-//! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd, LD_PRELOAD).
+//! * [`monitor`]: address-space monitors (seccomp trap, userfaultfd, LD_PRELOAD);
+//! * [`gpuvm`]: GPU virtual memory on a device with VM contexts (the reference
+//!   device's register map 1.1): page tables in device memory mirroring userptrs,
+//!   device memory and (SVM) the process's own address space, invalidated through the
+//!   registry's mirror hook, with replayable faults.
 //!
 //! `unsafe` lives only in the modules that own one kernel interface each:
 //! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
+//! `gpuvm::populate` (the access check, `madvise(MADV_POPULATE_*)`),
 //! `fork` (pthread_atfork), `trampoline` (the driver's syscall instructions),
 //! `backing::vma` (the `PROCMAP_QUERY` ioctl on `/proc/self/maps`),
 //! `monitor::seccomp` (seccomp, signals, the syscall
@@ -68,6 +74,7 @@ pub mod driver;
 pub mod driver_section;
 pub mod error;
 pub mod fork;
+pub mod gpuvm;
 pub mod iommu;
 pub mod iova;
 pub mod mapping;
@@ -83,6 +90,7 @@ pub mod vfio;
 pub use device::Device;
 pub use driver::Driver;
 pub use error::{Error, Result};
+pub use gpuvm::{Binding, Gpu, GpuVm, GpuVmStats, VmConfig};
 pub use iommu::{IommuDomain, Perm};
 pub use mapping::UserMapping;
 pub use queue::{Backpressure, BatchFences, CommandQueue, CompletionExt, QueueCore, WaitMode};

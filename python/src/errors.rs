@@ -130,7 +130,14 @@ pub fn to_pyerr(py: Python<'_>, f: Failure) -> PyErr {
         | C::NoSuchPciDevice
         | C::PciSysfs
         | C::PciVfioUnusable
-        | C::PciBindFailed => DeviceError::new_err(f.message),
+        | C::PciBindFailed
+        | C::GpuVmUnsupported
+        | C::GpuVmBusy
+        | C::NoFreeVm
+        | C::GpuVaBusy
+        | C::VramExhausted
+        | C::QueueNotAttached
+        | C::NoSuchBinding => DeviceError::new_err(f.message),
         C::MonitorUnavailable | C::MonitorConflict => MonitorUnavailable::new_err(f.message),
         C::Ok | C::Panic | C::Sys | C::ForkedChild => Error::new_err(f.message),
     };

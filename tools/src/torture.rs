@@ -23,6 +23,11 @@
 //! work completes `Aborted`. The report counts what was injected (`injected_faults`) and
 //! how it was handled (`errors_handled`); pins and domain mappings must be back where
 //! they started, and violations stay 0.
+//!
+//! `--gpuvm` runs it through GPU VMs instead: an SVM VM and a VM of bound userptrs
+//! (`torture/gpuvm.rs`).
+
+mod gpuvm;
 
 use crate::bench::measure::Mem;
 use crate::output::OutPath;
@@ -67,13 +72,17 @@ pub struct Args {
     /// and DMA-fault probes run as always. They must be handled: no violation, no leak.
     #[arg(long)]
     inject: bool,
+    /// Submit through GPU VMs: one submitter on a shared-virtual-memory VM (plain
+    /// pointers), one on a VM of bound userptrs.
+    #[arg(long)]
+    gpuvm: bool,
 }
 
 impl Args {
     fn settings(&self) -> serde_json::Value {
         serde_json::json!({
             "seconds": self.seconds, "no_protect": self.no_protect, "only": self.only,
-            "explicit": self.explicit, "inject": self.inject,
+            "explicit": self.explicit, "inject": self.inject, "gpuvm": self.gpuvm,
             "monitor": if self.no_protect { "none" } else if self.explicit { "explicit" } else { "seccomp" },
         })
     }
@@ -164,6 +173,9 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
         .only
         .as_ref()
         .and_then(|m| MUTATIONS.iter().position(|x| x == m));
+    if a.gpuvm {
+        return gpuvm::run(a, only);
+    }
     // A fixed mmap threshold, so a freed large block goes back to the kernel and the
     // next malloc of that size gets the same address (the reuse the lane exercises).
     // SAFETY: a malloc tuning call.

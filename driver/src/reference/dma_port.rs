@@ -42,6 +42,9 @@ pub struct Transfer {
 pub enum DmaError {
     /// Translation failed: nothing of the batch was started.
     Fault(FaultRecord),
+    /// On a ring bound to a VM: stage 1 (the page table) or stage 2 (the IOMMU)
+    /// refused a GPU VA; nothing of the batch was started.
+    Translation(crate::reference::mmu::GpuFault),
     /// The kernel failed a transfer.
     Io(io::Error),
 }

@@ -12,7 +12,13 @@
 //! 4. publish SQ_HEAD and CQ_TAIL (Release) and signal the ring's eventfd.
 //!
 //! Idle, it spins briefly and then parks; a doorbell write unparks it.
+//!
+//! A ring bound to a VM (datasheet section 10) translates its commands' addresses
+//! through the VM's page table first and may hold a command on a replayable fault:
+//! that part is `vm_exec`; every DMA round starts at a TLB-invalidation safe point.
 
+use super::mmu::{GpuFault, Mmu};
+use super::vm_exec::{Hold, Piece, Progress};
 use super::Shared;
 use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
 use crate::reference::uring_iommu::CHUNK;
@@ -32,6 +38,8 @@ const FETCH_OFF: u64 = 0;
 const CQE_OFF: u64 = FETCH_OFF + BATCH as u64 * DESCRIPTOR_SIZE as u64;
 const FENCE_OFF: u64 = CQE_OFF + BATCH as u64 * COMPLETION_SIZE as u64;
 const SCRATCH_OFF: u64 = FENCE_OFF + 64;
+/// Where a fault-queue record is built before its DMA (datasheet section 10.6).
+pub(super) const FAULTREC_OFF: u64 = SCRATCH_OFF + 64;
 const FILL_OFF: u64 = 1 << 20;
 /// Where data staging starts in VRAM; everything above is staging.
 pub const STAGING_OFF: u64 = FILL_OFF + CHUNK;
@@ -49,26 +57,50 @@ struct RingState {
 }
 
 pub(super) struct Engine {
-    shared: Arc<Shared>,
-    port: DmaPort,
-    vram: Vram,
+    pub(super) shared: Arc<Shared>,
+    pub(super) port: DmaPort,
+    pub(super) vram: Vram,
     rings: Vec<Option<RingState>>,
-    transfers: Vec<Transfer>,
+    pub(super) transfers: Vec<Transfer>,
     fill_byte: Option<u8>,
     staging: u64,
+    /// Stage 1 of VM rings: the TLB and the page walker.
+    pub(super) mmu: Mmu,
+    /// The VM of the command executing now (0: none, addresses are IOVAs; always 0
+    /// while ring structures are moved).
+    pub(super) vm_id: u32,
+    /// Per ring: the command held on a replayable fault.
+    pub(super) holds: Vec<Option<Hold>>,
+    /// A VM round's translated pieces, and the IOVA transfers among them.
+    pub(super) pieces: Vec<Piece>,
+    pub(super) xlated: Vec<Transfer>,
+}
+
+/// What executing a command came to.
+enum Exec {
+    /// It completed (whatever its status).
+    Done(Completion),
+    /// It faulted replayably: hold it.
+    Fault(Progress, GpuFault),
 }
 
 impl Engine {
-    pub(super) fn new(shared: Arc<Shared>, port: DmaPort, vram: Vram) -> Engine {
-        let staging = vram.len() as u64 - STAGING_OFF;
+    pub(super) fn new(shared: Arc<Shared>, port: DmaPort, vram: Vram, staging: u64) -> Engine {
+        let g = &shared.gpu;
+        let mmu = Mmu::new(g.pt.clone(), g.layout, g.tlb_entries as usize);
         Engine {
             rings: (0..shared.rings).map(|_| None).collect(),
+            holds: (0..shared.rings).map(|_| None).collect(),
             shared,
             port,
             vram,
             transfers: Vec::with_capacity(256),
             fill_byte: None,
             staging,
+            mmu,
+            vm_id: 0,
+            pieces: Vec::with_capacity(256),
+            xlated: Vec::with_capacity(256),
         }
     }
 
@@ -86,6 +118,8 @@ impl Engine {
             if self.shared.reset_requested.load(Ordering::Acquire) {
                 self.reset();
             }
+            // A safe point: no access is in flight here (datasheet section 10.5).
+            self.tlb_sync();
             let enabled = self.shared.control.load(Ordering::Acquire) & regs::CONTROL_ENABLE != 0;
             let mut busy = false;
             if enabled {
@@ -135,6 +169,8 @@ impl Engine {
             None => true,
         };
         if stale {
+            // A hold does not survive a disable and enable.
+            self.holds[r as usize] = None;
             let addr = |p: &[std::sync::atomic::AtomicU32; 2]| {
                 p[0].load(Ordering::Acquire) as u64 | (p[1].load(Ordering::Acquire) as u64) << 32
             };
@@ -192,9 +228,17 @@ impl Engine {
     fn service_batch(&mut self, r: u32, abort: bool) -> bool {
         let shared = self.shared.clone();
         let rr = &shared.ring[r as usize];
-        let Some(st) = self.ring_state(r) else {
+        if self.ring_state(r).is_none() {
             return false;
-        };
+        }
+        // A held ring waits for the driver's REPLAY, unless a reset aborts the held
+        // command with the rest (datasheet section 10.6).
+        if abort {
+            self.drop_hold(r);
+        } else if !self.hold_decided(r) {
+            return false;
+        }
+        let st = self.rings[r as usize].as_mut().expect("ring state present");
         let avail = match st.sq.available(&rr.sq) {
             Ok(n) => n,
             Err(_) => {
@@ -236,9 +280,12 @@ impl Engine {
             self.ring_error(r, dma_ring_error(&e, ring::ERROR_SQ_FAULT));
             return true;
         }
-        // 2. Execute.
+        // 2. Execute. A command held on a replayable fault ends the batch: only the
+        // commands before it are completed (datasheet section 10.6).
         let mut want_irq = shared.irq_mask.load(Ordering::Acquire) & (1 << r) != 0;
         let mut last_seqno = 0;
+        let vm_id = rr.vm.load(Ordering::Acquire);
+        let mut executed = n;
         for i in 0..n as u64 {
             let mut raw = [0u8; DESCRIPTOR_SIZE];
             raw.copy_from_slice(self.vram.bytes(
@@ -247,21 +294,50 @@ impl Engine {
             ));
             let seqno = Descriptor::raw_seqno(&raw);
             let aborting = abort || shared.reset_requested.load(Ordering::Acquire);
+            // The held command, if this is it: it continues where it stopped.
+            let held = if i == 0 { self.take_hold(r) } else { None };
             let c = match Descriptor::decode(&raw) {
                 Err(e) => Completion::error(seqno, Status::BadDescriptor, e.code()),
                 Ok(_) if aborting => Completion::error(seqno, Status::Aborted, 0),
                 Ok(d) => {
+                    let (mut prog, fail) = match held {
+                        Some(h) if h.seqno == d.seqno => (h.progress, h.failed()),
+                        _ => (Progress::fresh(&d), None),
+                    };
+                    let out = match fail {
+                        Some(c) => Exec::Done(c),
+                        None => {
+                            self.vm_id = vm_id;
+                            let out = self.execute(&d, &mut prog);
+                            self.vm_id = 0;
+                            out
+                        }
+                    };
+                    let c = match out {
+                        Exec::Done(c) => c,
+                        Exec::Fault(prog, g) => match self.hold(r, &d, prog, g) {
+                            None => {
+                                executed = i as u32;
+                                break;
+                            }
+                            Some(c) => c,
+                        },
+                    };
                     want_irq |= d.flags.contains(userptr_ring::Flags::INTERRUPT);
-                    self.execute(&d)
+                    c
                 }
             };
             if let Some(f) = c.fault {
-                self.record_fault(r, f);
+                self.record_fault(r, f, c.detail);
             }
             self.vram
                 .bytes_mut(CQE_OFF + i * COMPLETION_SIZE as u64, COMPLETION_SIZE as u64)
                 .copy_from_slice(&c.encode());
             last_seqno = seqno;
+        }
+        let n = executed;
+        if n == 0 {
+            return true;
         }
         // 3. Completions, then the fence, in one ordered chain.
         self.vram
@@ -312,37 +388,54 @@ impl Engine {
         true
     }
 
-    fn record_fault(&self, r: u32, f: FaultRecord) {
+    /// The fault registers; `detail` is a VM fault's kind | VM id << 8 (0 otherwise).
+    fn record_fault(&self, r: u32, f: FaultRecord, detail: u32) {
         let s = &self.shared;
         s.fault_iova[0].store(f.iova as u32, Ordering::Release);
         s.fault_iova[1].store((f.iova >> 32) as u32, Ordering::Release);
+        let gpu = (detail & 0xff) << 16 | ((detail >> 8) & 0xf) << 24;
         s.fault_info
-            .store(f.access as u32 | r << 8, Ordering::Release);
+            .store(f.access as u32 | r << 8 | gpu, Ordering::Release);
         s.fault_count.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// One DMA round: a safe point for TLB invalidations, then the transfers (through
+    /// the VM first on a VM ring).
     fn dma(&mut self) -> Result<(), DmaError> {
+        self.tlb_sync();
+        if self.vm_id != 0 {
+            return self.dma_vm();
+        }
         self.port.run(self.vram.fd(), &self.transfers)
     }
 
-    fn execute(&mut self, d: &Descriptor) -> Completion {
+    fn execute(&mut self, d: &Descriptor, prog: &mut Progress) -> Exec {
         let r = match d.opcode {
             Opcode::Nop => Ok(0),
             Opcode::WriteFence => self.write_fence(d),
-            Opcode::Fill => self.fill(d),
-            Opcode::Copy => self.copy(d),
-            Opcode::Saxpy => self.saxpy(d),
-            Opcode::Crc32c => self.crc32c(d),
+            Opcode::Fill => self.fill(d, prog),
+            Opcode::Copy => self.copy(d, prog),
+            Opcode::Saxpy => self.saxpy(d, prog),
+            Opcode::Crc32c => self.crc32c(d, prog),
         };
-        match r {
+        Exec::Done(match r {
             Ok(result) => Completion::ok(d.seqno, result),
             Err(DmaError::Fault(f)) => Completion::fault(d.seqno, f),
+            Err(DmaError::Translation(g)) => {
+                if g.kind != userptr_ring::regs::fault_kind::IOMMU {
+                    self.shared.gpu.count_fault(g.vm);
+                }
+                if g.replayable {
+                    return Exec::Fault(*prog, g);
+                }
+                super::vm_exec::fault_completion(d.seqno, &g)
+            }
             Err(DmaError::Io(e)) => Completion::error(
                 d.seqno,
                 Status::DeviceError,
                 e.raw_os_error().unwrap_or(0) as u32,
             ),
-        }
+        })
     }
 
     fn write_fence(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
@@ -361,19 +454,26 @@ impl Engine {
     }
 
     /// Check a whole operand range before touching any of it, so a command that
-    /// faults writes nothing.
-    fn precheck(&self, iova: u64, len: u64, access: AccessKind) -> Result<(), DmaError> {
+    /// faults writes nothing. On a VM ring: both translation stages.
+    fn precheck(&mut self, iova: u64, len: u64, access: AccessKind) -> Result<(), DmaError> {
+        if self.vm_id != 0 {
+            return self.precheck_vm(iova, len, access);
+        }
         self.port.check(iova, len, access).map_err(DmaError::Fault)
     }
 
-    fn fill(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
-        self.precheck(d.dst_iova, d.len, AccessKind::Write)?;
+    // The multi-round commands keep their position in `prog`, updated after each round
+    // that completed, so that a command held on a fault between rounds continues where
+    // it stopped (a fresh command starts at 0: the 1.0 behaviour).
+
+    fn fill(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
+        self.precheck(d.dst_iova + prog.done, d.len - prog.done, AccessKind::Write)?;
         let byte = d.arg0 as u8;
         if self.fill_byte != Some(byte) {
             self.vram.bytes_mut(FILL_OFF, CHUNK).fill(byte);
             self.fill_byte = Some(byte);
         }
-        let mut done = 0;
+        let mut done = prog.done;
         while done < d.len {
             self.transfers.clear();
             // Up to 64 chunks in flight per round.
@@ -389,14 +489,16 @@ impl Engine {
                 done += n;
             }
             self.dma()?;
+            prog.done = done;
         }
         Ok(0)
     }
 
-    fn copy(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
-        self.precheck(d.src_iova, d.len, AccessKind::Read)?;
-        self.precheck(d.dst_iova, d.len, AccessKind::Write)?;
-        let mut done = 0;
+    fn copy(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
+        let rest = d.len - prog.done;
+        self.precheck(d.src_iova + prog.done, rest, AccessKind::Read)?;
+        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Write)?;
+        let mut done = prog.done;
         while done < d.len {
             self.transfers.clear();
             let mut staged = 0;
@@ -423,19 +525,21 @@ impl Engine {
                 staged += CHUNK;
             }
             self.dma()?;
+            prog.done = done;
         }
         Ok(0)
     }
 
-    fn saxpy(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
+    fn saxpy(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
         let bytes = d.len * 4;
-        self.precheck(d.src_iova, bytes, AccessKind::Read)?;
-        self.precheck(d.dst_iova, bytes, AccessKind::Read)?;
-        self.precheck(d.dst_iova, bytes, AccessKind::Write)?;
+        let rest = bytes - prog.done;
+        self.precheck(d.src_iova + prog.done, rest, AccessKind::Read)?;
+        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Read)?;
+        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Write)?;
         let a = f32::from_bits(d.arg0 as u32);
         let half = (self.staging / 2) & !(CHUNK - 1);
         let (x_off, y_off) = (STAGING_OFF, STAGING_OFF + half);
-        let mut done = 0;
+        let mut done = prog.done;
         while done < bytes {
             let n = (bytes - done).min(half);
             self.transfers.clear();
@@ -448,17 +552,20 @@ impl Engine {
             }
             self.transfers.clear();
             self.push_chunks(Direction::FromDevice, d.dst_iova + done, n, y_off);
+            // A fault here leaves y untouched (nothing of a round is submitted before
+            // all of it translated): the round is redone whole on a replay.
             self.dma()?;
             done += n;
+            prog.done = done;
         }
         Ok(0)
     }
 
-    fn crc32c(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
-        self.precheck(d.src_iova, d.len, AccessKind::Read)?;
-        let mut crc = d.arg0 as u32;
+    fn crc32c(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
+        self.precheck(d.src_iova + prog.done, d.len - prog.done, AccessKind::Read)?;
+        let mut crc = prog.crc;
         let window = self.staging & !(CHUNK - 1);
-        let mut done = 0;
+        let mut done = prog.done;
         while done < d.len {
             let n = (d.len - done).min(window);
             self.transfers.clear();
@@ -466,6 +573,7 @@ impl Engine {
             self.dma()?;
             crc = crc32c::crc32c_append(crc, self.vram.bytes(STAGING_OFF, n));
             done += n;
+            (prog.done, prog.crc) = (done, crc);
         }
         Ok(crc as u64)
     }
@@ -488,7 +596,7 @@ impl Engine {
 
 fn dma_ring_error(e: &DmaError, fault_code: u32) -> u32 {
     match e {
-        DmaError::Fault(_) => fault_code,
+        DmaError::Fault(_) | DmaError::Translation(_) => fault_code,
         DmaError::Io(_) => ring::ERROR_IO,
     }
 }

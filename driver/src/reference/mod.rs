@@ -8,7 +8,10 @@
 //! * [`fault_injection`]: [`PinFaults`](fault_injection::PinFaults), failing the IOMMU's
 //!   pin attempts on purpose (`userptr torture --inject`);
 //! * [`vram`]: device-local memory in a memfd;
-//! * `engine`: the engine thread that executes the ring protocol.
+//! * `engine`: the engine thread that executes the ring protocol;
+//! * GPU virtual memory (datasheet section 10): `gpu_regs` (its registers), [`mmu`]
+//!   (stage 1: the page walk), [`tlb`] (the TLB and its invalidation handshake),
+//!   `vm_exec` (the engine's VM rounds: translation, device memory, hold and replay).
 //!
 //! It is the embedded default device: everything the driver does against a real
 //! device it does against this one, with real kernel pins.
@@ -20,7 +23,11 @@
 pub mod dma_port;
 mod engine;
 pub mod fault_injection;
+mod gpu_regs;
+pub mod mmu;
+pub mod tlb;
 pub mod uring_iommu;
+mod vm_exec;
 pub mod vram;
 
 use crate::device::Device;
@@ -45,6 +52,29 @@ pub struct ReferenceConfig {
     pub rings: u32,
     /// Bytes of device memory used to stage data (at least 4 MiB).
     pub staging_bytes: usize,
+    /// GPU virtual memory: page-table memory, device memory, the TLB.
+    pub gpu: GpuConfig,
+}
+
+/// The GPU-virtual-memory part of a reference device (datasheet section 10).
+#[derive(Clone, Debug)]
+pub struct GpuConfig {
+    /// Bytes of VRAM for page tables (4 KiB each; at least 64 KiB).
+    pub page_table_bytes: usize,
+    /// Bytes of VRAM for device-memory bindings (rounded up to 2 MiB).
+    pub device_memory_bytes: usize,
+    /// TLB entries (a power of two, 16..=4096).
+    pub tlb_entries: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            page_table_bytes: 8 << 20,
+            device_memory_bytes: 16 << 20,
+            tlb_entries: 256,
+        }
+    }
 }
 
 impl Default for ReferenceConfig {
@@ -53,6 +83,7 @@ impl Default for ReferenceConfig {
             iommu: UringIommuConfig::default(),
             rings: 4,
             staging_bytes: 32 << 20,
+            gpu: GpuConfig::default(),
         }
     }
 }
@@ -73,6 +104,12 @@ struct RingRegs {
     /// Set by the engine while it works on a batch of this ring; a disable waits for
     /// it to clear, so a disabled ring's memory is never touched again.
     busy: AtomicBool,
+    /// The VM register (0: IOVAs).
+    vm: AtomicU32,
+    /// The HOLD register, set and cleared by the engine.
+    hold: AtomicU32,
+    /// The last REPLAY decision written while the ring was held (0: none yet).
+    replay: AtomicU32,
 }
 
 /// The register file and the device state shared with the engine thread.
@@ -91,6 +128,8 @@ struct Shared {
     shutdown: AtomicBool,
     irq: Mutex<Vec<Option<Arc<OwnedFd>>>>,
     engine: OnceLock<Thread>,
+    /// GPU virtual memory (datasheet section 10).
+    gpu: gpu_regs::GpuRegs,
 }
 
 impl Shared {
@@ -127,8 +166,13 @@ impl Shared {
                 ring::CQ_TAIL => rr.cq.load_tail(),
                 ring::CQ_HEAD => rr.cq.load_head(),
                 ring::ERROR => ld(&rr.error),
+                ring::VM => ld(&rr.vm),
+                ring::HOLD => ld(&rr.hold),
                 _ => 0,
             };
+        }
+        if let Some(v) = self.gpu.read(off) {
+            return v;
         }
         match off {
             regs::ID => regs::ID_VALUE,
@@ -173,9 +217,27 @@ impl Shared {
                     rr.cq.store_head(v);
                     self.wake();
                 }
+                ring::VM => st(&rr.vm),
+                // Only a held ring takes a decision (Acquire: the engine set HOLD with
+                // Release before it published the fault record).
+                ring::REPLAY
+                    if rr.hold.load(Ordering::Acquire) & ring::HOLD_HELD != 0
+                        && (v == ring::REPLAY_RETRY || v == ring::REPLAY_FAIL) =>
+                {
+                    st(&rr.replay);
+                    self.wake();
+                }
                 _ => {}
             }
             return;
+        }
+        match self.gpu.write(off, v) {
+            gpu_regs::Written::Done => return,
+            gpu_regs::Written::Wake => {
+                self.wake();
+                return;
+            }
+            gpu_regs::Written::No => {}
         }
         match off {
             regs::CONTROL => {
@@ -234,6 +296,10 @@ impl Shared {
         rr.sq.reset();
         rr.cq.reset();
         rr.error.store(0, Ordering::Relaxed);
+        // A hold does not survive a disable (the engine drops its own state at the new
+        // generation).
+        rr.hold.store(0, Ordering::Relaxed);
+        rr.replay.store(0, Ordering::Relaxed);
         // Release: the configuration and zeroed indices above are visible to the engine
         // once it sees the new generation (it loads it with Acquire).
         rr.generation.fetch_add(1, Ordering::Release);
@@ -256,7 +322,22 @@ impl ReferenceDevice {
         let rings = cfg.rings.clamp(1, regs::MAX_RINGS);
         let iommu = UringIommu::new(cfg.iommu.clone())?;
         let port = iommu.take_port().expect("fresh IOMMU has its port");
-        let vram = Vram::new(engine::STAGING_OFF as usize + cfg.staging_bytes.max(4 << 20))?;
+        // VRAM: the engine's areas and staging, then the page-table region, then the
+        // device-memory heap (datasheet section 4), each 2 MiB-aligned.
+        let staging = (cfg.staging_bytes.max(4 << 20) as u64).next_multiple_of(4096);
+        let pt_base = (engine::STAGING_OFF + staging).next_multiple_of(2 << 20);
+        let pt_size = (cfg.gpu.page_table_bytes.max(64 << 10) as u64).next_multiple_of(4096);
+        let devmem_base = (pt_base + pt_size).next_multiple_of(2 << 20);
+        let devmem_size = (cfg.gpu.device_memory_bytes as u64).next_multiple_of(2 << 20);
+        let layout = mmu::Layout {
+            pt_base,
+            pt_size,
+            devmem_base,
+            devmem_size,
+        };
+        let vram = Vram::new((devmem_base + devmem_size) as usize)?;
+        let pt = Arc::new(vram.page_table_view(pt_base, pt_size)?);
+        let tlb_entries = cfg.gpu.tlb_entries.clamp(16, 4096).next_power_of_two();
         let shared = Arc::new(Shared {
             rings,
             control: AtomicU32::new(regs::CONTROL_ENABLE),
@@ -272,6 +353,7 @@ impl ReferenceDevice {
             shutdown: AtomicBool::new(false),
             irq: Mutex::new(vec![None; rings as usize]),
             engine: OnceLock::new(),
+            gpu: gpu_regs::GpuRegs::new(layout, tlb_entries, pt),
         });
         let s2 = shared.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -282,7 +364,7 @@ impl ReferenceDevice {
                 // here (see driver_section).
                 crate::driver_section::block_signals_for_thread();
                 let _ = ready_tx.send(());
-                engine::Engine::new(s2, port, vram).run()
+                engine::Engine::new(s2, port, vram, staging).run()
             })
             .map_err(|e| Error::sys("spawn(engine thread)", e))?;
         // Return only once the engine runs: a thread still starting up has every
@@ -343,6 +425,11 @@ impl Device for ReferenceDevice {
     }
 
     fn set_irq_eventfd(&self, ring: u32, eventfd: Option<Arc<OwnedFd>>) -> Result<()> {
+        if ring == regs::FAULT_VECTOR {
+            let mut f = crate::driver_section::lock(&self.shared.gpu.fault_irq);
+            *f = eventfd;
+            return Ok(());
+        }
         let mut irq = crate::driver_section::lock(&self.shared.irq);
         let slot = irq.get_mut(ring as usize).ok_or(Error::NoSuchRing {
             ring,

@@ -23,7 +23,7 @@ impl Inner {
             done
         };
         for r in done {
-            self.unmap_region(&r);
+            self.unmap_region(&r, super::UnmapReason::Merge);
         }
     }
 
@@ -120,7 +120,7 @@ impl Inner {
         }
         Stats::add(&self.stats.evictions, victims.len() as u64);
         for v in &victims {
-            self.unmap_region(v);
+            self.unmap_region(v, super::UnmapReason::Eviction);
         }
         victims.iter().map(|v| v.len()).sum()
     }

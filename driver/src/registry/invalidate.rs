@@ -80,7 +80,7 @@ impl Registry {
         let mut others_downgrading = Vec::new();
         let mut fences = Vec::new();
         let mut survivors = Vec::new();
-        {
+        let stale = {
             let mut g = inner.notifier.write();
             g.invalidations.record(range.clone());
             for slot in 0..3 {
@@ -141,9 +141,13 @@ impl Registry {
                 }
             }
             let overlaps = |r: &Arc<Region>| r.range.start < range.end && range.start < r.range.end;
-            // Regions another invalidation has retired and is still waiting for.
+            // Regions another invalidation has retired and is still waiting for, and
+            // (below) merged ones still draining: a device-side mirror may hold their
+            // translations, which must go before this call returns (`mirror`).
+            let mut stale: Vec<Arc<Region>> = Vec::new();
             for r in g.retiring.iter().filter(|r| overlaps(r)) {
                 fences.extend(r.inflight());
+                stale.push(r.clone());
             }
             if action == Action::Drop {
                 let (hit, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut g.draining)
@@ -154,18 +158,22 @@ impl Registry {
             } else {
                 for r in g.draining.iter().filter(|r| overlaps(r)) {
                     fences.extend(r.inflight());
+                    stale.push(r.clone());
                 }
             }
             for r in &victims {
                 fences.extend(r.inflight());
             }
             g.retiring.extend(victims.iter().cloned());
-        }
+            stale
+        };
+        inner.tell_invalidating(&range, cause);
         let waited = inner.wait_work(&fences, &range);
+        inner.tell_stale(&stale, cause);
         // Unmapped whatever the wait says: a region whose work may still run keeps its
         // IOVA range out of circulation (quarantined) until the work is proven done.
         for r in &victims {
-            inner.unmap_region(r);
+            inner.unmap_region(r, super::UnmapReason::Invalidation(cause));
         }
         if !victims.is_empty() {
             let mut g = inner.notifier.write();
@@ -173,6 +181,7 @@ impl Registry {
                 .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
         }
         for r in &downgrades {
+            inner.tell_downgrading(r);
             let ro = read_only(r.perm).expect("only readable regions are downgraded");
             match inner.driver.domain().set_perm(r.iova, r.len(), ro) {
                 Ok(()) => Stats::add(&inner.stats.downgrades, 1),

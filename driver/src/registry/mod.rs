@@ -78,6 +78,7 @@ mod config;
 mod evict;
 pub mod interval;
 mod invalidate;
+pub mod mirror;
 pub mod notifier;
 mod pin;
 mod region;
@@ -88,6 +89,7 @@ pub mod validate;
 
 pub use cause::Cause;
 pub use config::RegistryConfig;
+pub use mirror::{RangeMirror, UnmapReason};
 
 pub use stats::{Stats, StatsSnapshot, CAUSE_NAMES};
 
@@ -141,6 +143,8 @@ struct Inner {
     hi: AtomicU64,
     observers: Mutex<Vec<(u64, Arc<dyn RegionObserver>)>>,
     next_observer: AtomicU64,
+    /// Device-side mirrors, told before a region's mapping goes away (`mirror`).
+    mirrors: Mutex<Vec<std::sync::Weak<dyn RangeMirror>>>,
 }
 
 /// The userptr registry of one driver. Cheap to clone (shared).
@@ -291,6 +295,7 @@ impl Registry {
             hi: AtomicU64::new(0),
             observers: Mutex::new(Vec::new()),
             next_observer: AtomicU64::new(0),
+            mirrors: Mutex::new(Vec::new()),
         });
         // When the domain runs out, the driver (or another registry on it) may ask
         // this one for its idle regions.

@@ -17,7 +17,10 @@ impl Inner {
     /// allocator only if no device work may still reach it; otherwise the driver
     /// quarantines it until that work is proven finished (the translation goes now
     /// either way, so a late access faults instead of reaching someone else's pages).
-    pub(super) fn unmap_region(&self, r: &Region) {
+    /// The device-side mirrors are told first, for `why` (`mirror`: their entries
+    /// go before the IOMMU mapping does).
+    pub(super) fn unmap_region(&self, r: &Region, why: super::UnmapReason) {
+        self.tell_unmapping(r, why);
         let pending: Vec<InFlight> = r.inflight().into_iter().filter(|w| !w.done()).collect();
         let res = if pending.is_empty() {
             self.driver.unmap_raw(r.iova, r.len()).map(|()| false)
@@ -146,7 +149,7 @@ impl Drop for Inner {
             tracing::error!("registry teardown: {e}; the IOVAs it may reach are quarantined");
         }
         for r in &all {
-            self.unmap_region(r);
+            self.unmap_region(r, super::UnmapReason::Invalidation(super::Cause::Release));
         }
     }
 }

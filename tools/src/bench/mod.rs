@@ -21,6 +21,7 @@
 //! buffers do not fit is skipped, said on stderr and listed under `skipped` with why.
 
 mod e2e;
+mod gpuvm;
 pub mod intercept;
 mod kvm_notifier;
 mod limits;
@@ -41,7 +42,7 @@ use std::sync::Mutex;
 use userptr::driver::vfio::pci::Bdf;
 
 /// The suites, in run order.
-pub const SUITES: [&str; 8] = [
+pub const SUITES: [&str; 9] = [
     "pin",
     "ring",
     "e2e",
@@ -50,6 +51,7 @@ pub const SUITES: [&str; 8] = [
     "intercept",
     "all",
     "vfio",
+    "gpuvm",
 ];
 
 /// `--suite`'s parser: one of [`SUITES`], any case.
@@ -68,7 +70,8 @@ fn suite(s: &str) -> Result<String, String> {
 #[derive(clap::Args)]
 pub struct Args {
     /// Suites to run (repeat or comma-separate): pin, ring, e2e, cache, invalidate,
-    /// intercept, all (the six before it), vfio (needs --device).
+    /// intercept, all (the six before it), vfio (needs --device), gpuvm (GPU VMs on
+    /// the reference device).
     #[arg(long, value_delimiter = ',', default_value = "all", value_parser = suite)]
     suite: Vec<String>,
     /// A short run (under a minute on 2 cores): fewer samples, smaller sizes.
@@ -300,6 +303,7 @@ fn bench(a: Args) -> Result<(), (String, Option<Doc>)> {
             "invalidate" => registry::invalidate(&ctx, &target),
             "intercept" => intercept::run(&ctx),
             "vfio" => vfio::run(&ctx, &target),
+            "gpuvm" => gpuvm::run(&ctx, &target),
             _ => Err(format!("unknown suite {s}")),
         }));
         std::panic::set_hook(prev);
