@@ -674,6 +674,17 @@ fn monitor_threads() -> usize {
         .count()
 }
 
+/// [`monitor_threads`] once it stops changing towards zero: a joined thread's
+/// `/proc/self/task` entry can outlive the join by a moment (the kernel wakes the joiner
+/// before it reaps the task), so wait, bounded, for such entries to go.
+fn settled_monitor_threads() -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while monitor_threads() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    monitor_threads()
+}
+
 /// Child body: a userfaultfd monitor is process-wide state.
 #[test]
 #[ignore = "child process body of uffd_start_stop_cycles_leave_nothing_behind"]
@@ -690,7 +701,7 @@ fn uffd_cycles_child() {
     UffdMonitor::start(&reg).unwrap().stop();
     let (fds, threads, observers) = (
         count_dir("/proc/self/fd"),
-        monitor_threads(),
+        settled_monitor_threads(),
         reg.observers(),
     );
     assert_eq!(observers, 0, "stop left its observer behind");
@@ -704,7 +715,7 @@ fn uffd_cycles_child() {
     assert_eq!(reg.observers(), observers, "observers piled up");
     assert_eq!(count_dir("/proc/self/fd"), fds, "file descriptors piled up");
     assert_eq!(
-        (threads, monitor_threads()),
+        (threads, settled_monitor_threads()),
         (0, 0),
         "monitor threads left behind"
     );
