@@ -134,9 +134,7 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
     let mut y: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut expect = y.clone();
     let t = Instant::now();
-    let ux = reg
-        .register(x.as_ptr() as usize, n * 4, userptr::Perm::READ)
-        .map_err(|e| crate::explain(&e))?;
+    let ux = reg.register_slice_ref(&x).map_err(|e| crate::explain(&e))?;
     let uy = reg.register_slice(&mut y).map_err(|e| crate::explain(&e))?;
     println!(
         "registered 2 x {:.1} MiB of Vec<f32> in {:.2?}",
@@ -173,6 +171,8 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
         }
         commands += 1;
     }
+    // Every command on `y` waited for: hand it back (it is borrowed until then).
+    reg.unregister(uy).map_err(|e| crate::explain(&e))?;
     let dt = t.elapsed();
     if y != expect {
         let bad = y.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
@@ -186,11 +186,11 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
         bytes as f64 / (1 << 20) as f64 / dt.as_secs_f64()
     );
 
-    let mut data: Vec<u8> = (0..p.data)
+    let data: Vec<u8> = (0..p.data)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let ud = reg
-        .register_slice(&mut data)
+        .register_slice_ref(&data)
         .map_err(|e| crate::explain(&e))?;
     let t = Instant::now();
     let dl = data.len() as u64;
