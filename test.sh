@@ -6,6 +6,13 @@ cd "$(dirname "$0")"
 cargo build -p userptr-preload    # the LD_PRELOAD shim the monitor matrix loads
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+# The C API from C and C++ (capi/test-c.sh): the example built with the system compiler
+# against the shared and the static library through pkg-config, run plain and under the
+# seccomp and userfaultfd monitors; the header compiled as C++.
+capi/test-c.sh
+# The Python module (python/test-python.sh): a virtualenv in target/pyenv with pinned
+# maturin, pytest and numpy (first run only), `maturin develop`, then pytest.
+python/test-python.sh
 export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom
 cargo test -p userptr-ring --test loom --release
 cargo test -p userptr-driver --test loom_notifier --release

@@ -241,10 +241,38 @@ fn bad_ring_requests_are_errors() {
     let q = drv.queue(0, 8).unwrap();
     let e = drv.queue(0, 8).unwrap_err();
     assert!(matches!(e, Error::RingBusy { ring: 0 }), "{e}");
+    // The refused open left the queue already on the ring working.
+    q.run(Descriptor::nop()).unwrap();
     drop(q);
     let q = drv.queue(0, 8).unwrap();
     q.run(Descriptor::nop()).unwrap();
     drop((q, drv));
+    pins.check();
+}
+
+#[test]
+fn racing_opens_of_one_ring_leave_exactly_one_working_queue() {
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    for _ in 0..16 {
+        let barrier = std::sync::Barrier::new(2);
+        let (a, b) = std::thread::scope(|s| {
+            let open = || {
+                barrier.wait();
+                drv.queue(0, 8)
+            };
+            let a = s.spawn(open);
+            let b = s.spawn(open);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        let (q, e) = match (a, b) {
+            (Ok(q), Err(e)) | (Err(e), Ok(q)) => (q, e),
+            (a, b) => panic!("expected one open and one refusal: {a:?} / {b:?}"),
+        };
+        assert!(matches!(e, Error::RingBusy { ring: 0 }), "{e}");
+        q.run(Descriptor::nop()).unwrap();
+    }
+    drop(drv);
     pins.check();
 }
 

@@ -516,3 +516,14 @@ in_child!(
         pins.check();
     }
 );
+
+in_child!(
+    /// No timeout, however large, panics: `Duration::MAX` means "no deadline".
+    sync_takes_any_timeout,
+    sync_takes_any_timeout_child,
+    {
+        let env = setup();
+        assert!(env.mon.sync(Duration::MAX), "sync with no deadline");
+        println!("uffd sync: Duration::MAX ok");
+    }
+);

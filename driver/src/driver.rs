@@ -69,6 +69,22 @@ struct Inner {
     /// Bytes in `quarantine` (read without its lock on every allocation).
     quarantined: AtomicU64,
     reclaimers: Mutex<Vec<Weak<dyn Reclaim>>>,
+    /// The rings a [`CommandQueue`](crate::CommandQueue) drives (at most one each).
+    rings: Mutex<std::collections::BTreeSet<u32>>,
+}
+
+/// A queue's claim on its ring: while it is held, no other queue of this driver
+/// programs, enables or disables that ring. Released on drop.
+#[derive(Debug)]
+pub(crate) struct RingClaim {
+    driver: Driver,
+    ring: u32,
+}
+
+impl Drop for RingClaim {
+    fn drop(&mut self) {
+        crate::driver_section::lock(&self.driver.inner.rings).remove(&self.ring);
+    }
 }
 
 /// Whether `e` says the domain (or the locked-memory limit) is out of room, which
@@ -125,6 +141,7 @@ impl Driver {
                 quarantine: Mutex::new(Vec::new()),
                 quarantined: AtomicU64::new(0),
                 reclaimers: Mutex::new(Vec::new()),
+                rings: Mutex::new(std::collections::BTreeSet::new()),
             }),
         }
     }
@@ -373,6 +390,19 @@ impl Driver {
 
     fn free_iova(&self, iova: u64, len: u64) {
         crate::driver_section::lock(&self.inner.iova).free(iova, len)
+    }
+
+    /// Claim ring `ring` for one queue, or `RingBusy` if a queue already drives it.
+    /// Taken before anything touches the ring's registers, so a refused open leaves
+    /// the queue already open on the ring alone.
+    pub(crate) fn claim_ring(&self, ring: u32) -> Result<RingClaim> {
+        if !crate::driver_section::lock(&self.inner.rings).insert(ring) {
+            return Err(Error::RingBusy { ring });
+        }
+        Ok(RingClaim {
+            driver: self.clone(),
+            ring,
+        })
     }
 
     pub(crate) fn irq_enable(&self, ring: u32, on: bool) {

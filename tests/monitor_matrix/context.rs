@@ -320,6 +320,10 @@ fn block_usr1_on_other_application_threads() {
         sa.sa_sigaction = block_usr1_on_return as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut sa.sa_mask);
+        // SIGUSR1 is blocked while the handler runs too: the handler acknowledges
+        // before its sigreturn installs the new mask, and without this the SIGUSR1
+        // sent right after the acknowledgement could land in that window.
+        libc::sigaddset(&mut sa.sa_mask, libc::SIGUSR1);
         assert_eq!(libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut()), 0);
     }
     // SAFETY: gettid/getpid have no preconditions.

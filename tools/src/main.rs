@@ -134,6 +134,16 @@ pub fn explain(e: &userptr::Error) -> String {
             "raise the locked-memory limit (`ulimit -l`) or run with CAP_IPC_LOCK"
         }
         E::BadAddress { .. } => "map memory that is mapped and writable",
+        E::BatchTooLarge { .. } => {
+            "submit fewer or smaller buffers per batch, or raise the pin budget (`ulimit -l`, CAP_IPC_LOCK)"
+        }
+        E::TooManyRetries { .. } | E::WindowTimeout { .. } => {
+            "another thread keeps changing the buffers' address space; change it less often, or raise the registry's limits"
+        }
+        E::ForeignQueue { .. } => "submit on a queue of the registry's own driver",
+        E::ReplaceablePages { .. } => {
+            "register private anonymous memory, or a memfd sealed with F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE"
+        }
         E::MonitorConflict { .. } | E::MonitorUnavailable { .. } => {
             "the seccomp monitor needs seccomp filters and no other SIGSYS user (`userptr status` checks)"
         }

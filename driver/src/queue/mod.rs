@@ -94,6 +94,9 @@ struct State {
 /// memory unmapped) on drop. Derefs to [`QueueCore`], where the methods are.
 pub struct CommandQueue {
     core: Arc<QueueCore>,
+    /// Dropped after [`Drop::drop`] has disabled the ring: the next queue on this
+    /// ring can only be opened once this one no longer touches it.
+    _claim: crate::driver::RingClaim,
 }
 
 impl std::ops::Deref for CommandQueue {
@@ -158,6 +161,13 @@ impl CommandQueue {
         if size > 1 << ((caps >> 8) & 0xff) {
             return Err(Error::RingSize(userptr_ring::GeometryError::Size(size)));
         }
+        // Before anything is built whose drop would disable the ring: a refused open
+        // must leave the queue already driving it untouched.
+        let claim = driver.claim_ring(ring_idx)?;
+        if dev.read32(ring_reg(ring_idx, ring::CONTROL)) & ring::CONTROL_ENABLE != 0 {
+            // Enabled by something other than a queue of this driver.
+            return Err(Error::RingBusy { ring: ring_idx });
+        }
         let cq_off = size as usize * DESCRIPTOR_SIZE;
         let fence_off = cq_off + size as usize * COMPLETION_SIZE;
         let mem = DmaMemory::new(fence_off + 8)?;
@@ -191,7 +201,10 @@ impl CommandQueue {
             irq_wakeups: AtomicU64::new(0),
         };
         // From here on, Drop undoes whatever was done.
-        let q = CommandQueue { core: Arc::new(q) };
+        let q = CommandQueue {
+            core: Arc::new(q),
+            _claim: claim,
+        };
         q.program()?;
         Ok(q)
     }

@@ -222,7 +222,7 @@ impl FaultLog {
         ranges: &[(u64, u64)],
         settle: Duration,
     ) -> Option<IommuFault> {
-        let deadline = Instant::now() + settle;
+        let deadline = crate::submitter::deadline_after(settle);
         loop {
             {
                 let mut st = self.lock();

@@ -229,7 +229,7 @@ impl UffdMonitor {
     /// returned makes the change visible to the registry. Returns false on timeout or
     /// if the monitor has stopped.
     pub fn sync(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::submitter::deadline_after(timeout);
         let ctl = &*self.ctl;
         let mut p = ctl.progress();
         if p.reader_done || p.handler_done {

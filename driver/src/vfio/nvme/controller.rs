@@ -73,7 +73,7 @@ impl Shared {
     }
 
     pub(super) fn wait_ready(&self, ready: bool) -> Result<()> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = crate::submitter::deadline_after(self.timeout);
         loop {
             let csts = self.bar.read32(reg::CSTS);
             if csts == u32::MAX {
@@ -315,7 +315,8 @@ impl Nvme {
         self.shared
             .bar
             .write32(self.shared.sq_doorbell(0), q.sq_tail as u32);
-        let deadline = Instant::now() + self.shared.timeout.max(Duration::from_secs(5));
+        let deadline =
+            crate::submitter::deadline_after(self.shared.timeout.max(Duration::from_secs(5)));
         loop {
             if let Some((c, status, result)) = q.pop() {
                 self.shared

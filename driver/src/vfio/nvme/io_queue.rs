@@ -166,7 +166,7 @@ impl IoCore {
     }
 
     pub(super) fn wait_seq(&self, seqno: u64, mode: WaitMode, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::submitter::deadline_after(timeout);
         let mut spins = 0;
         loop {
             if self.done_locked(&mut self.lock(), seqno) {
@@ -177,7 +177,7 @@ impl IoCore {
                 return Err(Error::Timeout {
                     ring: self.qid as u32,
                     seqno,
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: crate::submitter::millis(timeout),
                 });
             }
             self.pause(mode, deadline - now, &mut spins);
@@ -349,7 +349,7 @@ impl IoQueue {
         mode: WaitMode,
         timeout: Duration,
     ) -> Result<Vec<NvmeCompletion>> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::submitter::deadline_after(timeout);
         let mut spins = 0;
         loop {
             {
@@ -380,7 +380,7 @@ impl IoQueue {
                 return Err(Error::Timeout {
                     ring: self.core.qid as u32,
                     seqno: batch.seqno,
-                    waited_ms: timeout.as_millis() as u64,
+                    waited_ms: crate::submitter::millis(timeout),
                 });
             }
             self.core.pause(mode, deadline - now, &mut spins);
@@ -447,7 +447,8 @@ impl Submitter for IoQueue {
     }
 
     fn wait_for_room(&self, n: usize) -> Result<()> {
-        let deadline = Instant::now() + self.core.shared.timeout.max(Duration::from_secs(5));
+        let deadline =
+            crate::submitter::deadline_after(self.core.shared.timeout.max(Duration::from_secs(5)));
         let mut spins = 0;
         loop {
             {
