@@ -282,6 +282,18 @@ fn read_into_an_unmapped_iova_fails_that_command_only() {
             matches!(e, userptr::Error::NvmeIommuFault { iova, .. } if iova & !0xfff == bogus),
             "{e}"
         );
+        // The default wait is that error, not `Ok` with a failed completion inside.
+        let b =
+            r.q.submit_batch(&[NvmeCommand::read(&ns, 0, bogus, 4096)])
+                .unwrap();
+        let e = r.q.wait(b, WaitMode::Block, T).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                userptr::Error::NvmeIommuFault { .. } | userptr::Error::NvmeStatus { .. }
+            ),
+            "{e}"
+        );
         r.q.set_fault_check(Some(Duration::ZERO));
         // The controller still works.
         let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
