@@ -18,19 +18,25 @@ use userptr::{CommandQueue, Descriptor, Driver, Perm, UserMapping};
 
 const MIB: usize = 1 << 20;
 
-fn map<T>(drv: &Driver, v: &[T], perm: Perm) -> UserMapping {
-    // The mapping holds no borrow of `v`: the caller keeps `v` alive (and unmoved)
-    // while the mapping exists, and touches it only between device commands.
-    drv.map_user(v.as_ptr() as usize, std::mem::size_of_val(v), perm)
-        .expect("map_user")
+/// Map `v` by address (the mapping holds no borrow of it, so the bench can compare
+/// it between device commands).
+///
+/// # Safety
+///
+/// [`Driver::map_user`]'s: the caller keeps `v` alive and unmoved while the mapping
+/// exists, and touches it only between device commands.
+unsafe fn map<T>(drv: &Driver, v: &[T], perm: Perm) -> UserMapping<'static> {
+    // SAFETY: passed on to the caller (this function's own contract).
+    unsafe { drv.map_user(v.as_ptr() as usize, std::mem::size_of_val(v), perm) }.expect("map_user")
 }
 
 fn copy(c: &mut Criterion, drv: &Driver, q: &CommandQueue) {
     for (len, label) in [(MIB, "1MiB"), (16 * MIB, "16MiB"), (64 * MIB, "64MiB")] {
         let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let mut dst = vec![0u8; len];
-        let ms = map(drv, &src, Perm::READ);
-        let md = map(drv, &dst, Perm::READ_WRITE);
+        // SAFETY: `src` and `dst` outlive the mappings (dropped at the end of the
+        // iteration) and are read only between device commands (`run` waits).
+        let (ms, md) = unsafe { (map(drv, &src, Perm::READ), map(drv, &dst, Perm::READ_WRITE)) };
         let desc = Descriptor::copy(ms.iova(), md.iova(), len as u64);
         q.run(desc).expect("device copy");
         assert!(dst == src, "device copy of {label} is wrong");
@@ -62,8 +68,9 @@ fn saxpy(c: &mut Criterion, drv: &Driver, q: &CommandQueue) {
     for (n, label) in [(1usize << 20, "1M"), (16 << 20, "16M")] {
         let x = vec![1.0f32; n];
         let mut y = vec![0.0f32; n];
-        let mx = map(drv, &x, Perm::READ);
-        let my = map(drv, &y, Perm::READ_WRITE);
+        // SAFETY: `x` and `y` outlive the mappings (dropped at the end of the
+        // iteration) and are touched only between device commands (`run` waits).
+        let (mx, my) = unsafe { (map(drv, &x, Perm::READ), map(drv, &y, Perm::READ_WRITE)) };
         let desc = Descriptor::saxpy(A, mx.iova(), my.iova(), n as u64);
         q.run(desc).expect("device saxpy");
         assert!(

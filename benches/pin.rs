@@ -40,8 +40,9 @@ fn pin(c: &mut Criterion) {
         }
         g.bench_function("userptr", |b| {
             b.iter(|| {
-                let m = drv
-                    .map_user(black_box(mem.addr), len, Perm::READ_WRITE)
+                // SAFETY: the bench's own anonymous mapping, unmapped again at once
+                // with no command on it.
+                let m = unsafe { drv.map_user(black_box(mem.addr), len, Perm::READ_WRITE) }
                     .expect("map_user");
                 drop(black_box(m));
             })

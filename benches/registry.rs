@@ -21,7 +21,9 @@ fn cache(c: &mut Criterion) {
     let mem = Anon::new(128 * (64 << 10));
     let us: Vec<_> = (0..64)
         .map(|i| {
-            reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE)
+            // SAFETY: the bench's own anonymous mapping, which outlives the registry;
+            // the device commands submitted are NOPs that touch no memory.
+            unsafe { reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE) }
                 .unwrap()
         })
         .collect();
@@ -50,10 +52,14 @@ fn cache(c: &mut Criterion) {
     let mut objects = Vec::with_capacity(100_000);
     for r in 0..14_286 {
         let base = objects_mem.addr + r * 2 * 4096;
-        reg.register(base, 4096, Perm::READ_WRITE).unwrap();
+        // SAFETY: the bench's own anonymous mapping, which outlives the registry; no
+        // command touches it.
+        unsafe { reg.register(base, 4096, Perm::READ_WRITE) }.unwrap();
         for p in 0..7 {
             if objects.len() < 100_000 {
-                objects.push(reg.register(base + p * 512, 512, Perm::READ_WRITE).unwrap());
+                // SAFETY: as above.
+                let u = unsafe { reg.register(base + p * 512, 512, Perm::READ_WRITE) };
+                objects.push(u.unwrap());
             }
         }
     }
@@ -90,7 +96,9 @@ fn invalidate(c: &mut Criterion) {
     g.sample_size(30).measurement_time(Duration::from_secs(3));
     g.bench_function("userptr_discard", |b| {
         b.iter_batched(
-            || reg.register(mem.addr, 2 << 20, Perm::READ_WRITE).unwrap(),
+            // SAFETY: the bench's own anonymous mapping, which outlives the registry; no
+            // command touches it.
+            || unsafe { reg.register(mem.addr, 2 << 20, Perm::READ_WRITE) }.unwrap(),
             |_u| reg.invalidate(range.clone(), Cause::Discard).unwrap(),
             BatchSize::PerIteration,
         )

@@ -112,6 +112,10 @@ enum userptr_code
      */
     USERPTR_CODE_BATCH_TOO_LARGE = 25,
     /**
+     * A registration of another registry than the one it was handed to.
+     */
+    USERPTR_CODE_FOREIGN_USERPTR = 26,
+    /**
      * No free IOVA range of the size asked for.
      */
     USERPTR_CODE_IOVA_EXHAUSTED = 30,
@@ -865,12 +869,19 @@ void userptr_registry_free(userptr_registry *registry);
  * value); they are pinned now, so memory the device cannot use is refused here.
  * `*out` receives the registration.
  *
- * The contract: from here until `userptr_unregister`, `[addr, addr + len)` stays
- * mapped with the same pages (do not free, munmap, madvise(MADV_DONTNEED), mremap or
- * mprotect it), **unless** a monitor is installed on the registry
- * (`userptr_monitor_install`) or the application reports each change itself
- * (`userptr_invalidate_begin` / `_end`). Otherwise the device may read and write
- * pages the process no longer sees.
+ * The contract: from here until `userptr_unregister` (and, for every submission that
+ * names the registration, until that submission's `userptr_wait` returned):
+ * * `[addr, addr + len)` stays mapped with the same pages (do not free, munmap,
+ *   madvise(MADV_DONTNEED), mremap or mprotect it), **unless** a monitor is installed
+ *   on the registry (`userptr_monitor_install`) or the application reports each
+ *   change itself (`userptr_invalidate_begin` / `_end`): then the registry
+ *   invalidates the range first, waiting for the device work that may reach it.
+ *   Otherwise the device may read and write pages the process no longer sees;
+ * * the program does not race the device: while a submitted command that may write
+ *   the memory runs, nothing reads or writes it; while one that may read it runs,
+ *   nothing writes it. `userptr_wait` on the command's fence ends its access.
+ *
+ * The rest of the first and last page is mapped too (the IOMMU maps whole pages).
  *
  * Accepted: private anonymous memory (malloc, the stack, mmap), and memfds sealed
  * against shrinking and writing. Errors: `USERPTR_CODE_ZERO_LENGTH`,

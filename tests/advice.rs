@@ -13,6 +13,7 @@
 //! PFN reading sees a page change and that the visibility check sees a stale pin.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{pfns, pfns_visible, PinCheck};
 use std::time::Duration;
@@ -71,7 +72,7 @@ fn device_write_visible(reg: &Registry, q: &CommandQueue, u: &Userptr, b: u8) ->
         .submit(q, &[u], |i| vec![Descriptor::fill(i[0], u.len(), b)])
         .unwrap();
     let c = q
-        .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+        .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
         .unwrap();
     assert_eq!(c.status, Status::Ok);
     read(u.addr() as usize, u.len() as usize).is_some_and(|v| v.iter().all(|&x| x == b))
@@ -123,7 +124,7 @@ fn every_harmless_advice_leaves_pinned_pages_in_place() {
         assert!(!is_destructive(advice), "{name} is in HARMLESS");
         let len = if huge(advice) { HUGE } else { SMALL };
         let buf = Aligned::new(len, if huge(advice) { HUGE } else { 4096 });
-        let u = reg.register(buf.addr, len, Perm::READ_WRITE).unwrap();
+        let u = reg.register_test(buf.addr, len, Perm::READ_WRITE).unwrap();
         assert!(device_write_visible(&reg, &q, &u, 0x5a), "{name}: before");
         let before = pfns(buf.addr, len);
         // SAFETY: advises the test's own buffer; nobody tells the registry.
@@ -172,7 +173,9 @@ fn the_checks_see_a_destructive_advice() {
     let q = drv.queue(0, 16).unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let buf = Aligned::new(SMALL, 4096);
-    let u = reg.register(buf.addr, SMALL, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, SMALL, Perm::READ_WRITE)
+        .unwrap();
     assert!(device_write_visible(&reg, &q, &u, 0x5a));
     let before = pfns(buf.addr, SMALL);
     assert!(is_destructive(libc::MADV_DONTNEED));

@@ -6,6 +6,7 @@
 //! which also keeps the process-wide `backing::stats()` counters to one test at a time.
 
 mod common;
+use common::{MapTest as _, RegisterTest as _};
 
 use common::{is_child, run_child, Anon, PinCheck};
 use rustix::fs::{FallocateFlags, MemfdFlags, SealFlags};
@@ -88,7 +89,7 @@ impl Drop for Map {
 
 /// Map `addr` for the device and expect the refusal `want`, covering the whole range.
 fn refused(drv: &Driver, addr: usize, perm: Perm, want: Refusal) -> String {
-    match drv.map_user(addr, LEN, perm) {
+    match drv.map_user_test(addr, LEN, perm) {
         Err(e @ Error::ReplaceablePages { .. }) => {
             let Error::ReplaceablePages {
                 addr: a,
@@ -109,7 +110,7 @@ fn refused(drv: &Driver, addr: usize, perm: Perm, want: Refusal) -> String {
 /// FILL through the device and look at it from the process.
 fn device_fill_is_visible(drv: &Driver, m: &Map, b: u8) {
     let q = drv.queue(0, 8).unwrap();
-    let u = drv.map_user(m.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = drv.map_user_test(m.addr, LEN, Perm::READ_WRITE).unwrap();
     q.run(Descriptor::fill(u.iova(), LEN as u64, b)).unwrap();
     drop(u);
     assert!(
@@ -180,7 +181,9 @@ fn an_unsealed_shared_memfd_is_refused_and_nothing_stays_pinned() {
     assert!(text.contains("MFD_ALLOW_SEALING"), "{text}");
     // The registry's pin path applies the same policy, and keeps nothing.
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let e = reg.register(m.addr, LEN, Perm::READ_WRITE).unwrap_err();
+    let e = reg
+        .register_test(m.addr, LEN, Perm::READ_WRITE)
+        .unwrap_err();
     assert!(matches!(e, Error::ReplaceablePages { .. }), "{e}");
     assert_eq!((reg.mappings(), reg.pinned_bytes()), (0, 0));
     drop((reg, drv));
@@ -195,7 +198,7 @@ fn a_sealed_memfd_is_accepted_and_nobody_can_take_its_pages() {
     let m = Map::shared(&fd);
     seal(&fd, SealFlags::SHRINK | SealFlags::FUTURE_WRITE);
     let q = drv.queue(0, 8).unwrap();
-    let u = drv.map_user(m.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = drv.map_user_test(m.addr, LEN, Perm::READ_WRITE).unwrap();
     // Every way of replacing the pages through the file is refused by the kernel.
     let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
     assert_eq!(
@@ -219,14 +222,14 @@ fn a_sealed_memfd_is_accepted_and_nobody_can_take_its_pages() {
     drop(u);
     // Through the registry too.
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let r = reg.register(m.addr, LEN, Perm::READ_WRITE).unwrap();
+    let r = reg.register_test(m.addr, LEN, Perm::READ_WRITE).unwrap();
     let f = reg
         .submit(&q, &[&r], |iova| {
             vec![Descriptor::fill(iova[0], LEN as u64, 0xcd)]
         })
         .unwrap();
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     assert!(m.read().iter().all(|&x| x == 0xcd));
@@ -349,7 +352,7 @@ fn private_file_mappings_need_a_writable_pin_and_a_shrink_seal() {
     // FOLL_WRITE), with its own error.
     let file = temp_file(&std::env::temp_dir().to_string_lossy());
     let ro = Map::new(Some(&file), libc::PROT_READ, libc::MAP_PRIVATE);
-    let e = drv.map_user(ro.addr, LEN, Perm::READ).unwrap_err();
+    let e = drv.map_user_test(ro.addr, LEN, Perm::READ).unwrap_err();
     assert!(matches!(e, Error::UnsupportedMemory { .. }), "{e}");
     // Writable memory registered device-read-only: io_uring pins it, the policy
     // refuses it (a pin without FOLL_WRITE, VFIO's, could hold the page-cache page).
@@ -359,7 +362,7 @@ fn private_file_mappings_need_a_writable_pin_and_a_shrink_seal() {
     let text = refused(&drv, m.addr, Perm::READ, Refusal::ReadOnlyPrivateFile);
     assert!(text.contains("device-writable"), "{text}");
     // Writable, sealed against shrinking: accepted, and the copies cannot be taken.
-    let u = drv.map_user(m.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = drv.map_user_test(m.addr, LEN, Perm::READ_WRITE).unwrap();
     assert_eq!(errno(rustix::fs::ftruncate(&fd, 0)), Some(libc::EPERM));
     drop(u);
     device_fill_is_visible(&drv, &m, 0x5e);
@@ -386,7 +389,9 @@ fn private_anonymous_memory_costs_one_vma_lookup_and_no_descriptor() {
     let drv = Driver::reference().unwrap();
     let buf = Anon::new(2 << 20);
     let before = backing::stats();
-    let m = drv.map_user(buf.addr, 2 << 20, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr, 2 << 20, Perm::READ_WRITE)
+        .unwrap();
     let after = backing::stats();
     assert_eq!(after.checks - before.checks, 1);
     assert_eq!(after.vmas - before.vmas, 1, "one VMA, one lookup");
@@ -533,7 +538,7 @@ fn a_closed_memfd_is_checked_through_map_files_or_refused() {
     drop(fd);
     let entry = format!("/proc/self/map_files/{:x}-{:x}", m.addr, m.addr + LEN);
     if std::fs::File::open(&entry).is_ok() {
-        drv.map_user(m.addr, LEN, Perm::READ_WRITE).unwrap();
+        drop(drv.map_user_test(m.addr, LEN, Perm::READ_WRITE).unwrap());
     } else {
         refused(&drv, m.addr, Perm::READ_WRITE, Refusal::NoDescriptor);
     }
@@ -577,7 +582,7 @@ fn without_map_files_child() {
         "map_files opened without CAP_SYS_ADMIN: the fallback would not be exercised"
     );
     let before = backing::stats();
-    let u = drv.map_user(m.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = drv.map_user_test(m.addr, LEN, Perm::READ_WRITE).unwrap();
     assert_eq!(backing::stats().seal_lookups - before.seal_lookups, 1);
     drop(u);
     device_fill_is_visible(&drv, &m, 0x77);
@@ -643,7 +648,9 @@ fn unclassifiable_child() {
         );
         return;
     }
-    let e = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap_err();
+    let e = drv
+        .map_user_test(buf.addr, LEN, Perm::READ_WRITE)
+        .unwrap_err();
     assert!(matches!(e, Error::BackingUnknown { .. }), "{e}");
     // SAFETY: unmounting the tmpfs this child mounted, in its own namespace.
     assert_eq!(unsafe { libc::umount(c"/proc".as_ptr()) }, 0);

@@ -4,6 +4,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 
 mod common;
+use common::{MapTest as _, RegisterTest as _};
 
 use common::{is_child, run_child, Anon, PinCheck};
 use std::time::Duration;
@@ -31,7 +32,9 @@ fn zero_length_is_refused() {
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
     let buf = Anon::new(4096);
-    let e = drv.map_user(buf.addr, 0, Perm::READ_WRITE).unwrap_err();
+    let e = drv
+        .map_user_test(buf.addr, 0, Perm::READ_WRITE)
+        .unwrap_err();
     assert!(matches!(e, Error::ZeroLength { .. }), "{e}");
     let e = drv
         .domain()
@@ -57,7 +60,9 @@ fn unaligned_domain_ranges_are_refused() {
         assert!(matches!(e, Error::Unaligned { .. }), "{e}");
     }
     // The userptr API takes unaligned buffers and maps the enclosing pages.
-    let m = drv.map_user(buf.addr + 100, 200, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr + 100, 200, Perm::READ_WRITE)
+        .unwrap();
     assert_eq!(m.iova() % 4096, 100);
     assert_eq!(m.pinned_len(), 4096);
     drop((m, drv));
@@ -69,7 +74,7 @@ fn overflowing_ranges_are_refused() {
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
     let e = drv
-        .map_user(usize::MAX - 100, 4096, Perm::READ)
+        .map_user_test(usize::MAX - 100, 4096, Perm::READ)
         .unwrap_err();
     assert!(matches!(e, Error::Overflow { .. }), "{e}");
     let e = drv
@@ -103,7 +108,9 @@ fn unmapped_prot_none_and_read_only_memory_cannot_be_pinned() {
         ("PROT_NONE", none.addr),
         ("read-only", ro.addr),
     ] {
-        let e = drv.map_user(addr, 1 << 20, Perm::READ_WRITE).unwrap_err();
+        let e = drv
+            .map_user_test(addr, 1 << 20, Perm::READ_WRITE)
+            .unwrap_err();
         assert!(matches!(e, Error::BadAddress { .. }), "{what}: {e}");
         assert!(e.to_string().contains("cannot be pinned"));
     }
@@ -124,17 +131,17 @@ fn iova_exhaustion_is_an_error_and_space_is_reused() {
     let mut maps = Vec::new();
     for i in 0..16 {
         maps.push(
-            drv.map_user(buf.addr + i * 4096, 4096, Perm::READ_WRITE)
+            drv.map_user_test(buf.addr + i * 4096, 4096, Perm::READ_WRITE)
                 .unwrap(),
         );
     }
     let e = drv
-        .map_user(buf.addr + 16 * 4096, 4096, Perm::READ_WRITE)
+        .map_user_test(buf.addr + 16 * 4096, 4096, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::IovaExhausted { .. }), "{e}");
     maps.pop();
     maps.push(
-        drv.map_user(buf.addr + 16 * 4096, 4096, Perm::READ_WRITE)
+        drv.map_user_test(buf.addr + 16 * 4096, 4096, Perm::READ_WRITE)
             .unwrap(),
     );
     drop((maps, drv));
@@ -149,12 +156,12 @@ fn mapping_count_limit_and_size_limit_are_errors() {
     let buf = Anon::new(8 * 4096);
     let maps: Vec<_> = (0..4)
         .map(|i| {
-            drv.map_user(buf.addr + i * 4096, 4096, Perm::READ_WRITE)
+            drv.map_user_test(buf.addr + i * 4096, 4096, Perm::READ_WRITE)
                 .unwrap()
         })
         .collect();
     let e = drv
-        .map_user(buf.addr + 5 * 4096, 4096, Perm::READ_WRITE)
+        .map_user_test(buf.addr + 5 * 4096, 4096, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::TooManyMappings { limit: 4 }), "{e}");
     drop(maps);
@@ -206,7 +213,9 @@ fn vm_pin_counts_a_live_mapping_and_drops_with_it() {
     let drv = Driver::reference().unwrap();
     let base = pinned_bytes().unwrap();
     let buf = Anon::new(4 << 20);
-    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr, buf.len, Perm::READ_WRITE)
+        .unwrap();
     let live = pinned_bytes().unwrap();
     assert!(
         live >= base + buf.len as u64,
@@ -292,7 +301,9 @@ fn a_full_ring_is_would_block_or_a_bounded_wait() {
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     drv.set_enabled(true);
     for f in fences {
-        let c = q.wait(f, WaitMode::Block, Duration::from_secs(10)).unwrap();
+        let c = q
+            .wait_completion(f, WaitMode::Block, Duration::from_secs(10))
+            .unwrap();
         assert_eq!(c.status, Status::Ok);
     }
     // After draining, Wait back-pressure submits more than the ring holds.
@@ -327,13 +338,16 @@ fn malformed_descriptors_complete_with_bad_descriptor_and_the_device_keeps_runni
     let f2 = q.submit_raw(raw, Backpressure::Wait).unwrap();
     let f3 = q.submit(Descriptor::nop(), Backpressure::Wait).unwrap();
     let t = Duration::from_secs(10);
-    let c1 = q.wait(f1, WaitMode::Block, t).unwrap();
-    let c2 = q.wait(f2, WaitMode::Block, t).unwrap();
+    let c1 = q.wait_completion(f1, WaitMode::Block, t).unwrap();
+    let c2 = q.wait_completion(f2, WaitMode::Block, t).unwrap();
     assert_eq!(c1.status, Status::BadDescriptor);
     assert_eq!(c1.detail, DescriptorError::Version(7).code());
     assert_eq!(c2.status, Status::BadDescriptor);
     assert_eq!(c2.detail, DescriptorError::Opcode(0xee).code());
-    assert_eq!(q.wait(f3, WaitMode::Block, t).unwrap().status, Status::Ok);
+    assert_eq!(
+        q.wait_completion(f3, WaitMode::Block, t).unwrap().status,
+        Status::Ok
+    );
     drop((q, drv));
     pins.check();
 }
@@ -344,9 +358,9 @@ fn dma_faults_are_reported_per_command_and_the_device_keeps_running() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 8).unwrap();
     let buf = Anon::new(1 << 20);
-    let ro = drv.map_user(buf.addr, 1 << 19, Perm::READ).unwrap();
+    let ro = drv.map_user_test(buf.addr, 1 << 19, Perm::READ).unwrap();
     let wo = drv
-        .map_user(buf.addr + (1 << 19), 1 << 19, Perm::WRITE)
+        .map_user_test(buf.addr + (1 << 19), 1 << 19, Perm::WRITE)
         .unwrap();
 
     // Unmapped IOVA.
@@ -409,7 +423,9 @@ fn reset_aborts_queued_commands_with_an_error() {
         .collect();
     drv.reset(Duration::from_secs(10)).unwrap();
     for f in fences {
-        let c = q.wait(f, WaitMode::Block, Duration::from_secs(10)).unwrap();
+        let c = q
+            .wait_completion(f, WaitMode::Block, Duration::from_secs(10))
+            .unwrap();
         assert_eq!(c.status, Status::Aborted);
     }
     drv.set_enabled(true);
@@ -448,7 +464,7 @@ fn pin_limit_child() {
     let base = pinned_bytes().unwrap();
     let buf = Anon::new(4 << 20);
     let e = drv
-        .map_user(buf.addr, 4 << 20, Perm::READ_WRITE)
+        .map_user_test(buf.addr, 4 << 20, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinLimit { .. }), "{e}");
     assert!(e.to_string().contains("RLIMIT_MEMLOCK"));
@@ -458,7 +474,9 @@ fn pin_limit_child() {
         "the failed pin left pages pinned"
     );
     // Within the budget it works, and the pin is released with the mapping.
-    let m = drv.map_user(buf.addr, 256 << 10, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr, 256 << 10, Perm::READ_WRITE)
+        .unwrap();
     assert!(pinned_bytes().unwrap() >= base + (256 << 10));
     drop(m);
     assert_eq!(pinned_bytes().unwrap(), base);
@@ -467,7 +485,7 @@ fn pin_limit_child() {
     let reg = userptr::Registry::new(drv.clone(), userptr::RegistryConfig::default());
     assert_eq!(reg.budget(), 1 << 20);
     let e = reg
-        .register(buf.addr, 4 << 20, Perm::READ_WRITE)
+        .register_test(buf.addr, 4 << 20, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinBudget { .. }), "{e}");
     assert_eq!(reg.stats().pin_failures, 0, "refused before pinning");
@@ -570,7 +588,7 @@ fn shared_file_mappings_are_unsupported_memory() {
     };
     assert_ne!(a, libc::MAP_FAILED);
     let e = drv
-        .map_user(a as usize, 1 << 20, Perm::READ_WRITE)
+        .map_user_test(a as usize, 1 << 20, Perm::READ_WRITE)
         .unwrap_err();
     // SAFETY: our mapping.
     unsafe { libc::munmap(a, 1 << 20) };
@@ -612,7 +630,9 @@ fn back_to_back_resets_abort_everything() {
     let fb = qb.submit(Descriptor::nop(), Backpressure::Wait).unwrap();
     drv.reset(Duration::from_secs(10)).unwrap();
     for (q, f) in [(&qa, fa), (&qb, fb)] {
-        let c = q.wait(f, WaitMode::Block, Duration::from_secs(10)).unwrap();
+        let c = q
+            .wait_completion(f, WaitMode::Block, Duration::from_secs(10))
+            .unwrap();
         assert_eq!(c.status, Status::Aborted);
     }
     drv.set_enabled(true);

@@ -4,6 +4,7 @@
 //! returns at once.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{is_child, run_child, Anon};
 use std::time::{Duration, Instant};
@@ -23,7 +24,9 @@ fn raw_fork_child() {
     let q = drv.queue(0, 16).unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let buf = Anon::new(1 << 20);
-    let u = reg.register(buf.addr, 1 << 20, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, 1 << 20, Perm::READ_WRITE)
+        .unwrap();
     let mut direct = vec![0u8; 1 << 16];
     let m = drv.map_slice(&mut direct).unwrap();
     let pins = userptr::proc_status::pinned_bytes().unwrap();
@@ -34,7 +37,7 @@ fn raw_fork_child() {
     if pid == 0 {
         let code = (|| {
             if !matches!(
-                reg.register(buf.addr, 4096, Perm::READ_WRITE),
+                reg.register_test(buf.addr, 4096, Perm::READ_WRITE),
                 Err(Error::ForkedChild)
             ) {
                 return 2;

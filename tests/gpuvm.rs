@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Anon, PinCheck};
+use common::{Anon, MapTest, PinCheck, RegisterTest, VmSubmitTest};
 use std::time::Duration;
 use userptr::driver::gpuvm::{DebugKnobs, Gpu, GpuVm, VmConfig};
 use userptr::ring::regs::fault_kind;
@@ -48,8 +48,8 @@ fn setup(cfg: VmConfig) -> Setup {
 }
 
 fn run(s: &Setup, d: Descriptor) -> Completion {
-    let f = s.vm.submit(&s.q, &[d]).unwrap();
-    s.q.wait(f.end, WaitMode::Block, T).unwrap()
+    let f = s.vm.submit_test(&s.q, &[d]).unwrap();
+    s.q.wait_completion(f.end, WaitMode::Block, T).unwrap()
 }
 
 fn all(buf: &Anon, b: u8) -> bool {
@@ -63,8 +63,8 @@ fn bound_userptrs_and_device_memory_at_gpu_vas() {
     let a = Anon::new(LEN);
     let b = Anon::new(LEN);
     b.fill(0);
-    let ua = s.reg.register(a.addr, LEN, Perm::READ_WRITE).unwrap();
-    let ub = s.reg.register(b.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ua = s.reg.register_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ub = s.reg.register_test(b.addr, LEN, Perm::READ_WRITE).unwrap();
     let ba = s.vm.bind(&ua, VA).unwrap();
     let bb = s.vm.bind(&ub, VA2).unwrap();
     // What the device walks is what the driver wrote.
@@ -115,7 +115,7 @@ fn faults_in_a_vm_without_replay_fail_the_command_with_the_gpu_va_and_kind() {
     let _serial = common::serial();
     let s = setup(VmConfig::bound());
     let a = Anon::new(LEN);
-    let ua = s.reg.register(a.addr, LEN, Perm::READ).unwrap();
+    let ua = s.reg.register_test(a.addr, LEN, Perm::READ).unwrap();
     let ba = s.vm.bind(&ua, VA).unwrap();
     // Nothing bound there.
     let c = run(&s, Descriptor::fill(VA2 + 8192, 4096, 1));
@@ -134,7 +134,7 @@ fn faults_in_a_vm_without_replay_fail_the_command_with_the_gpu_va_and_kind() {
     assert_eq!(c.result as u32, crc32c::crc32c(&a.read()));
     // A ring without the VM still takes IOVAs.
     let q1 = s.drv.queue(1, 16).unwrap();
-    let m = s.drv.map_user(a.addr, LEN, Perm::READ).unwrap();
+    let m = s.drv.map_user_test(a.addr, LEN, Perm::READ).unwrap();
     let c = q1.run(Descriptor::crc32c(m.iova(), LEN as u64, 0)).unwrap();
     assert_eq!(c.result as u32, crc32c::crc32c(&a.read()));
 }
@@ -146,7 +146,7 @@ fn recycled_iova_scenario(cfg: VmConfig, knobs: DebugKnobs) -> (bool, bool) {
     let s = setup(cfg);
     s.vm.set_debug_knobs(knobs);
     let a = Anon::new(LEN);
-    let ua = s.reg.register(a.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ua = s.reg.register_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
     let ba = s.vm.bind(&ua, VA).unwrap();
     assert_eq!(
         run(&s, Descriptor::fill(ba.va(), LEN as u64, 0x11)).status,
@@ -160,7 +160,7 @@ fn recycled_iova_scenario(cfg: VmConfig, knobs: DebugKnobs) -> (bool, bool) {
     s.reg.invalidate_end(inv);
     let b = Anon::new(LEN);
     b.fill(0xbb);
-    let ub = s.reg.register(b.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ub = s.reg.register_test(b.addr, LEN, Perm::READ_WRITE).unwrap();
     assert_eq!(
         s.reg.iova(&ub).unwrap(),
         old_iova,
@@ -225,7 +225,7 @@ fn per_cause_policy_discard_keeps_tables_downgrade_keeps_pins_munmap_frees_table
         svm: false,
     });
     let mut a = Anon::new(LEN);
-    let ua = s.reg.register(a.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ua = s.reg.register_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
     let ba = s.vm.bind(&ua, VA).unwrap();
     let range = a.addr as u64..(a.addr + LEN) as u64;
     let pages = (LEN / 4096) as u64;
@@ -339,15 +339,15 @@ fn a_vm_id_and_its_tables_are_given_back_on_drop() {
     let q = drv.queue(0, 16).unwrap();
     let a = Anon::new(LEN);
     assert!(matches!(
-        vm.submit(&q, &[Descriptor::nop()]),
+        vm.submit_test(&q, &[Descriptor::nop()]),
         Err(userptr::Error::QueueNotAttached { .. })
     ));
-    let ua = reg.register(a.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ua = reg.register_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
     vm.bind(&ua, VA).unwrap();
     vm.attach(&q).unwrap();
     drop(vm);
     // The ring got its IOVAs back when the VM went.
-    let m = drv.map_user(a.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
     q.run(Descriptor::fill(m.iova(), LEN as u64, 7)).unwrap();
     assert!(all(&a, 7));
     assert_eq!(gpu.pt_pages_in_use(), 0);

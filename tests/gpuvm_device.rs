@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::Anon;
+use common::{Anon, MapTest};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userptr::ring::regs::{self, fault_kind, fault_record, pte, ring, vm};
@@ -107,12 +107,12 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
     let (b1, b2) = (Anon::new(8192), Anon::new(8192));
     b1.fill(0);
     b2.fill(0);
-    let m1 = drv.map_user(b1.addr, 8192, Perm::READ_WRITE).unwrap();
-    let m2 = drv.map_user(b2.addr, 8192, Perm::READ_WRITE).unwrap();
+    let m1 = drv.map_user_test(b1.addr, 8192, Perm::READ_WRITE).unwrap();
+    let m2 = drv.map_user_test(b2.addr, 8192, Perm::READ_WRITE).unwrap();
     // The fault queue, and its interrupt.
     let fq = Anon::new(4096);
     fq.fill(0);
-    let mfq = drv.map_user(fq.addr, 4096, Perm::READ_WRITE).unwrap();
+    let mfq = drv.map_user_test(fq.addr, 4096, Perm::READ_WRITE).unwrap();
     dev.write32(regs::FAULTQ_BASE_LO, mfq.iova() as u32);
     dev.write32(regs::FAULTQ_BASE_HI, (mfq.iova() >> 32) as u32);
     dev.write32(regs::FAULTQ_SIZE_LOG2, 4);
@@ -193,14 +193,14 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
     assert_eq!(dev.read32(regs::vm_reg(3, vm::FAULTS)), faults_before + 1);
     std::thread::sleep(Duration::from_millis(20));
     assert!(!q0.is_done(f.seqno), "held until the driver answers");
-    let m3 = drv.map_user(b1.addr, 8192, Perm::READ).unwrap();
+    let m3 = drv.map_user_test(b1.addr, 8192, Perm::READ).unwrap();
     let c = q1.run(Descriptor::crc32c(m3.iova(), 4096, 0)).unwrap();
     assert_eq!(c.result as u32, crc32c::crc32c(&b1.read()[..4096]));
     // Map the page and replay: the command completes OK and wrote b2's second page.
     raw.leaf(VA + 4096, pte::leaf(m2.iova() + 4096, true, false));
     dev.write32(regs::FAULTQ_HEAD, 1);
     dev.write32(regs::ring_reg(0, ring::REPLAY), ring::REPLAY_RETRY);
-    let c = q0.wait(f, WaitMode::Block, T).unwrap();
+    let c = q0.wait_completion(f, WaitMode::Block, T).unwrap();
     assert_eq!(c.status, Status::Ok);
     assert_eq!(b2.read()[4096], 0x44);
     assert_eq!(dev.read32(regs::ring_reg(0, ring::HOLD)), 0);
@@ -220,7 +220,7 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
     assert_eq!((rec.kind, rec.id), (fault_kind::WRITE_PROTECTED, 1));
     dev.write32(regs::FAULTQ_HEAD, 2);
     dev.write32(regs::ring_reg(0, ring::REPLAY), ring::REPLAY_FAIL);
-    let c = q0.wait(f, WaitMode::Block, T).unwrap();
+    let c = q0.wait_completion(f, WaitMode::Block, T).unwrap();
     assert_eq!(c.status, Status::DmaFault);
     assert_eq!(c.fault.unwrap().iova, VA + 4096);
     assert_eq!(c.detail, fault_kind::WRITE_PROTECTED as u32 | 3 << 8);
@@ -246,7 +246,7 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
             userptr::Backpressure::Wait,
         )
         .unwrap();
-    let c = q0.wait(f, WaitMode::Block, T).unwrap();
+    let c = q0.wait_completion(f, WaitMode::Block, T).unwrap();
     assert_eq!(c.detail & 0xff, fault_kind::BAD_PTE as u32);
     assert_eq!(
         dev.read32(regs::FAULTQ_TAIL),
@@ -265,7 +265,7 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
             userptr::Backpressure::Wait,
         )
         .unwrap();
-    let c = q0.wait(f, WaitMode::Block, T).unwrap();
+    let c = q0.wait_completion(f, WaitMode::Block, T).unwrap();
     assert_eq!(c.status, Status::DmaFault);
     assert_eq!(c.detail, fault_kind::IOMMU as u32 | 3 << 8);
     assert_eq!(c.fault.unwrap().iova, VA + 8192, "reported as the GPU VA");
@@ -275,7 +275,7 @@ fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
     let f = q0
         .submit(Descriptor::fill(VA, 16, 1), userptr::Backpressure::Wait)
         .unwrap();
-    let c = q0.wait(f, WaitMode::Block, T).unwrap();
+    let c = q0.wait_completion(f, WaitMode::Block, T).unwrap();
     assert_eq!(c.detail & 0xff, fault_kind::VM_DISABLED as u32);
     dev.write32(regs::ring_reg(0, ring::VM), 0);
     q0.run(Descriptor::fill(m2.iova(), 16, 0x66)).unwrap();
@@ -294,7 +294,7 @@ fn a_reset_aborts_a_held_command_and_a_full_queue_fails_it() {
     };
     raw.tables();
     let fq = Anon::new(4096);
-    let mfq = drv.map_user(fq.addr, 4096, Perm::READ_WRITE).unwrap();
+    let mfq = drv.map_user_test(fq.addr, 4096, Perm::READ_WRITE).unwrap();
     dev.write32(regs::FAULTQ_BASE_LO, mfq.iova() as u32);
     dev.write32(regs::FAULTQ_BASE_HI, (mfq.iova() >> 32) as u32);
     dev.write32(regs::FAULTQ_SIZE_LOG2, 1);
@@ -328,7 +328,7 @@ fn a_reset_aborts_a_held_command_and_a_full_queue_fails_it() {
     // A device reset completes the held commands Aborted.
     drv.reset(T).unwrap();
     for (q, f) in [(&qs[0], f0), (&qs[1], f1)] {
-        let c = q.wait(f, WaitMode::Block, T).unwrap();
+        let c = q.wait_completion(f, WaitMode::Block, T).unwrap();
         assert_eq!(c.status, Status::Aborted);
     }
     dev.write32(regs::FAULTQ_CONTROL, 0);

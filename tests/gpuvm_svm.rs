@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{is_child, run_child, Anon};
+use common::{is_child, run_child, Anon, VmSubmitTest};
 use std::time::Duration;
 use userptr::driver::gpuvm::{Gpu, GpuVm, VmConfig};
 use userptr::driver::monitor::seccomp::SeccompMonitor;
@@ -16,8 +16,8 @@ use userptr::{
 const T: Duration = Duration::from_secs(30);
 
 fn run(vm: &GpuVm, q: &CommandQueue, d: Descriptor) -> Completion {
-    let f = vm.submit(q, &[d]).unwrap();
-    q.wait(f.end, WaitMode::Block, T).unwrap()
+    let f = vm.submit_test(q, &[d]).unwrap();
+    q.wait_completion(f.end, WaitMode::Block, T).unwrap()
 }
 
 fn crc_of(p: u64, len: usize) -> u32 {

@@ -8,6 +8,7 @@
 //! underlying behaviour they must manage.
 
 mod common;
+use common::MapTest as _;
 
 use common::{Anon, PinCheck};
 use userptr::{Descriptor, Driver, Perm};
@@ -20,7 +21,7 @@ fn device_write_is_visible_while_the_pin_is_current() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 16).unwrap();
     let buf = Anon::new(LEN);
-    let m = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
     q.run(Descriptor::fill(m.iova(), LEN as u64, 0xab)).unwrap();
     assert!(buf.read().iter().all(|&b| b == 0xab));
     drop((m, q, drv));
@@ -33,7 +34,7 @@ fn madvise_dontneed_leaves_a_stale_pin_and_remapping_fixes_it() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 16).unwrap();
     let buf = Anon::new(LEN);
-    let m = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
 
     // The process throws its pages away without telling the driver...
     buf.madvise(libc::MADV_DONTNEED);
@@ -47,7 +48,7 @@ fn madvise_dontneed_leaves_a_stale_pin_and_remapping_fixes_it() {
 
     // Re-mapping pins the pages the process maps now: the write is visible.
     drop(m);
-    let m = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
     q.run(Descriptor::fill(m.iova(), LEN as u64, 0xcd)).unwrap();
     assert!(buf.read().iter().all(|&b| b == 0xcd));
     drop((m, q, drv));
@@ -60,7 +61,7 @@ fn munmap_and_reuse_of_the_address_leaves_a_stale_pin() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(0, 16).unwrap();
     let mut buf = Anon::new(LEN);
-    let m = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
 
     // free() + malloc() returning the same address, in miniature.
     buf.unmap();
@@ -71,7 +72,7 @@ fn munmap_and_reuse_of_the_address_leaves_a_stale_pin() {
         "the new memory at the old address must not see writes through the old pin"
     );
     drop(m);
-    let m = drv.map_user(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
     q.run(Descriptor::fill(m.iova(), LEN as u64, 0xcd)).unwrap();
     assert!(buf.read().iter().all(|&b| b == 0xcd));
     drop((m, q, drv));
@@ -88,8 +89,8 @@ fn device_reads_stale_data_after_discard() {
     let src = Anon::new(LEN);
     src.fill(0x5a);
     let dst = Anon::new(LEN);
-    let ms = drv.map_user(src.addr, LEN, Perm::READ).unwrap();
-    let md = drv.map_user(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+    let ms = drv.map_user_test(src.addr, LEN, Perm::READ).unwrap();
+    let md = drv.map_user_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
     src.madvise(libc::MADV_DONTNEED);
     assert!(src.read().iter().all(|&b| b == 0));
     q.run(Descriptor::copy(ms.iova(), md.iova(), LEN as u64))

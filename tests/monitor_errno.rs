@@ -12,6 +12,7 @@
 //! fast path (no registered range touched) and its invalidating path are taken.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{int80, int80_works, is_child, map_isolated, Anon};
 use std::time::Duration;
@@ -478,7 +479,9 @@ fn errno_child() {
     let drv = Driver::reference().unwrap();
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let buf = Anon::new(64 << 10);
-    let _u = reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let _u = reg
+        .register_test(buf.addr, buf.len, Perm::READ_WRITE)
+        .unwrap();
     let env = Env {
         registered: buf.addr,
     };

@@ -29,6 +29,7 @@
 //! executable later), `files` (file-side changes of shared memory).
 
 mod common;
+use common::RegisterTest as _;
 
 #[path = "monitor_matrix/classic.rs"]
 mod classic;
@@ -301,8 +302,13 @@ impl Ctx<'_> {
     }
 
     /// Register, or say which cell a refusal makes.
-    pub fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr, &'static str> {
-        self.reg.register(addr, len, perm).map_err(|e| {
+    pub fn register(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> Result<Userptr<'static>, &'static str> {
+        self.reg.register_test(addr, len, perm).map_err(|e| {
             if is_refusal(&e) {
                 eprintln!("registration refused: {e}");
                 "refused"
@@ -320,7 +326,7 @@ impl Ctx<'_> {
         })?;
         Ok(self
             .q
-            .wait(f.end, WaitMode::Block, Duration::from_secs(30))?
+            .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))?
             .status)
     }
 
@@ -455,7 +461,7 @@ fn matrix_child() {
     // the registry's pins, and the queue's ring memory, pinned for good). One region
     // is still pinned when everything is dropped.
     let last = Anon::new(LEN);
-    let u = reg.register(last.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(last.addr, LEN, Perm::READ_WRITE).unwrap();
     assert_eq!(ctx.fill(&u, LEN, 0x5a).unwrap(), Status::Ok);
     let pinned = reg.regions().len();
     drop(seccomp);

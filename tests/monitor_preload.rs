@@ -19,6 +19,7 @@
 //! SKIP without them.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{is_child, map_isolated, Anon};
 use std::time::Duration;
@@ -178,7 +179,7 @@ impl T<'_> {
             return Status::DeviceError;
         };
         self.q
-            .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+            .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
             .unwrap()
             .status
     }
@@ -186,7 +187,7 @@ impl T<'_> {
     /// Register `[addr, addr + len)`, run `change`, FILL the registration and say
     /// whether the process sees the fill at `addr` afterwards.
     fn visible(&self, addr: usize, len: usize, change: impl FnOnce()) -> &'static str {
-        let u = self.reg.register(addr, len, Perm::READ_WRITE).unwrap();
+        let u = self.reg.register_test(addr, len, Perm::READ_WRITE).unwrap();
         change();
         self.seen(&u, addr, len)
     }
@@ -248,7 +249,7 @@ impl T<'_> {
             };
             assert_ne!(p, libc::MAP_FAILED);
             self.reg
-                .register(p as usize, PAGE, Perm::READ_WRITE)
+                .register_test(p as usize, PAGE, Perm::READ_WRITE)
                 .unwrap()
         };
         let _low = anchor(libc::MAP_32BIT);
@@ -438,7 +439,10 @@ fn run(t: &T<'_>, case: &str) {
         "madvise_dontneed_locked" => t.hazard(|t| advise(t, MADV_DONTNEED_LOCKED)),
         "madvise_guard_install" => t.hazard(|t| {
             let buf = Anon::new(LEN);
-            let u = t.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+            let u = t
+                .reg
+                .register_test(buf.addr, LEN, Perm::READ_WRITE)
+                .unwrap();
             let before = t.discards();
             // Zaps the range (and puts guard markers in it).
             buf.madvise(MADV_GUARD_INSTALL);
@@ -453,7 +457,10 @@ fn run(t: &T<'_>, case: &str) {
         }),
         "madvise_unknown_advice" => t.counted(|t| {
             let buf = Anon::new(LEN);
-            let u = t.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+            let u = t
+                .reg
+                .register_test(buf.addr, LEN, Perm::READ_WRITE)
+                .unwrap();
             set_errno(SENTINEL);
             // SAFETY: advice the kernel refuses: nothing changes.
             let r = unsafe { libc::madvise(buf.addr as *mut _, LEN, UNKNOWN_ADVICE) };
@@ -468,7 +475,10 @@ fn run(t: &T<'_>, case: &str) {
         "madvise_cold_is_harmless" => {
             let m = PreloadMonitor::install(t.reg).unwrap();
             let buf = Anon::new(LEN);
-            let u = t.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+            let u = t
+                .reg
+                .register_test(buf.addr, LEN, Perm::READ_WRITE)
+                .unwrap();
             let before = t.invalidations();
             buf.madvise(MADV_COLD);
             assert_eq!(t.invalidations(), before, "harmless advice invalidated");
@@ -494,8 +504,8 @@ fn run(t: &T<'_>, case: &str) {
             };
             t.hazard(|t| {
                 let (a, b) = (Anon::new(LEN), Anon::new(LEN));
-                let ua = t.reg.register(a.addr, LEN, Perm::READ_WRITE).unwrap();
-                let ub = t.reg.register(b.addr, LEN, Perm::READ_WRITE).unwrap();
+                let ua = t.reg.register_test(a.addr, LEN, Perm::READ_WRITE).unwrap();
+                let ub = t.reg.register_test(b.addr, LEN, Perm::READ_WRITE).unwrap();
                 let iov = [
                     libc::iovec {
                         iov_base: b.addr as *mut _,
@@ -557,7 +567,10 @@ fn run(t: &T<'_>, case: &str) {
                 assert_ne!(a, libc::MAP_FAILED as usize);
                 std::ptr::write_bytes(a as *mut u8, 1, LEN);
                 // Everything below the top page: outside the range the call names.
-                let u = t.reg.register(a, LEN - PAGE, Perm::READ_WRITE).unwrap();
+                let u = t
+                    .reg
+                    .register_test(a, LEN - PAGE, Perm::READ_WRITE)
+                    .unwrap();
                 let top = (a + LEN - PAGE) as *mut libc::c_void;
                 let r = libc::mprotect(top, PAGE, libc::PROT_READ | libc::PROT_GROWSDOWN);
                 assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
@@ -572,7 +585,10 @@ fn run(t: &T<'_>, case: &str) {
         }),
         "mprotect_downgrade" | "pkey_mprotect_downgrade" => t.hazard(|t| {
             let buf = Anon::new(LEN);
-            let u = t.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+            let u = t
+                .reg
+                .register_test(buf.addr, LEN, Perm::READ_WRITE)
+                .unwrap();
             let a = buf.addr as *mut libc::c_void;
             // SAFETY: write-protecting the case's own buffer (pkey -1: no key).
             let r = unsafe {
@@ -888,7 +904,7 @@ fn invalid_calls(b: usize, hole: usize, edge: usize, id: i32, pidfd: i32) -> Vec
 
 fn errno_fidelity_case(t: &T<'_>) {
     let b = Anon::new(LEN);
-    let _u = t.reg.register(b.addr, LEN, Perm::READ_WRITE).unwrap();
+    let _u = t.reg.register_test(b.addr, LEN, Perm::READ_WRITE).unwrap();
     // An address with nothing mapped.
     let hole = map_isolated(PAGE, libc::PROT_READ) as usize;
     // SAFETY: unmapping the page just mapped.
@@ -964,7 +980,9 @@ fn threads_case(t: &T<'_>) {
                 // Relaxed: a stop flag; the scope's join orders the rest.
                 while i == 0 || !stop.load(Ordering::Relaxed) {
                     // Re-pins after every discard.
-                    let _u = reg.register(buf.addr, 4 * PAGE, Perm::READ_WRITE).unwrap();
+                    let _u = reg
+                        .register_test(buf.addr, 4 * PAGE, Perm::READ_WRITE)
+                        .unwrap();
                     match i % 3 {
                         0 => buf.madvise(libc::MADV_DONTNEED),
                         1 => buf.mprotect(libc::PROT_READ | libc::PROT_WRITE),

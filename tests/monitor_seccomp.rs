@@ -3,6 +3,7 @@
 //! (a seccomp filter cannot be removed).
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{is_child, run_child, Anon};
 use std::time::Duration;
@@ -109,7 +110,9 @@ fn threads_child() {
             let reg = &reg;
             s.spawn(move || {
                 let buf = Anon::new(256 << 10);
-                let u = reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+                let u = reg
+                    .register_test(buf.addr, buf.len, Perm::READ_WRITE)
+                    .unwrap();
                 for i in 0..50u8 {
                     // Nobody tells the registry: the monitor must.
                     buf.madvise(libc::MADV_DONTNEED);
@@ -120,7 +123,7 @@ fn threads_child() {
                         })
                         .unwrap();
                     let c = q
-                        .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+                        .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
                         .unwrap();
                     assert_eq!(c.status, Status::Ok);
                     assert!(
@@ -161,8 +164,8 @@ fn signals_child() {
     let a = Anon::new(64 << 10);
     let b = Anon::new(64 << 10);
     SIG_BUF.store(a.addr, Ordering::SeqCst);
-    let _ua = reg.register(a.addr, a.len, Perm::READ_WRITE).unwrap();
-    let ub = reg.register(b.addr, b.len, Perm::READ_WRITE).unwrap();
+    let _ua = reg.register_test(a.addr, a.len, Perm::READ_WRITE).unwrap();
+    let ub = reg.register_test(b.addr, b.len, Perm::READ_WRITE).unwrap();
     // SAFETY: installs a SIGUSR1 handler in this child only.
     unsafe {
         libc::signal(
@@ -192,7 +195,7 @@ fn signals_child() {
                 })
                 .unwrap();
             let c = q
-                .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+                .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
                 .unwrap();
             assert_eq!(c.status, Status::Ok);
             assert!(
@@ -245,12 +248,12 @@ fn jit_child() {
         unsafe { std::mem::transmute(code.addr as *const u8) };
     const LEN: usize = 1 << 20;
     let buf = Anon::new(LEN);
-    let u = reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
     let fill = |b: u8| {
         let f = reg
             .submit(&q, &[&u], |i| vec![Descriptor::fill(i[0], LEN as u64, b)])
             .unwrap();
-        q.wait(f.end, WaitMode::Block, Duration::from_secs(10))
+        q.wait_completion(f.end, WaitMode::Block, Duration::from_secs(10))
             .unwrap()
             .status
     };

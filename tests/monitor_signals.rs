@@ -7,6 +7,7 @@
 //! killed by a signal is a failure that names the signal.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{is_child, Anon};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -93,14 +94,16 @@ fn on_signal(
 
 /// FILL `buf` through the registry and say whether the process sees it.
 fn device_write_visible(reg: &Registry, q: &userptr::CommandQueue, buf: &Anon, b: u8) -> bool {
-    let u = reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, buf.len, Perm::READ_WRITE)
+        .unwrap();
     let f = reg
         .submit(q, &[&u], |i| {
             vec![Descriptor::fill(i[0], buf.len as u64, b)]
         })
         .unwrap();
     let c = q
-        .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+        .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
         .unwrap();
     assert_eq!(c.status, Status::Ok);
     buf.read().iter().all(|&x| x == b)
@@ -231,14 +234,16 @@ fn timing_child() {
         }
         let b = (rounds % 250) as u8 + 1;
         let gen0 = GENERATION.load(Ordering::SeqCst);
-        let u = reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+        let u = reg
+            .register_test(buf.addr, buf.len, Perm::READ_WRITE)
+            .unwrap();
         let f = reg
             .submit(&q, &[&u], |i| {
                 vec![Descriptor::fill(i[0], TIMING_LEN as u64, b)]
             })
             .unwrap();
         let c = q
-            .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+            .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
             .unwrap();
         assert_eq!(c.status, Status::Ok, "round {rounds}");
         // Look with the signal held off: a discard between the submit and this read
@@ -253,7 +258,7 @@ fn timing_child() {
         }
         // Invalidation code too: an explicit invalidation of a disjoint range that
         // is registered (so it has work to do).
-        reg.register(other.addr, other.len, Perm::READ_WRITE)
+        reg.register_test(other.addr, other.len, Perm::READ_WRITE)
             .unwrap();
         let r = other.addr as u64..(other.addr + other.len) as u64;
         reg.invalidate(r, Cause::Unmap).unwrap();
@@ -581,7 +586,8 @@ fn failed_install_child() {
         // Warm up what the driver keeps open for the life of the process (the VMA
         // query's /proc/self/maps), so that the count below sees only the install's.
         let (_drv, reg) = setup();
-        reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+        reg.register_test(buf.addr, buf.len, Perm::READ_WRITE)
+            .unwrap();
     }
     let fds = open_fds();
     // The way to make the install fail.
@@ -619,7 +625,8 @@ fn failed_install_child() {
         // only: no device command before the install).
         let (drv, reg) = setup();
         let q = drv.queue(0, 16).unwrap();
-        reg.register(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+        reg.register_test(buf.addr, buf.len, Perm::READ_WRITE)
+            .unwrap();
         assert!(userptr::proc_status::pinned_bytes().unwrap() > pins);
         match SeccompMonitor::install(&reg) {
             Err(e) => {

@@ -10,6 +10,7 @@
 //! (bounded), then checks the registry's invalidation counters.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{is_child, run_child, Anon, PinCheck};
 use std::time::{Duration, Instant};
@@ -75,7 +76,10 @@ impl Env {
             .reg
             .submit(&self.q, &[u], |i| vec![Descriptor::fill(i[0], len, b)])
             .unwrap();
-        self.q.wait(f.end, WaitMode::Block, T).unwrap().status
+        self.q
+            .wait_completion(f.end, WaitMode::Block, T)
+            .unwrap()
+            .status
     }
 
     /// Wait until the monitor has handled every event delivered so far.
@@ -109,7 +113,10 @@ fn all(v: &[u8], b: u8) -> bool {
 /// The shared shape: register `buf`, `mutate` it behind the registry's back, wait for
 /// the monitor, check the invalidation of `cause`, FILL, and look.
 fn caught_after(env: &Env, buf: &mut Anon, cause: usize, mutate: impl FnOnce(&mut Anon)) {
-    let u = env.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = env
+        .reg
+        .register_test(buf.addr, LEN, Perm::READ_WRITE)
+        .unwrap();
     assert_eq!(env.fill(&u, 0x01), Status::Ok);
     assert!(all(&buf.read(), 0x01));
     let before = env.invalidations(cause);
@@ -252,7 +259,7 @@ in_child!(
         assert_ne!(p, 0);
         // SAFETY: our block of `n` bytes.
         unsafe { std::ptr::write_bytes(p as *mut u8, 1, n) };
-        let u = env.reg.register(p, n, Perm::READ_WRITE).unwrap();
+        let u = env.reg.register_test(p, n, Perm::READ_WRITE).unwrap();
         assert_eq!(env.fill(&u, 0x02), Status::Ok);
         let before = env.invalidations(UNMAP);
         // SAFETY: freeing our block, then allocating the same size again.
@@ -313,11 +320,11 @@ in_child!(
             unsafe { std::ptr::copy_nonoverlapping(a as *const u8, v.as_mut_ptr(), LEN) };
             v
         };
-        let e = env.reg.register(a, LEN, Perm::READ_WRITE).unwrap_err();
+        let e = env.reg.register_test(a, LEN, Perm::READ_WRITE).unwrap_err();
         assert!(matches!(e, Error::ReplaceablePages { .. }), "unsealed: {e}");
         let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::FUTURE_WRITE;
         rustix::fs::fcntl_add_seals(fd.as_file(), seals).unwrap();
-        let u = env.reg.register(a, LEN, Perm::READ_WRITE).unwrap();
+        let u = env.reg.register_test(a, LEN, Perm::READ_WRITE).unwrap();
         assert_eq!(env.fill(&u, 0x01), Status::Ok);
         let c = env.mon.counters();
         if c.registered == 0 {
@@ -349,7 +356,7 @@ in_child!(
     {
         let env = setup();
         let buf = Anon::new(LEN);
-        let u = env.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = env.reg.register_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
         let inv_before = env.reg.stats().invalidations;
         let ev_before = env.mon.counters().events();
         buf.mprotect(libc::PROT_READ);
@@ -421,7 +428,7 @@ in_child!(
     {
         let env = setup();
         let buf = Anon::new(LEN);
-        let u = env.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = env.reg.register_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
         assert_eq!(env.fill(&u, 0x01), Status::Ok);
         let fds = open_fds();
         fork_and_wait(&buf);
@@ -450,7 +457,7 @@ in_child!(
         let q = drv.queue(0, 16).unwrap();
         let reg = Registry::new(drv, RegistryConfig::default());
         let mut buf = Anon::new(LEN);
-        let _u = reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+        let _u = reg.register_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
         let mon = UffdMonitor::start(&reg).unwrap();
         assert!(mon.counters().registered >= 1);
         let env = Env { pins, q, reg, mon };
@@ -489,7 +496,7 @@ in_child!(
         // A fork child is unmonitored either way and does not hang.
         fork_and_wait(&buf);
         env.settle();
-        let u = env.reg.register(buf.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = env.reg.register_test(buf.addr, LEN, Perm::READ_WRITE).unwrap();
         assert_eq!(env.fill(&u, 0xcd), Status::Ok);
         assert!(all(&buf.read(), 0xcd));
         drop(buf);

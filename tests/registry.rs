@@ -4,6 +4,7 @@
 //! `tests/hazard.rs` shows what the device does without it.
 
 mod common;
+use common::{MapTest as _, RegisterTest as _};
 
 use common::{Anon, PinCheck};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +39,7 @@ fn fill(reg: &Registry, q: &CommandQueue, u: &Userptr, b: u8) -> Status {
     let f = reg
         .submit(q, &[u], |iova| vec![Descriptor::fill(iova[0], len, b)])
         .unwrap();
-    q.wait(f.end, WaitMode::Block, T).unwrap().status
+    q.wait_completion(f.end, WaitMode::Block, T).unwrap().status
 }
 
 #[test]
@@ -46,17 +47,19 @@ fn registrations_hit_the_cache_and_adjacent_ones_merge() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(4 * MIB);
-    let a = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let a = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!((reg.mappings(), reg.stats().pins), (1, 1));
     // Inside: a hit, no pin.
     let inside = reg
-        .register(buf.addr + 4096, 8192, Perm::READ_WRITE)
+        .register_test(buf.addr + 4096, 8192, Perm::READ_WRITE)
         .unwrap();
     assert_eq!(reg.stats().pins, 1);
     // Adjacent and overlapping: merged into one mapping.
-    let b = reg.register(buf.addr + MIB, MIB, Perm::READ_WRITE).unwrap();
+    let b = reg
+        .register_test(buf.addr + MIB, MIB, Perm::READ_WRITE)
+        .unwrap();
     let c = reg
-        .register(buf.addr + MIB / 2, 2 * MIB, Perm::READ_WRITE)
+        .register_test(buf.addr + MIB / 2, 2 * MIB, Perm::READ_WRITE)
         .unwrap();
     let s = reg.stats();
     assert!(s.merges >= 2, "{s}");
@@ -73,7 +76,7 @@ fn registrations_hit_the_cache_and_adjacent_ones_merge() {
     assert!(seen[MIB..2 * MIB].iter().all(|&x| x == 4));
     // A read-only registration of the same range is a separate mapping: the device
     // must not be able to write through it.
-    let ro = reg.register(buf.addr, MIB, Perm::READ).unwrap();
+    let ro = reg.register_test(buf.addr, MIB, Perm::READ).unwrap();
     assert_eq!(fill(&reg, &q, &ro, 9), Status::DmaFault);
     assert_eq!(reg.mappings(), 2);
     drop((q, reg));
@@ -85,7 +88,9 @@ fn discard_invalidates_and_the_next_submission_repins() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(2 * MIB);
-    let u = reg.register(buf.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, 2 * MIB, Perm::READ_WRITE)
+        .unwrap();
     let inv = reg
         .invalidate_start(buf.addr as u64..(buf.addr + 2 * MIB) as u64, Cause::Discard)
         .unwrap();
@@ -115,7 +120,7 @@ fn unmap_and_reuse_of_the_address_repins_the_new_memory() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let mut buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let inv = reg
         .invalidate_start(buf.addr as u64..(buf.addr + MIB) as u64, Cause::Unmap)
         .unwrap();
@@ -135,7 +140,7 @@ fn protection_downgrade_makes_the_device_mapping_read_only_and_upgrade_restores_
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
     let range = buf.addr as u64..(buf.addr + MIB) as u64;
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
     let before = reg.stats();
 
@@ -146,14 +151,16 @@ fn protection_downgrade_makes_the_device_mapping_read_only_and_upgrade_restores_
     assert_eq!(fill(&reg, &q, &u, 2), Status::DmaFault);
     assert!(buf.read().iter().all(|&b| b == 1));
     let other = Anon::new(MIB);
-    let o = reg.register(other.addr, MIB, Perm::READ_WRITE).unwrap();
+    let o = reg
+        .register_test(other.addr, MIB, Perm::READ_WRITE)
+        .unwrap();
     let f = reg
         .submit(&q, &[&u, &o], |i| {
             vec![Descriptor::copy(i[0], i[1], MIB as u64)]
         })
         .unwrap();
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     assert!(other.read().iter().all(|&b| b == 1));
@@ -190,10 +197,12 @@ fn a_partial_invalidation_splits_the_region() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(4 * MIB);
-    let whole = reg.register(buf.addr, 4 * MIB, Perm::READ_WRITE).unwrap();
-    let head = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let whole = reg
+        .register_test(buf.addr, 4 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    let head = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let tail = reg
-        .register(buf.addr + 3 * MIB, MIB, Perm::READ_WRITE)
+        .register_test(buf.addr + 3 * MIB, MIB, Perm::READ_WRITE)
         .unwrap();
     let mid = (buf.addr + MIB) as u64..(buf.addr + 3 * MIB) as u64;
     reg.invalidate(mid, Cause::Discard).unwrap();
@@ -222,7 +231,7 @@ fn fork_and_remap_causes_follow_their_policy() {
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
     let range = buf.addr as u64..(buf.addr + MIB) as u64;
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     reg.invalidate(range.clone(), Cause::Fork).unwrap();
     assert_eq!(reg.stats().unpins, 0, "fork costs the parent nothing");
     reg.invalidate(range, Cause::Remap { to: 0x7000_0000 })
@@ -238,7 +247,9 @@ fn invalidation_waits_for_in_flight_device_work() {
     let pins = PinCheck::start();
     let (drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(8 * MIB);
-    let u = reg.register(buf.addr, 8 * MIB, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, 8 * MIB, Perm::READ_WRITE)
+        .unwrap();
     drv.set_enabled(false);
     let f = reg
         .submit(&q, &[&u], |i| {
@@ -265,7 +276,7 @@ fn invalidation_waits_for_in_flight_device_work() {
         );
     });
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     assert!(reg.stats().fence_waits >= 1);
@@ -281,7 +292,7 @@ fn a_hung_device_is_reset_and_its_work_fails_loudly() {
         ..Default::default()
     });
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     drv.set_enabled(false); // the device stops making progress
     let f = reg
         .submit(&q, &[&u], |i| {
@@ -291,7 +302,7 @@ fn a_hung_device_is_reset_and_its_work_fails_loudly() {
     reg.invalidate(buf.addr as u64..(buf.addr + MIB) as u64, Cause::Unmap)
         .unwrap();
     assert_eq!(reg.stats().device_resets, 1);
-    let c = q.wait(f.end, WaitMode::Block, T).unwrap();
+    let c = q.wait_completion(f.end, WaitMode::Block, T).unwrap();
     assert_eq!(
         c.status,
         Status::Aborted,
@@ -313,7 +324,7 @@ fn no_new_mapping_is_established_inside_an_invalidation_window() {
     let ended = AtomicBool::new(false);
     std::thread::scope(|s| {
         let h = s.spawn(|| {
-            let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+            let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
             (ended.load(Ordering::SeqCst), u)
         });
         std::thread::sleep(Duration::from_millis(100));
@@ -343,8 +354,8 @@ fn concurrent_invalidations_of_disjoint_ranges_do_not_serialise() {
     });
     let (a, b) = (Anon::new(MIB), Anon::new(MIB));
     let range = |x: &Anon| x.addr as u64..(x.addr + x.len) as u64;
-    let ua = reg.register(a.addr, MIB, Perm::READ_WRITE).unwrap();
-    let ub = reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ua = reg.register_test(a.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ub = reg.register_test(b.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(reg.mappings(), 2, "two separate regions");
     drv.set_enabled(false);
     let f = reg
@@ -392,7 +403,7 @@ fn concurrent_invalidations_of_disjoint_ranges_do_not_serialise() {
         ha.join().unwrap();
     });
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     assert!(a.read().iter().all(|&x| x == 0x5a));
@@ -413,9 +424,11 @@ fn release_tears_regions_down_and_registrations_repin_on_next_use() {
     // VmPin with the driver's own ring memory pinned, no registry region yet.
     let base = pinned_bytes().unwrap();
     let (a, b) = (Anon::new(2 * MIB), Anon::new(MIB));
-    let ua = reg.register(a.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
-    let ub = reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap();
-    let ub_ro = reg.register(b.addr, MIB, Perm::READ).unwrap();
+    let ua = reg
+        .register_test(a.addr, 2 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    let ub = reg.register_test(b.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ub_ro = reg.register_test(b.addr, MIB, Perm::READ).unwrap();
     assert_eq!(fill(&reg, &q, &ua, 1), Status::Ok);
     assert_eq!(fill(&reg, &q, &ub, 2), Status::Ok);
     assert_eq!(reg.mappings(), 3);
@@ -461,7 +474,9 @@ fn non_destructive_madvise_costs_nothing() {
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(2 * MIB);
     let range = buf.addr as u64..(buf.addr + 2 * MIB) as u64;
-    let u = reg.register(buf.addr, 2 * MIB, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(buf.addr, 2 * MIB, Perm::READ_WRITE)
+        .unwrap();
     assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
     let before = reg.stats();
     let regions = reg.regions();
@@ -516,7 +531,9 @@ fn large_mappings_get_iovas_congruent_to_the_host_address_modulo_2mib() {
         (3 * MIB / 2 + 0x1000, 3 * MIB),
     ] {
         let host = (buf.addr + off) as u64;
-        let m = drv.map_user(buf.addr + off, len, Perm::READ_WRITE).unwrap();
+        let m = drv
+            .map_user_test(buf.addr + off, len, Perm::READ_WRITE)
+            .unwrap();
         assert_eq!(
             m.iova() % HUGE,
             host % HUGE,
@@ -526,7 +543,7 @@ fn large_mappings_get_iovas_congruent_to_the_host_address_modulo_2mib() {
     }
     // The registry's regions are placed the same way.
     let u = reg
-        .register(buf.addr + 0x7000, 3 * MIB, Perm::READ_WRITE)
+        .register_test(buf.addr + 0x7000, 3 * MIB, Perm::READ_WRITE)
         .unwrap();
     let r = reg.regions();
     assert_eq!(r.len(), 1);
@@ -550,7 +567,10 @@ fn the_pin_budget_evicts_idle_regions_and_refuses_what_cannot_fit() {
     let bufs: Vec<Anon> = (0..3).map(|_| Anon::new(2 * MIB)).collect();
     let us: Vec<Userptr> = bufs
         .iter()
-        .map(|b| reg.register(b.addr, 2 * MIB, Perm::READ_WRITE).unwrap())
+        .map(|b| {
+            reg.register_test(b.addr, 2 * MIB, Perm::READ_WRITE)
+                .unwrap()
+        })
         .collect();
     assert!(reg.pinned_bytes() <= 4 * MIB as u64);
     assert!(reg.stats().evictions >= 1);
@@ -560,7 +580,7 @@ fn the_pin_budget_evicts_idle_regions_and_refuses_what_cannot_fit() {
     }
     let big = Anon::new(8 * MIB);
     let e = reg
-        .register(big.addr, 8 * MIB, Perm::READ_WRITE)
+        .register_test(big.addr, 8 * MIB, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinBudget { .. }), "{e}");
     // Regions with work in flight are never evicted: with the device paused and
@@ -577,13 +597,13 @@ fn the_pin_budget_evicts_idle_regions_and_refuses_what_cannot_fit() {
         })
         .unwrap();
     let e = reg
-        .register(bufs[2].addr, 2 * MIB, Perm::READ_WRITE)
+        .register_test(bufs[2].addr, 2 * MIB, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinBudget { .. }), "{e}");
     drv.set_enabled(true);
     for f in [f0, f1] {
         assert_eq!(
-            q.wait(f.end, WaitMode::Block, T).unwrap().status,
+            q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
             Status::Ok
         );
     }
@@ -602,7 +622,7 @@ fn the_mapping_count_limit_evicts() {
     // Every other page, so nothing merges.
     let us: Vec<Userptr> = (0..16)
         .map(|i| {
-            reg.register(buf.addr + 2 * i * 4096, 4096, Perm::READ_WRITE)
+            reg.register_test(buf.addr + 2 * i * 4096, 4096, Perm::READ_WRITE)
                 .unwrap()
         })
         .collect();
@@ -627,7 +647,7 @@ fn validation_mode_catches_a_missed_invalidation() {
         ..Default::default()
     });
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     buf.madvise(libc::MADV_DONTNEED); // nobody tells the registry
     buf.fill(0x12); // fault in new pages
     assert_eq!(fill(&reg, &q, &u, 0x34), Status::Ok);
@@ -645,13 +665,13 @@ fn a_fork_child_gets_no_device_and_the_parent_keeps_working() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     // SAFETY: the child only calls register (which checks an atomic and returns an
     // error without allocating or locking) and then _exit.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
     if pid == 0 {
-        let code = match reg.register(buf.addr, 4096, Perm::READ) {
+        let code = match reg.register_test(buf.addr, 4096, Perm::READ) {
             Err(Error::ForkedChild) => 0,
             _ => 1,
         };
@@ -678,12 +698,14 @@ fn a_fork_child_gets_no_device_and_the_parent_keeps_working() {
 fn bad_registrations_are_typed_errors() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
-    let e = reg.register(0x1000, 0, Perm::READ).unwrap_err();
+    let e = reg.register_test(0x1000, 0, Perm::READ).unwrap_err();
     assert!(matches!(e, Error::ZeroLength { .. }), "{e}");
-    let e = reg.register(usize::MAX - 10, 100, Perm::READ).unwrap_err();
+    let e = reg
+        .register_test(usize::MAX - 10, 100, Perm::READ)
+        .unwrap_err();
     assert!(matches!(e, Error::Overflow { .. }), "{e}");
     let none = Anon::with_prot(MIB, libc::PROT_NONE);
-    let e = reg.register(none.addr, MIB, Perm::READ).unwrap_err();
+    let e = reg.register_test(none.addr, MIB, Perm::READ).unwrap_err();
     assert!(matches!(e, Error::BadAddress { .. }), "{e}");
     assert_eq!(reg.mappings(), 0);
     drop((q, reg));
@@ -713,7 +735,7 @@ fn a_transient_eagain_pin_failure_is_retried() {
     let buf = Anon::new(MIB);
     faults.set_enabled(true);
     // Attempt 1 fails with EAGAIN, the retry (attempt 2) pins.
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     faults.set_enabled(false);
     assert_eq!(faults.injected_eagain(), 1);
     let s = reg.stats();
@@ -732,7 +754,9 @@ fn a_persistent_pin_failure_is_a_typed_error_and_leaks_nothing() {
     let buf = Anon::new(MIB);
     let maps = drv.domain().mappings();
     faults.set_enabled(true);
-    let e = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap_err();
+    let e = reg
+        .register_test(buf.addr, MIB, Perm::READ_WRITE)
+        .unwrap_err();
     assert!(matches!(e, Error::PinAgain { .. }), "{e}");
     assert_eq!(
         faults.injected_eagain(),
@@ -749,12 +773,14 @@ fn a_persistent_pin_failure_is_a_typed_error_and_leaks_nothing() {
     let faults2 = userptr::PinFaults::with_errnos(1, &[libc::ENOMEM]);
     let (drv2, reg2) = faulty(&faults2);
     faults2.set_enabled(true);
-    let e = reg2.register(buf.addr, MIB, Perm::READ_WRITE).unwrap_err();
+    let e = reg2
+        .register_test(buf.addr, MIB, Perm::READ_WRITE)
+        .unwrap_err();
     assert!(matches!(e, Error::PinLimit { .. }), "{e}");
     assert_eq!(faults2.injected_enomem(), 1);
     // Once the kernel agrees again, the same range registers (its IOVA space was freed).
     faults.set_enabled(false);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(reg.stats().pins, 1);
     drop((u, reg, drv, reg2, drv2));
     pins.check();
@@ -769,11 +795,11 @@ fn an_enomem_pin_failure_evicts_idle_regions_and_retries() {
     // Two ranges a MiB apart, so they never merge.
     let buf = Anon::new(3 * MIB);
     let (a, b) = (buf.addr, buf.addr + 2 * MIB);
-    reg.register(a, MIB, Perm::READ_WRITE).unwrap(); // cached, idle
+    reg.register_test(a, MIB, Perm::READ_WRITE).unwrap(); // cached, idle
     assert_eq!(reg.mappings(), 1);
     faults.set_enabled(true);
     // Attempt 1: ENOMEM; the idle region is evicted; attempt 2 pins.
-    let u = reg.register(b, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(b, MIB, Perm::READ_WRITE).unwrap();
     faults.set_enabled(false);
     let s = reg.stats();
     assert_eq!(
@@ -830,7 +856,7 @@ fn the_default_pin_budget_follows_rlimit_memlock_or_ram() {
     let (_drv2, _q2, small) = setup(cfg);
     let buf = Anon::new(2 * MIB);
     let e = small
-        .register(buf.addr, 2 * MIB, Perm::READ_WRITE)
+        .register_test(buf.addr, 2 * MIB, Perm::READ_WRITE)
         .unwrap_err();
     assert!(matches!(e, Error::PinBudget { .. }), "{e}");
     drop((q, reg, drv, _q2, small, _drv2));
@@ -846,11 +872,11 @@ fn pieces_of_a_downgraded_region_stay_device_read_only() {
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
     let range = buf.addr as u64..(buf.addr + MIB) as u64;
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(fill(&reg, &q, &u, 1), Status::Ok);
     reg.invalidate(range.clone(), DOWN).unwrap();
     let middle = reg
-        .register(buf.addr + MIB / 2, MIB / 4, Perm::READ_WRITE)
+        .register_test(buf.addr + MIB / 2, MIB / 4, Perm::READ_WRITE)
         .unwrap();
     assert_eq!(fill(&reg, &q, &middle, 2), Status::DmaFault);
 
@@ -868,7 +894,7 @@ fn pieces_of_a_downgraded_region_stay_device_read_only() {
     // A writable registration overlapping the piece does not widen over it: its pages
     // outside the new region stay device-read-only.
     let head = reg
-        .register(buf.addr, MIB / 4 + 4096, Perm::READ_WRITE)
+        .register_test(buf.addr, MIB / 4 + 4096, Perm::READ_WRITE)
         .unwrap();
     assert_eq!(fill(&reg, &q, &head, 4), Status::Ok);
     assert_eq!(
@@ -933,7 +959,7 @@ fn an_invalidation_overlapping_one_in_progress_waits_for_the_same_work() {
     });
     let buf = Anon::new(MIB);
     let half = buf.addr as u64 + MIB as u64 / 2;
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     drv.set_enabled(false);
     let f = reg
         .submit(&q, &[&u], |i| {
@@ -956,7 +982,7 @@ fn an_invalidation_overlapping_one_in_progress_waits_for_the_same_work() {
         "the second invalidation returned while the device still wrote the range"
     );
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     drop((q, reg));
@@ -972,7 +998,7 @@ fn busy(
     CommandQueue,
     Registry,
     Anon,
-    Userptr,
+    Userptr<'static>,
     userptr::ring::Fence,
 ) {
     let pins = PinCheck::start();
@@ -981,7 +1007,7 @@ fn busy(
         ..Default::default()
     });
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     drv.set_enabled(false);
     let f = reg
         .submit(&q, &[&u], |i| {
@@ -1008,7 +1034,10 @@ fn a_second_downgrade_waits_for_the_first() {
         done,
         "the second downgrade returned while the device still wrote the range"
     );
-    assert_eq!(q.wait(work, WaitMode::Block, T).unwrap().status, Status::Ok);
+    assert_eq!(
+        q.wait_completion(work, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
     assert_eq!(fill(&reg, &q, &u, 0x22), Status::DmaFault);
     assert!(buf.read().iter().all(|&x| x == 0x7c));
     drop((q, reg));
@@ -1030,7 +1059,10 @@ fn a_write_submitted_during_a_downgrade_waits_for_the_read_only_mapping() {
         move || *lr.lock().unwrap() = Some(fill(r, qr, ur, 0x11)),
         work,
     );
-    assert_eq!(q.wait(work, WaitMode::Block, T).unwrap().status, Status::Ok);
+    assert_eq!(
+        q.wait_completion(work, WaitMode::Block, T).unwrap().status,
+        Status::Ok
+    );
     assert_eq!(
         late.lock().unwrap().take(),
         Some(Status::DmaFault),

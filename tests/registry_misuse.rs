@@ -8,6 +8,7 @@
 //! after [`T`], so that it fails instead of hanging the suite.
 
 mod common;
+use common::{MapTest as _, RegisterTest as _};
 
 use common::{is_child, run_child, Anon, PinCheck};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -46,7 +47,7 @@ fn fill(reg: &Registry, q: &CommandQueue, u: &Userptr, b: u8) -> Status {
     let f = reg
         .submit(q, &[u], |iova| vec![Descriptor::fill(iova[0], len, b)])
         .unwrap();
-    q.wait(f.end, WaitMode::Block, T).unwrap().status
+    q.wait_completion(f.end, WaitMode::Block, T).unwrap().status
 }
 
 fn range_of(a: &Anon) -> std::ops::Range<u64> {
@@ -69,7 +70,7 @@ fn a_batch_larger_than_the_budget_fails_at_once_saying_what_it_needs() {
         // Registered lazily: the registrations fit one at a time (each evicts another).
         let us: Vec<Userptr> = bufs
             .iter()
-            .map(|b| reg.register(b.addr, each, Perm::READ_WRITE).unwrap())
+            .map(|b| reg.register_test(b.addr, each, Perm::READ_WRITE).unwrap())
             .collect();
         let before = reg.stats();
         let (reg2, q2) = (reg.clone(), q);
@@ -116,14 +117,15 @@ fn a_batch_that_fits_never_evicts_its_own_references() {
     let bufs: Vec<Anon> = (0..16).map(|_| Anon::new(MIB)).collect();
     let us: Vec<Userptr> = bufs
         .iter()
-        .map(|b| reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap())
+        .map(|b| reg.register_test(b.addr, MIB, Perm::READ_WRITE).unwrap())
         .collect();
     // Start from a cold cache for the batch: only `other` is cached.
     for b in &bufs {
         reg.invalidate(range_of(b), Cause::Release).unwrap();
     }
     let other = Anon::new(MIB);
-    reg.register(other.addr, MIB, Perm::READ_WRITE).unwrap();
+    reg.register_test(other.addr, MIB, Perm::READ_WRITE)
+        .unwrap();
     assert_eq!(reg.mappings(), 1);
     let before = reg.stats();
     let reg2 = reg.clone();
@@ -135,7 +137,7 @@ fn a_batch_that_fits_never_evicts_its_own_references() {
                 .map(|(i, &a)| Descriptor::fill(a, MIB as u64, 0x40 + i as u8))
                 .collect()
         });
-        let st = f.map(|f| q.wait(f.end, WaitMode::Block, T).unwrap().status);
+        let st = f.map(|f| q.wait_completion(f.end, WaitMode::Block, T).unwrap().status);
         (st, q)
     });
     let (st, q) = r.expect("submit never returned");
@@ -166,10 +168,13 @@ fn a_batch_hitting_an_oversized_cached_region_is_trimmed_once_and_fits() {
     });
     let big = Anon::new(6 * MIB);
     let other = Anon::new(4 * MIB);
-    let u = reg.register(other.addr, 4 * MIB, Perm::READ_WRITE).unwrap();
+    let u = reg
+        .register_test(other.addr, 4 * MIB, Perm::READ_WRITE)
+        .unwrap();
     reg.invalidate(range_of(&other), Cause::Release).unwrap();
-    reg.register(big.addr, 6 * MIB, Perm::READ_WRITE).unwrap();
-    let small = reg.register(big.addr, PAGE, Perm::READ_WRITE).unwrap();
+    reg.register_test(big.addr, 6 * MIB, Perm::READ_WRITE)
+        .unwrap();
+    let small = reg.register_test(big.addr, PAGE, Perm::READ_WRITE).unwrap();
     assert_eq!(reg.mappings(), 1, "only the big region is cached");
     let f = reg
         .submit(&q, &[&small, &u], |i| {
@@ -180,7 +185,7 @@ fn a_batch_hitting_an_oversized_cached_region_is_trimmed_once_and_fits() {
         })
         .unwrap();
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, T).unwrap().status,
+        q.wait_completion(f.end, WaitMode::Block, T).unwrap().status,
         Status::Ok
     );
     assert!(big.read()[..PAGE].iter().all(|&x| x == 0x31));
@@ -198,7 +203,7 @@ fn retries_are_bounded_and_build_runs_again_on_each() {
         ..Default::default()
     });
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let builds = Arc::new(AtomicU32::new(0));
     let (reg2, b2) = (reg.clone(), builds.clone());
     let range = range_of(&buf);
@@ -254,7 +259,7 @@ fn a_failed_invalidation_closes_its_window_and_quarantines_the_iova() {
         ..Default::default()
     });
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let old_iova = reg.iova(&u).unwrap();
     let _work = stuck_work(&drv, &q, &reg, &u);
     let e = reg
@@ -263,7 +268,7 @@ fn a_failed_invalidation_closes_its_window_and_quarantines_the_iova() {
     assert!(matches!(e, Error::InvalidationFailed { .. }), "{e}");
     // The window is closed: the range registers again (the old code blocked here).
     let (reg2, addr) = (reg.clone(), buf.addr);
-    let u2 = bounded(move || reg2.register(addr, MIB, Perm::READ_WRITE))
+    let u2 = bounded(move || reg2.register_test(addr, MIB, Perm::READ_WRITE))
         .expect("register blocked on the failed invalidation's window")
         .unwrap();
     // The work may still run one day: its IOVA range is not handed out again.
@@ -278,7 +283,7 @@ fn a_failed_invalidation_closes_its_window_and_quarantines_the_iova() {
     drop(q);
     drv.set_enabled(true);
     reg.invalidate(range_of(&buf), Cause::Release).unwrap();
-    reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(drv.quarantined_iova(), 0);
     drop(reg);
     pins.check();
@@ -294,7 +299,7 @@ fn a_dropped_invalidation_ends_itself() {
         .unwrap();
     drop(inv); // no invalidate_end
     let (reg2, addr) = (reg.clone(), buf.addr);
-    let u = bounded(move || reg2.register(addr, MIB, Perm::READ_WRITE))
+    let u = bounded(move || reg2.register_test(addr, MIB, Perm::READ_WRITE))
         .expect("register blocked on an abandoned invalidation's window")
         .unwrap();
     assert_eq!(fill(&reg, &q, &u, 0x5e), Status::Ok);
@@ -315,12 +320,12 @@ fn a_window_wait_is_bounded() {
         .invalidate_start(range_of(&buf), Cause::Discard)
         .unwrap();
     let (reg2, addr) = (reg.clone(), buf.addr);
-    let e = bounded(move || reg2.register(addr, MIB, Perm::READ_WRITE).map(|_| ()))
+    let e = bounded(move || reg2.register_test(addr, MIB, Perm::READ_WRITE).map(|_| ()))
         .expect("the window wait did not end")
         .unwrap_err();
     assert!(matches!(e, Error::WindowTimeout { .. }), "{e}");
     reg.invalidate_end(inv);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(fill(&reg, &q, &u, 0x5f), Status::Ok);
     drop((q, reg));
     pins.check();
@@ -341,7 +346,7 @@ fn teardown_aborts_stuck_work_before_its_iova_is_reused() {
     };
     let a = Registry::new(drv.clone(), cfg());
     let buf_a = Anon::new(MIB);
-    let ua = a.register(buf_a.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ua = a.register_test(buf_a.addr, MIB, Perm::READ_WRITE).unwrap();
     let iova_a = a.iova(&ua).unwrap();
     drv.set_enabled(false); // the device stops making progress
     let f = a
@@ -353,10 +358,10 @@ fn teardown_aborts_stuck_work_before_its_iova_is_reused() {
     // A new owner: the allocator hands out the lowest free IOVA, the one just freed.
     let b = Registry::new(drv.clone(), cfg());
     let buf_b = Anon::new(MIB);
-    let ub = b.register(buf_b.addr, MIB, Perm::READ_WRITE).unwrap();
+    let ub = b.register_test(buf_b.addr, MIB, Perm::READ_WRITE).unwrap();
     let iova_b = b.iova(&ub).unwrap();
     drv.set_enabled(true);
-    let c = q.wait(f.end, WaitMode::Block, T).unwrap();
+    let c = q.wait_completion(f.end, WaitMode::Block, T).unwrap();
     assert_eq!(
         c.status,
         Status::Aborted,
@@ -388,7 +393,7 @@ fn teardown_waits_one_timeout_for_all_its_regions() {
     let bufs: Vec<Anon> = (0..REGIONS).map(|_| Anon::new(MIB)).collect();
     let us: Vec<Userptr> = bufs
         .iter()
-        .map(|b| reg.register(b.addr, MIB, Perm::READ_WRITE).unwrap())
+        .map(|b| reg.register_test(b.addr, MIB, Perm::READ_WRITE).unwrap())
         .collect();
     assert_eq!(reg.mappings(), REGIONS);
     drv.set_enabled(false);
@@ -410,7 +415,7 @@ fn teardown_waits_one_timeout_for_all_its_regions() {
         "teardown took {took:?} for {REGIONS} regions with a {timeout:?} timeout"
     );
     for f in fences {
-        let c = q.wait(f.end, WaitMode::Block, T).unwrap();
+        let c = q.wait_completion(f.end, WaitMode::Block, T).unwrap();
         assert_eq!(c.status, Status::Aborted);
     }
     for b in &bufs {
@@ -433,14 +438,14 @@ fn teardown_quarantines_the_iova_of_work_it_cannot_prove_finished() {
         },
     );
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let old = reg.iova(&u).unwrap();
     let _work = stuck_work(&drv, &q, &reg, &u);
     drop(reg);
     assert_eq!(drv.quarantined_iova(), MIB as u64);
     drv.set_enabled(true);
     // Whatever maps next, never at the quarantined range.
-    let m = drv.map_user(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert!(
         m.iova() + MIB as u64 <= old || old + MIB as u64 <= m.iova(),
         "the quarantined IOVA {old:#x} was handed out again"
@@ -448,7 +453,7 @@ fn teardown_quarantines_the_iova_of_work_it_cannot_prove_finished() {
     drop(m);
     // The queue goes: its work can no longer run, so the range is released.
     drop(q);
-    let m = drv.map_user(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let m = drv.map_user_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(drv.quarantined_iova(), 0);
     drop(m);
     assert!(buf.read().iter().all(|&x| x == 0x11));
@@ -470,7 +475,7 @@ fn a_downgrade_only_ever_narrows_what_the_device_may_do() {
     let submit_status = |u: &Userptr, d: fn(u64, u64) -> Descriptor| -> Option<Status> {
         let len = u.len();
         let f = reg.submit(&q, &[u], |i| vec![d(i[0], len)]).ok()?;
-        Some(q.wait(f.end, WaitMode::Block, T).unwrap().status)
+        Some(q.wait_completion(f.end, WaitMode::Block, T).unwrap().status)
     };
     let crc = |a, len| Descriptor::crc32c(a, len, 0);
     let write = |a, len| Descriptor::fill(a, len, 0x66);
@@ -480,7 +485,7 @@ fn a_downgrade_only_ever_narrows_what_the_device_may_do() {
         (Perm::READ_WRITE, true, false),
     ] {
         let buf = Anon::new(MIB);
-        let u = reg.register(buf.addr, MIB, perm).unwrap();
+        let u = reg.register_test(buf.addr, MIB, perm).unwrap();
         let inv = reg.invalidate_start(range_of(&buf), DOWN).unwrap();
         buf.mprotect(libc::PROT_READ);
         reg.invalidate_end(inv);
@@ -538,12 +543,12 @@ fn domain_slot_exhaustion_evicts_idle_regions_and_keeps_the_ring_reserve() {
     let buf = Anon::new(2 * SLOTS * 2 * PAGE);
     let page = |i: usize| buf.addr + 2 * i * PAGE;
     for i in 0..SLOTS - 64 {
-        a.register(page(i), PAGE, Perm::READ_WRITE).unwrap();
+        a.register_test(page(i), PAGE, Perm::READ_WRITE).unwrap();
     }
     // B's registrations find the domain at its limit for registries: idle regions
     // (A's, for B's first ones) make room.
     let ub: Vec<Userptr> = (SLOTS..2 * SLOTS - 64)
-        .map(|i| b.register(page(i), PAGE, Perm::READ_WRITE).unwrap())
+        .map(|i| b.register_test(page(i), PAGE, Perm::READ_WRITE).unwrap())
         .collect();
     assert!(a.stats().evictions >= 1, "{}", a.stats());
     assert!(
@@ -568,7 +573,7 @@ fn iova_exhaustion_evicts_idle_regions_for_registrations_and_rings() {
     let buf = Anon::new(2 * 64 * PAGE);
     let us: Vec<Userptr> = (0..48)
         .map(|i| {
-            reg.register(buf.addr + 2 * i * PAGE, PAGE, Perm::READ_WRITE)
+            reg.register_test(buf.addr + 2 * i * PAGE, PAGE, Perm::READ_WRITE)
                 .unwrap()
         })
         .collect();
@@ -592,7 +597,7 @@ fn a_queue_of_another_driver_is_refused() {
     let y = Driver::reference().unwrap();
     let qy = y.queue(0, 16).unwrap();
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let e = reg
         .submit(&qy, &[&u], |i| vec![Descriptor::fill(i[0], MIB as u64, 1)])
         .unwrap_err();
@@ -625,7 +630,7 @@ fn duration_max_is_no_deadline_and_panics_nowhere() {
     q.wait_for_room(1).unwrap();
     drv.reset(Duration::MAX).unwrap();
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     drv.set_enabled(false);
     let f = reg
         .submit(&q, &[&u], |i| {
@@ -639,7 +644,7 @@ fn duration_max_is_no_deadline_and_panics_nowhere() {
         h.join().expect("the invalidation panicked").unwrap();
     });
     assert_eq!(
-        q.wait(f.end, WaitMode::Block, Duration::MAX)
+        q.wait_completion(f.end, WaitMode::Block, Duration::MAX)
             .unwrap()
             .status,
         Status::Ok
@@ -697,7 +702,7 @@ fn uffd_cycles_child() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     UffdMonitor::start(&reg).unwrap().stop();
     let (fds, threads, observers) = (
         count_dir("/proc/self/fd"),
@@ -733,7 +738,7 @@ fn completions_a_batch_leaves_unclaimed_stay_bounded_by_the_ring_size() {
     let pins = PinCheck::start();
     let (_drv, q, reg) = setup(RegistryConfig::default());
     let buf = Anon::new(MIB);
-    let u = reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     let bound = (q.size() as usize).max(userptr::driver::queue::store::MIN_CAP);
     let mut last = None;
     for i in 0..3000u64 {
@@ -757,7 +762,7 @@ fn completions_a_batch_leaves_unclaimed_stay_bounded_by_the_ring_size() {
     }
     // An earlier fence of the last batch still answers, with its own completion.
     let f = last.unwrap();
-    let c = q.wait(f.start, WaitMode::Block, T).unwrap();
+    let c = q.wait_completion(f.start, WaitMode::Block, T).unwrap();
     assert_eq!((c.seqno, c.status), (f.start.seqno, Status::Ok));
     let crc = q
         .wait(
@@ -787,7 +792,7 @@ fn a_build_that_remaps_its_own_buffer_lands_in_the_new_pages() {
         let b = buf.lock().unwrap();
         (b.addr, range_of(&b))
     };
-    let u = reg.register(addr, MIB, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(addr, MIB, Perm::READ_WRITE).unwrap();
     let builds = Arc::new(AtomicU32::new(0));
     let outside = Arc::new(AtomicBool::new(true));
     let (reg2, buf2, b2, o2) = (reg.clone(), buf.clone(), builds.clone(), outside.clone());
@@ -802,7 +807,7 @@ fn a_build_that_remaps_its_own_buffer_lands_in_the_new_pages() {
             }
             vec![Descriptor::fill(i[0], MIB as u64, 0x55)]
         });
-        let st = f.map(|f| q.wait(f.end, WaitMode::Block, T).unwrap().status);
+        let st = f.map(|f| q.wait_completion(f.end, WaitMode::Block, T).unwrap().status);
         (st, q)
     });
     let (st, q) = r.expect("a build that invalidates its own buffer deadlocked");
@@ -841,7 +846,7 @@ fn observers_run_outside_the_driver_section_and_can_be_removed() {
     let o = Arc::new(Outside(AtomicU32::new(0), AtomicBool::new(true)));
     let id = reg.add_observer(o.clone());
     let buf = Anon::new(2 * MIB);
-    reg.register(buf.addr, MIB, Perm::READ_WRITE).unwrap();
+    reg.register_test(buf.addr, MIB, Perm::READ_WRITE).unwrap();
     assert_eq!(o.0.load(Ordering::SeqCst), 1);
     assert!(
         o.1.load(Ordering::SeqCst),
@@ -849,7 +854,7 @@ fn observers_run_outside_the_driver_section_and_can_be_removed() {
     );
     assert!(reg.remove_observer(id));
     assert!(!reg.remove_observer(id));
-    reg.register(buf.addr + MIB, MIB, Perm::READ).unwrap();
+    reg.register_test(buf.addr + MIB, MIB, Perm::READ).unwrap();
     assert_eq!(
         o.0.load(Ordering::SeqCst),
         1,

@@ -53,6 +53,7 @@
 //! asynchronously; a passing case never leaves one (see `settle_vm_pin`).
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{Anon, PinCheck};
 use proptest::prelude::*;
@@ -468,7 +469,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             } => {
                 let want = pages_of(start, end);
                 let u = reg
-                    .register(base + start, end - start, PERMS[slot])
+                    .register_test(base + start, end - start, PERMS[slot])
                     .unwrap();
                 let miss = model.register(slot, want.clone());
                 needed[slot].extend(want.clone());

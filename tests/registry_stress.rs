@@ -24,6 +24,7 @@
 //! process on a deadlock; the registry's pins and `VmPin` must be back at the start.
 
 mod common;
+use common::RegisterTest as _;
 
 use common::{Anon, PinCheck};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -162,13 +163,15 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                                 .collect()
                         })
                         .collect();
-                    let dst = reg.register(start, end - start, perm).unwrap();
+                    let dst = reg.register_test(start, end - start, perm).unwrap();
                     let offsets: Vec<u64> = mine
                         .iter()
                         .map(|&s| (base + s * SLOT - start) as u64)
                         .collect();
                     let f = if copy {
-                        let from = reg.register(src_base + src_off, SLOT, Perm::READ).unwrap();
+                        let from = reg
+                            .register_test(src_base + src_off, SLOT, Perm::READ)
+                            .unwrap();
                         reg.submit(q, &[&from, &dst], |i| {
                             offsets
                                 .iter()
@@ -190,7 +193,7 @@ fn run(protect: bool, seconds: f64) -> Outcome {
                         inflight[s].store(f.end.seqno << 2 | t as u64, Ordering::SeqCst);
                     }
                     let c = q
-                        .wait(f.end, WaitMode::Poll, Duration::from_secs(30))
+                        .wait_completion(f.end, WaitMode::Poll, Duration::from_secs(30))
                         .unwrap();
                     for &s in &mine {
                         inflight[s].store(0, Ordering::SeqCst);

@@ -2,6 +2,7 @@
 //! rings and several submitting threads at once, both completion-wait modes.
 
 mod common;
+use common::MapTest as _;
 
 use common::{Anon, PinCheck};
 use std::time::Duration;
@@ -75,7 +76,7 @@ fn completions_arrive_in_order_with_monotonic_fences_in_both_wait_modes() {
         } else {
             WaitMode::Block
         };
-        let c = q.wait(f, mode, T).unwrap();
+        let c = q.wait_completion(f, mode, T).unwrap();
         assert_eq!((c.seqno, c.status), (f.seqno, Status::Ok));
         assert!(q.completed_seqno() >= f.seqno);
     }
@@ -110,7 +111,7 @@ fn paused_blocking_wait(drv: &Driver, q: &CommandQueue, desc: Descriptor) -> (Co
             std::thread::sleep(Duration::from_millis(20));
             drv.set_enabled(true);
         });
-        let c = q.wait(f, WaitMode::Block, T).unwrap();
+        let c = q.wait_completion(f, WaitMode::Block, T).unwrap();
         (c, q.irq_wakeups() - before)
     })
 }
@@ -123,7 +124,9 @@ fn blocking_wait_sleeps_on_the_ring_eventfd() {
     let drv = Driver::reference().unwrap();
     let q = drv.queue(RING, 8).unwrap();
     let buf = Anon::new(8 << 20);
-    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr, buf.len, Perm::READ_WRITE)
+        .unwrap();
     let dev = drv.device().unwrap();
     let mask = dev.read32(IRQ_MASK);
     assert_ne!(mask & 1 << RING, 0, "an open queue's interrupt is enabled");
@@ -213,7 +216,9 @@ fn dropping_a_queue_with_work_in_flight_leaks_nothing() {
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
     let buf = Anon::new(16 << 20);
-    let m = drv.map_user(buf.addr, buf.len, Perm::READ_WRITE).unwrap();
+    let m = drv
+        .map_user_test(buf.addr, buf.len, Perm::READ_WRITE)
+        .unwrap();
     for _ in 0..5 {
         let q = drv.queue(0, 8).unwrap();
         for _ in 0..8 {
@@ -259,7 +264,9 @@ fn unclaimed_completions_stay_bounded_and_duration_max_is_no_deadline() {
     }
     // The earlier fences of the last batch still answer, each with its own entry.
     let f = last.unwrap();
-    let c = q.wait(f.start, WaitMode::Poll, Duration::MAX).unwrap();
+    let c = q
+        .wait_completion(f.start, WaitMode::Poll, Duration::MAX)
+        .unwrap();
     assert_eq!((c.seqno, c.status), (f.start.seqno, Status::Ok));
     let crc = userptr::Fence {
         ring: 0,

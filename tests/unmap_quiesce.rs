@@ -32,7 +32,9 @@ fn no_device_write_lands_after_a_mapping_is_dropped() {
         }
         // The command ends one way or the other: done before the drop, or faulted on
         // the IOVA that is no longer mapped.
-        let c = q.wait(f, WaitMode::Block, Duration::from_secs(30)).unwrap();
+        let c = q
+            .wait_completion(f, WaitMode::Block, Duration::from_secs(30))
+            .unwrap();
         assert!(
             matches!(c.status, userptr::Status::Ok | userptr::Status::DmaFault),
             "{c:?}"

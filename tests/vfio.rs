@@ -19,6 +19,7 @@
 //! 5. pins (`VmPin`, `VmLck`) are back where they started at the end of every test.
 
 mod common;
+use common::{MapTest as _, RegisterTest as _};
 
 use common::{is_child, run_child, Anon};
 use std::time::Duration;
@@ -85,7 +86,7 @@ fn pins() -> (u64, u64) {
 fn write_pattern(reg: &Registry, r: &Rig, b: u8) {
     let src = Anon::new(LEN);
     src.fill(b);
-    let u = reg.register(src.addr, LEN, Perm::READ).unwrap();
+    let u = reg.register_test(src.addr, LEN, Perm::READ).unwrap();
     let ns = *r.nvme.namespace();
     let batch = reg
         .submit(&r.q, &[&u], |i| {
@@ -109,7 +110,7 @@ fn read_len(reg: &Registry, r: &Rig, u: &userptr::Userptr, len: usize) -> NvmeCo
             vec![NvmeCommand::read(&ns, 0, i[0], len as u32)]
         })
         .unwrap();
-    r.q.wait(batch, WaitMode::Block, T).unwrap()[0]
+    r.q.wait_completions(batch, WaitMode::Block, T).unwrap()[0]
 }
 
 /// What the scenario of tests 1 and 2 ends with: the bytes the process sees after
@@ -124,7 +125,7 @@ fn discard_then_read(monitor: &str) -> Vec<u8> {
         .then(|| userptr::driver::monitor::uffd::UffdMonitor::start(&reg).unwrap());
     write_pattern(&reg, &r, 0x5a);
     let dst = Anon::new(LEN);
-    let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+    let u = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
     // First READ pins the buffer (and caches the pin).
     read_into(&reg, &r, &u).into_result().unwrap();
     assert!(dst.read().iter().all(|&b| b == 0x5a), "first READ landed");
@@ -220,7 +221,7 @@ fn mprotect_child() {
         write_pattern(&reg, &r, 0x77);
         let dst = Anon::new(LEN);
         dst.fill(0x33);
-        let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
         // Pinned read-write; then the process makes it read-only.
         let regions = reg.regions();
         assert!(regions.iter().all(|x| !x.device_read_only));
@@ -273,7 +274,7 @@ fn read_into_an_unmapped_iova_fails_that_command_only() {
         let b =
             r.q.submit_batch(&[NvmeCommand::read(&ns, 0, bogus, 4096)])
                 .unwrap();
-        let c = r.q.wait(b, WaitMode::Block, T).unwrap();
+        let c = r.q.wait_completions(b, WaitMode::Block, T).unwrap();
         assert!(!c[0].ok(), "a DMA to an unmapped IOVA must not succeed");
         let e = c[0].into_result().unwrap_err();
         eprintln!("READ into unmapped IOVA {bogus:#x}: {e}");
@@ -281,12 +282,24 @@ fn read_into_an_unmapped_iova_fails_that_command_only() {
             matches!(e, userptr::Error::NvmeIommuFault { iova, .. } if iova & !0xfff == bogus),
             "{e}"
         );
+        // The default wait is that error, not `Ok` with a failed completion inside.
+        let b =
+            r.q.submit_batch(&[NvmeCommand::read(&ns, 0, bogus, 4096)])
+                .unwrap();
+        let e = r.q.wait(b, WaitMode::Block, T).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                userptr::Error::NvmeIommuFault { .. } | userptr::Error::NvmeStatus { .. }
+            ),
+            "{e}"
+        );
         r.q.set_fault_check(Some(Duration::ZERO));
         // The controller still works.
         let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
         write_pattern(&reg, &r, 0x42);
         let dst = Anon::new(LEN);
-        let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
         read_into(&reg, &r, &u).into_result().unwrap();
         assert!(dst.read().iter().all(|&b| b == 0x42));
     }
@@ -317,7 +330,7 @@ fn the_registry_drives_nvme_with_cached_pins_and_multi_page_prps() {
         // SAFETY: our own mapping, LEN + 4096 bytes.
         unsafe { std::ptr::copy_nonoverlapping(pat.as_ptr(), src.addr as *mut u8, pat.len()) };
         let off = 512;
-        let u = reg.register(src.addr + off, LEN, Perm::READ).unwrap();
+        let u = reg.register_test(src.addr + off, LEN, Perm::READ).unwrap();
         let b = reg
             .submit(&r.q, &[&u], |i| {
                 vec![NvmeCommand::write(&ns, 8, i[0], LEN as u32)]
@@ -327,7 +340,7 @@ fn the_registry_drives_nvme_with_cached_pins_and_multi_page_prps() {
             .into_result()
             .unwrap();
         let dst = Anon::new(LEN);
-        let d = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        let d = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
         for round in 0..20 {
             dst.fill(0);
             let b = reg
@@ -390,7 +403,7 @@ fn two_devices_in_one_container_share_one_iommu_domain() {
         // SAFETY: our own 4 KiB mapping.
         unsafe { std::ptr::copy_nonoverlapping(pat.as_ptr(), buf.addr as *mut u8, 4096) };
         let before = userptr::IommuDomain::mappings(&*domain);
-        let m = drv.map_user(buf.addr, 4096, Perm::READ_WRITE).unwrap();
+        let m = drv.map_user_test(buf.addr, 4096, Perm::READ_WRITE).unwrap();
         assert_eq!(
             userptr::IommuDomain::mappings(&*domain),
             before + 1,
@@ -431,7 +444,7 @@ fn nvme_completions_arrive_by_msix_and_edu_interrupts_by_msi_and_intx() {
         assert!(r.nvme.has_interrupts(), "QEMU's NVMe has MSI-X");
         let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
         let dst = Anon::new(LEN);
-        let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
         let before = r.q.interrupts();
         // A wait that finds its completion already posted (a slow guest vCPU) returns
         // without sleeping, so it sees no interrupt: keep going until one does.
@@ -540,14 +553,16 @@ fn memlock_child() {
     }
     let buf = Anon::new(4 << 20);
     let e = drv
-        .map_user(buf.addr, 4 << 20, Perm::READ_WRITE)
+        .map_user_test(buf.addr, 4 << 20, Perm::READ_WRITE)
         .expect_err("4 MiB over a 1 MiB RLIMIT_MEMLOCK must fail");
     eprintln!("map over RLIMIT_MEMLOCK: {e}");
     assert!(matches!(e, userptr::Error::PinLimit { .. }), "{e}");
     // A small one still fits.
     let small = Anon::new(64 << 10);
-    drv.map_user(small.addr, 64 << 10, Perm::READ_WRITE)
+    let m = drv
+        .map_user_test(small.addr, 64 << 10, Perm::READ_WRITE)
         .unwrap();
+    drop(m);
     // Without root, /dev/vfio/N (0600 root) cannot be opened: the error says so.
     let e = VfioDomain::new()
         .and_then(|d| d.open(&bdf))
@@ -578,7 +593,9 @@ fn invalidation_waits_for_nvme_commands_in_flight() {
         let ns = *r.nvme.namespace();
         const N: usize = 16;
         let dst = Anon::new(N * LEN);
-        let u = reg.register(dst.addr, N * LEN, Perm::READ_WRITE).unwrap();
+        let u = reg
+            .register_test(dst.addr, N * LEN, Perm::READ_WRITE)
+            .unwrap();
         let mut waited = 0;
         for round in 0..5 {
             let b = reg
@@ -627,7 +644,7 @@ fn without_msix_the_engine_falls_back_to_intx() {
         let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
         write_pattern(&reg, &r, 0x3c);
         let dst = Anon::new(LEN);
-        let u = reg.register(dst.addr, LEN, Perm::READ_WRITE).unwrap();
+        let u = reg.register_test(dst.addr, LEN, Perm::READ_WRITE).unwrap();
         // As above: a wait may find its completion posted and never sleep.
         for _ in 0..200 {
             dst.fill(0);

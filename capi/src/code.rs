@@ -58,6 +58,8 @@ pub enum UserptrCode {
     MappingTooLarge = 24,
     /// A batch whose buffers cannot fit the pin budget or the mapping limit at once.
     BatchTooLarge = 25,
+    /// A registration of another registry than the one it was handed to.
+    ForeignUserptr = 26,
 
     // IOVA space (30..39).
     /// No free IOVA range of the size asked for.
@@ -163,7 +165,7 @@ pub enum UserptrCode {
 
 impl UserptrCode {
     /// Every code, in numeric order.
-    pub const ALL: [UserptrCode; 62] = {
+    pub const ALL: [UserptrCode; 63] = {
         use UserptrCode::*;
         [
             Ok,
@@ -184,6 +186,7 @@ impl UserptrCode {
             TooManyMappings,
             MappingTooLarge,
             BatchTooLarge,
+            ForeignUserptr,
             IovaExhausted,
             IovaOutOfRange,
             IovaBusy,
@@ -267,6 +270,7 @@ impl UserptrCode {
             Error::TooManyRetries { .. } => C::TooManyRetries,
             Error::WindowTimeout { .. } => C::WindowTimeout,
             Error::ForeignQueue { .. } => C::ForeignQueue,
+            Error::ForeignUserptr { .. } => C::ForeignUserptr,
             Error::InvalidationFailed { .. } => C::InvalidationFailed,
             Error::MonitorUnavailable { .. } => C::MonitorUnavailable,
             Error::MonitorConflict { .. } => C::MonitorConflict,
@@ -330,6 +334,7 @@ impl UserptrCode {
             TooManyMappings => c"USERPTR_CODE_TOO_MANY_MAPPINGS",
             MappingTooLarge => c"USERPTR_CODE_MAPPING_TOO_LARGE",
             BatchTooLarge => c"USERPTR_CODE_BATCH_TOO_LARGE",
+            ForeignUserptr => c"USERPTR_CODE_FOREIGN_USERPTR",
             ForeignQueue => c"USERPTR_CODE_FOREIGN_QUEUE",
             TooManyRetries => c"USERPTR_CODE_TOO_MANY_RETRIES",
             WindowTimeout => c"USERPTR_CODE_WINDOW_TIMEOUT",

@@ -124,7 +124,7 @@ fn operand(
     which: &str,
     o: UserptrOperand,
     bytes: u64,
-    refs: &[&Userptr],
+    refs: &[&Userptr<'_>],
 ) -> Result<UserptrOperand, Failure> {
     let Some(u) = refs.get(o.index as usize) else {
         return Err(Failure::invalid(format!(
@@ -151,7 +151,7 @@ fn operand(
 
 impl Plan {
     /// Check `cmds` against `refs` (the registrations their operands index).
-    pub fn new(cmds: &[UserptrCommand], refs: &[&Userptr]) -> Result<Plan, Failure> {
+    pub fn new(cmds: &[UserptrCommand], refs: &[&Userptr<'_>]) -> Result<Plan, Failure> {
         if cmds.is_empty() {
             return Err(Failure::invalid("a submission needs at least one command"));
         }

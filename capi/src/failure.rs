@@ -1,6 +1,6 @@
 //! Failures and the boundary guard: what a call that went wrong hands back (a code, a
 //! message, the DMA fault if there was one), the thread-local last error C reads it
-//! from, and [`guard`], which every `extern "C"` function runs its body in so that no
+//! from, and `guard`, which every `extern "C"` function runs its body in so that no
 //! Rust panic crosses into C.
 
 use crate::code::UserptrCode;

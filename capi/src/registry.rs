@@ -22,7 +22,7 @@ pub struct UserptrRegistry {
 pub struct UserptrRegistration {
     pub(crate) registry: Registry,
     pub(crate) registry_id: Identity,
-    pub(crate) userptr: Userptr,
+    pub(crate) userptr: Userptr<'static>,
 }
 
 /// An open explicit invalidation (opaque), between `userptr_invalidate_begin` and
@@ -101,15 +101,18 @@ pub fn cause_from(v: u32, arg: u64) -> Result<Cause, Failure> {
 /// The one place the bindings hand a raw address range to the registry.
 ///
 /// # Safety
-/// `[addr, addr + len)` stays mapped, with the same pages, while the registration
-/// lives (until [`release`]), unless a monitor tells the registry about every change.
-#[allow(unused_unsafe)]
+/// [`Registry::register`]'s contract, which is the one `userptr_register` documents
+/// for C callers: `[addr, addr + len)` stays mapped, with the same pages, while the
+/// registration lives (until [`release`]) and every submission naming it has been
+/// waited for, unless a monitor (or the explicit invalidation) tells the registry
+/// about every change; and the program does not access it in a way that races the
+/// device's access `perm` allows while such a submission runs.
 pub unsafe fn register_raw(
     registry: &Registry,
     addr: usize,
     len: usize,
     perm: Perm,
-) -> Result<Userptr, Failure> {
+) -> Result<Userptr<'static>, Failure> {
     // SAFETY: the caller's promise (the function's contract), which is the one
     // `Registry::register` asks for.
     Ok(unsafe { registry.register(addr, len, perm) }?)
@@ -119,7 +122,7 @@ pub unsafe fn register_raw(
 /// them is left. Waits for device work in flight on them (bounded by the registry's
 /// fence timeout, after which the device is reset). Other registrations sharing those
 /// pages stay valid: they are pinned again at their next use.
-pub fn release(registry: &Registry, u: &Userptr) -> Result<(), Failure> {
+pub fn release(registry: &Registry, u: &Userptr<'_>) -> Result<(), Failure> {
     let end = u.addr().saturating_add(u.len());
     Ok(registry.invalidate(u.addr()..end, Cause::Release)?)
 }
@@ -191,12 +194,19 @@ pub unsafe extern "C" fn userptr_registry_free(registry: *mut UserptrRegistry) {
 /// value); they are pinned now, so memory the device cannot use is refused here.
 /// `*out` receives the registration.
 ///
-/// The contract: from here until `userptr_unregister`, `[addr, addr + len)` stays
-/// mapped with the same pages (do not free, munmap, madvise(MADV_DONTNEED), mremap or
-/// mprotect it), **unless** a monitor is installed on the registry
-/// (`userptr_monitor_install`) or the application reports each change itself
-/// (`userptr_invalidate_begin` / `_end`). Otherwise the device may read and write
-/// pages the process no longer sees.
+/// The contract: from here until `userptr_unregister` (and, for every submission that
+/// names the registration, until that submission's `userptr_wait` returned):
+/// * `[addr, addr + len)` stays mapped with the same pages (do not free, munmap,
+///   madvise(MADV_DONTNEED), mremap or mprotect it), **unless** a monitor is installed
+///   on the registry (`userptr_monitor_install`) or the application reports each
+///   change itself (`userptr_invalidate_begin` / `_end`): then the registry
+///   invalidates the range first, waiting for the device work that may reach it.
+///   Otherwise the device may read and write pages the process no longer sees;
+/// * the program does not race the device: while a submitted command that may write
+///   the memory runs, nothing reads or writes it; while one that may read it runs,
+///   nothing writes it. `userptr_wait` on the command's fence ends its access.
+///
+/// The rest of the first and last page is mapped too (the IOMMU maps whole pages).
 ///
 /// Accepted: private anonymous memory (malloc, the stack, mmap), and memfds sealed
 /// against shrinking and writing. Errors: `USERPTR_CODE_ZERO_LENGTH`,

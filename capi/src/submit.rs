@@ -73,7 +73,7 @@ impl From<&Completion> for UserptrCompletion {
 pub fn submit(
     registry: &Registry,
     queue: &CommandQueue,
-    refs: &[&Userptr],
+    refs: &[&Userptr<'_>],
     cmds: &[UserptrCommand],
 ) -> Result<BatchFences, Failure> {
     let plan = Plan::new(cmds, refs)?;
@@ -119,11 +119,12 @@ pub fn wait(
     let deadline = Instant::now() + timeout;
     // The ring completes in order: once the last command completed, every earlier one
     // has too, so those waits find their completion at once.
-    let last = queue.wait(f.end, WaitMode::Block, timeout)?;
+    // The raw completions, whatever their status: the failure is reported below.
+    let last = queue.wait_completion(f.end, WaitMode::Block, timeout)?;
     let mut all = Vec::with_capacity((f.end.seqno - f.start.seqno + 1) as usize);
     for seqno in f.start.seqno..f.end.seqno {
         let left = deadline.saturating_duration_since(Instant::now());
-        all.push(queue.wait(
+        all.push(queue.wait_completion(
             Fence {
                 ring: f.end.ring,
                 seqno,

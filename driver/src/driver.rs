@@ -194,21 +194,70 @@ impl Driver {
         &self.inner.domain
     }
 
-    /// Map `len` bytes of process memory at `addr` for the device with `perm`.
+    /// Map `len` bytes of process memory at `addr` for the device with `perm`, by
+    /// address: the mapping borrows nothing. Prefer [`Driver::map_slice`] /
+    /// [`Driver::map_slice_ref`], which borrow the buffer for the mapping's life.
     ///
-    /// The memory must stay mapped while the device may use it; reading it while a
-    /// device command writes it is a data race the caller avoids by waiting for the
-    /// command's fence, as with any DMA.
-    pub fn map_user(&self, addr: usize, len: usize, perm: Perm) -> Result<UserMapping> {
+    /// # Safety
+    ///
+    /// From this call until the returned mapping is dropped (or
+    /// [`UserMapping::unmap`]ped):
+    /// * the range stays mapped in the process, with the same pages (no `munmap`,
+    ///   `mremap`, destructive `madvise` or `mmap(MAP_FIXED)` over it: nothing would
+    ///   tell the device, which keeps reaching the pages pinned now; see
+    ///   `tests/hazard.rs`);
+    /// * the program does not access it in a way that races the device's access
+    ///   `perm` allows: with [`Perm::WRITE`], no reference to it is held and nothing
+    ///   reads or writes it while a device command that may write it runs; with
+    ///   [`Perm::READ`], nothing writes it while a command that may read it runs.
+    ///   Waiting for the command's fence ends its access, as with any DMA.
+    ///
+    /// The bytes of the first and last page outside `addr..addr + len` are mapped too
+    /// (the IOMMU maps whole pages): they fall under the same rules for every command
+    /// that reaches them.
+    pub unsafe fn map_user(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> Result<UserMapping<'static>> {
         UserMapping::new(self, addr as u64, len as u64, perm)
     }
 
-    /// Map a slice for device reads and writes.
-    pub fn map_slice<T: Copy>(&self, s: &mut [T]) -> Result<UserMapping> {
-        self.map_user(
-            s.as_mut_ptr() as usize,
-            std::mem::size_of_val(s),
+    /// Map a slice for device reads and writes ([`Perm::READ_WRITE`]). The mapping
+    /// borrows the slice mutably until it is dropped: the program cannot read, write or
+    /// free it meanwhile, and dropping the mapping unmaps it (waiting for the device's
+    /// transfers in flight), so no device access outlives the borrow.
+    ///
+    /// The device may write any bytes: `T` must be valid for every bit pattern
+    /// ([`bytemuck::AnyBitPattern`]) and, since the device also reads it, have no
+    /// padding ([`bytemuck::NoUninit`]). `bool`, `char`, references and enums are
+    /// refused at compile time.
+    pub fn map_slice<'a, T>(&self, s: &'a mut [T]) -> Result<UserMapping<'a>>
+    where
+        T: bytemuck::AnyBitPattern + bytemuck::NoUninit,
+    {
+        UserMapping::new(
+            self,
+            s.as_mut_ptr() as u64,
+            std::mem::size_of_val(s) as u64,
             Perm::READ_WRITE,
+        )
+    }
+
+    /// Map a slice for device reads only ([`Perm::READ`]: a device write faults). The
+    /// mapping borrows the slice (shared) until it is dropped: the program may read it
+    /// meanwhile, not write it. `T` must have no padding ([`bytemuck::NoUninit`]: the
+    /// device reads every byte); its `Copy` bound rules out interior mutability.
+    pub fn map_slice_ref<'a, T>(&self, s: &'a [T]) -> Result<UserMapping<'a>>
+    where
+        T: bytemuck::NoUninit,
+    {
+        UserMapping::new(
+            self,
+            s.as_ptr() as u64,
+            std::mem::size_of_val(s) as u64,
+            Perm::READ,
         )
     }
 

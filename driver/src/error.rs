@@ -306,6 +306,18 @@ pub enum Error {
         /// The queue's identifier (ring or queue number).
         queue: u32,
     },
+    /// A registration made by another registry: its unregistration waits only for
+    /// that registry's device work, so this one may not submit it.
+    #[error(
+        "the registration of {addr:#x} + {len:#x} belongs to another registry: submit, \
+         look up or unregister it through the registry that made it"
+    )]
+    ForeignUserptr {
+        /// Host address of the registration.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
     /// An invalidation could not be completed.
     #[error("invalidation of {start:#x}..{end:#x} gave up waiting for the device: {reason}")]
     InvalidationFailed {

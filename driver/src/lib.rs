@@ -87,6 +87,9 @@ pub mod submitter;
 pub mod trampoline;
 pub mod vfio;
 
+/// The element-type bounds of the slice entry points ([`Driver::map_slice`],
+/// [`Registry::register_slice`]): `Pod`-like types the device may read and write.
+pub use bytemuck;
 pub use device::Device;
 pub use driver::Driver;
 pub use error::{Error, Result};

@@ -10,26 +10,45 @@
 //!
 //! Memory whose pages can be replaced through its file, which no monitor sees, is
 //! refused at map time ([`crate::backing`]).
+//!
+//! # Who may touch the memory while it is mapped
+//!
+//! A `UserMapping<'a>` made from a slice ([`Driver::map_slice`],
+//! [`Driver::map_slice_ref`]) *borrows* it for `'a`: the program cannot read, write,
+//! move or free the buffer while the device may reach it, and dropping the mapping
+//! (which unmaps it, and the IOMMU's unmap waits for the transfers in flight) ends the
+//! borrow. A `UserMapping<'static>` from the `unsafe` [`Driver::map_user`] borrows
+//! nothing: the caller promises what the borrow would have enforced (its `# Safety`
+//! section).
 
 use crate::driver::Driver;
 use crate::error::{Error, Result};
 use crate::iommu::Perm;
+use std::marker::PhantomData;
 
 const PAGE: u64 = 4096;
 
 /// Ordinary memory mapped for the device. Unmapped (and unpinned) on drop.
+///
+/// `'a` is the borrow of the buffer it maps (see the module docs): a mapping made from
+/// a slice keeps the slice borrowed until it is dropped or [`UserMapping::unmap`]ped.
 #[derive(Debug)]
-pub struct UserMapping {
+#[must_use = "dropping the mapping unmaps it at once"]
+pub struct UserMapping<'a> {
     driver: Driver,
     map_iova: u64,
     map_len: u64,
     addr: u64,
     len: u64,
     perm: Perm,
+    /// The buffer's borrow (none for the `unsafe` raw-address mapping: `'static`).
+    _buffer: PhantomData<&'a mut [u8]>,
 }
 
-impl UserMapping {
-    pub(crate) fn new(driver: &Driver, addr: u64, len: u64, perm: Perm) -> Result<UserMapping> {
+impl<'a> UserMapping<'a> {
+    /// Map `len` bytes at `addr`. The caller ties `'a` to what keeps the memory
+    /// handed over (a borrow of the slice, or the raw contract of `Driver::map_user`).
+    pub(crate) fn new(driver: &Driver, addr: u64, len: u64, perm: Perm) -> Result<UserMapping<'a>> {
         if len == 0 {
             return Err(Error::ZeroLength { addr });
         }
@@ -49,6 +68,7 @@ impl UserMapping {
             addr,
             len,
             perm,
+            _buffer: PhantomData,
         })
     }
 
@@ -87,7 +107,11 @@ impl UserMapping {
         self.perm
     }
 
-    /// Unmap now, reporting failure (dropping unmaps too, logging failure).
+    /// Unmap now, reporting failure (dropping unmaps too, logging failure). The
+    /// translation is gone before the transfers in flight are waited for, so an error
+    /// (the reference IOMMU: transfers still running after its bound, see
+    /// `reference::uring_iommu`) leaves no new access possible, only the late end of
+    /// one already started.
     pub fn unmap(mut self) -> Result<()> {
         let r = self.driver.unmap_raw(self.map_iova, self.map_len);
         self.map_len = 0;
@@ -95,7 +119,7 @@ impl UserMapping {
     }
 }
 
-impl Drop for UserMapping {
+impl Drop for UserMapping<'_> {
     fn drop(&mut self) {
         if self.map_len != 0 {
             if let Err(e) = self.driver.unmap_raw(self.map_iova, self.map_len) {

@@ -54,7 +54,7 @@ impl Command {
     }
 }
 
-fn rest(refs: &[&Userptr], (index, offset): (u32, u64), unit: u64) -> Result<u64, Failure> {
+fn rest(refs: &[&Userptr<'_>], (index, offset): (u32, u64), unit: u64) -> Result<u64, Failure> {
     let Some(u) = refs.get(index as usize) else {
         // Plan::new names the bad index.
         return Ok(1);
@@ -87,7 +87,7 @@ impl Command {
     }
 
     /// The C API's command, given the submission's references (for default lengths).
-    pub fn resolve(&self, refs: &[&Userptr]) -> Result<UserptrCommand, Failure> {
+    pub fn resolve(&self, refs: &[&Userptr<'_>]) -> Result<UserptrCommand, Failure> {
         let operand = |o: Option<(u32, u64)>| {
             o.map_or(UserptrOperand::default(), |(index, offset)| {
                 UserptrOperand { index, offset }

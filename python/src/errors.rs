@@ -121,6 +121,7 @@ pub fn to_pyerr(py: Python<'_>, f: Failure) -> PyErr {
         | C::TooManyRetries
         | C::WindowTimeout
         | C::ForeignQueue
+        | C::ForeignUserptr
         | C::IoUringUnavailable
         | C::Vfio
         | C::Nvme

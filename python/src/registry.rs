@@ -99,6 +99,12 @@ impl Registry {
     /// `perm` ('r', 'w' or 'rw'). It is pinned now, so memory the device cannot use is
     /// refused here. The registration keeps `obj` (and its exported buffer) until it
     /// is unregistered.
+    ///
+    /// The contract (the C API's `userptr_register`): while a submitted command that
+    /// may write the memory runs, Python code neither reads nor writes `obj`; while
+    /// one that may read it runs, it does not write `obj`. `Queue.wait` on the
+    /// command's fence ends its access. Unmapping or discarding the memory behind the
+    /// exporter's back (mmap, madvise through ctypes) needs a `Monitor`.
     #[pyo3(signature = (obj, perm = "rw"))]
     fn register(
         slf: &Bound<'_, Self>,
@@ -114,7 +120,9 @@ impl Registry {
         // in the Registration and released only after `release`): the exporter can
         // neither free nor resize the memory meanwhile, so it stays mapped with the
         // same pages; Python code that munmaps or madvises it behind the exporter's back
-        // needs a monitor, as in C.
+        // needs a monitor, as in C. Not racing the device's access is the caller's
+        // part of the contract, documented in this method's docstring as in C's
+        // `userptr_register`.
         let u = unsafe { register_raw(registry, addr, len, perm) };
         match u {
             Ok(userptr) => Ok(Registration {
@@ -158,7 +166,7 @@ impl Registry {
                 }
                 r.userptr()
             })
-            .collect::<PyResult<Vec<&Userptr>>>()?;
+            .collect::<PyResult<Vec<&Userptr<'_>>>>()?;
         let cmds = commands
             .iter()
             .map(|c| c.resolve(&users))
@@ -202,7 +210,7 @@ impl Registry {
 }
 
 struct Held {
-    userptr: Userptr,
+    userptr: Userptr<'static>,
     /// Dropped (released) after the pins, in `Registration::release`.
     buf: PyUntypedBuffer,
 }
@@ -217,7 +225,7 @@ pub struct Registration {
 }
 
 impl Registration {
-    fn userptr(&self) -> PyResult<&Userptr> {
+    fn userptr(&self) -> PyResult<&Userptr<'static>> {
         self.held
             .as_ref()
             .map(|h| &h.userptr)

@@ -215,7 +215,7 @@ pub mod vm {
 }
 
 /// The page-table entry format: 64 bits, little-endian, 512 per 4 KiB table, four
-/// levels (VA[47:39], [38:30], [29:21], [20:12]).
+/// levels (`VA[47:39]`, `[38:30]`, `[29:21]`, `[20:12]`).
 pub mod pte {
     /// Present.
     pub const V: u64 = 1 << 0;

@@ -5,6 +5,61 @@
 
 use std::sync::{Mutex, MutexGuard};
 use userptr::proc_status::pinned_bytes;
+use userptr::{Driver, Perm, Registry, UserMapping, Userptr};
+
+/// `Registry::register` for the tests, which hand memory over by address everywhere
+/// (an mmap they own, a page they punch a hole in, a range they remap on purpose).
+pub trait RegisterTest {
+    /// `unsafe` `Registry::register`, under the tests' blanket contract (see the impl).
+    fn register_test(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> userptr::Result<Userptr<'static>>;
+}
+
+impl RegisterTest for Registry {
+    fn register_test(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> userptr::Result<Userptr<'static>> {
+        // SAFETY: test memory, owned by the test for its duration: the buffers are the
+        // test's own mappings, which it reads only after waiting for the commands that
+        // write them (or copies out through `Anon::read`, holding no reference); the
+        // tests that unmap, discard or remap registered memory do so under a monitor
+        // or an explicit invalidation, or on purpose to show the stale-pin hazard on
+        // pages the kernel keeps pinned (never a Rust value's memory). Ranges that are
+        // not mapped at all are refused with an error, touching nothing.
+        unsafe { self.register(addr, len, perm) }
+    }
+}
+
+/// `Driver::map_user` for the tests, as [`RegisterTest`] is for the registry.
+pub trait MapTest {
+    /// `unsafe` `Driver::map_user`, under the tests' blanket contract (see the impl).
+    fn map_user_test(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> userptr::Result<UserMapping<'static>>;
+}
+
+impl MapTest for Driver {
+    fn map_user_test(
+        &self,
+        addr: usize,
+        len: usize,
+        perm: Perm,
+    ) -> userptr::Result<UserMapping<'static>> {
+        // SAFETY: as in `RegisterTest for Registry`: test memory owned by the test for
+        // its duration, read only after the device's commands on it are waited for.
+        unsafe { self.map_user(addr, len, perm) }
+    }
+}
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -480,4 +535,27 @@ pub fn failure_summary(run: &ChildRun) -> String {
         return run.describe();
     }
     format!("{}\n    {}", run.describe(), msg.join("\n    "))
+}
+
+/// `GpuVm::submit` for the tests, as [`RegisterTest`] is for the registry.
+pub trait VmSubmitTest {
+    /// `unsafe` `GpuVm::submit`, under the tests' blanket contract (see the impl).
+    fn submit_test(
+        &self,
+        q: &userptr::CommandQueue,
+        descs: &[userptr::Descriptor],
+    ) -> userptr::Result<userptr::BatchFences>;
+}
+
+impl VmSubmitTest for userptr::driver::gpuvm::GpuVm {
+    fn submit_test(
+        &self,
+        q: &userptr::CommandQueue,
+        descs: &[userptr::Descriptor],
+    ) -> userptr::Result<userptr::BatchFences> {
+        // SAFETY: as in `RegisterTest for Registry`: the commands reach the test's own
+        // buffers (bound, or SVM pointers into them), which it reads only after waiting
+        // for the commands.
+        unsafe { self.submit(q, descs) }
+    }
 }

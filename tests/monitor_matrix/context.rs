@@ -168,7 +168,7 @@ fn submit_closure(ctx: &Ctx<'_>) -> &'static str {
     };
     let st = ctx
         .q
-        .wait(f.end, WaitMode::Block, Duration::from_secs(30))
+        .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
         .map(|c| c.status);
     ctx.sync();
     match st {

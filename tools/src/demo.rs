@@ -136,9 +136,7 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
     let mut y: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
     let mut expect = y.clone();
     let t = Instant::now();
-    let ux = reg
-        .register(x.as_ptr() as usize, n * 4, userptr::Perm::READ)
-        .map_err(|e| crate::explain(&e))?;
+    let ux = reg.register_slice_ref(&x).map_err(|e| crate::explain(&e))?;
     let uy = reg.register_slice(&mut y).map_err(|e| crate::explain(&e))?;
     println!(
         "registered 2 x {:.1} MiB of Vec<f32> in {:.2?}",
@@ -175,6 +173,8 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
         }
         commands += 1;
     }
+    // Every command on `y` waited for: hand it back (it is borrowed until then).
+    reg.unregister(uy).map_err(|e| crate::explain(&e))?;
     let dt = t.elapsed();
     if y != expect {
         let bad = y.iter().zip(&expect).position(|(a, b)| a != b).unwrap_or(0);
@@ -188,11 +188,11 @@ fn demo(a: &Args, p: &Plan) -> Result<(u64, u64), String> {
         bytes as f64 / (1 << 20) as f64 / dt.as_secs_f64()
     );
 
-    let mut data: Vec<u8> = (0..p.data)
+    let data: Vec<u8> = (0..p.data)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let ud = reg
-        .register_slice(&mut data)
+        .register_slice_ref(&data)
         .map_err(|e| crate::explain(&e))?;
     let t = Instant::now();
     let dl = data.len() as u64;
@@ -268,7 +268,9 @@ fn svm_saxpy(drv: &Driver, reg: &Registry, n: usize) -> Result<(u64, u64), Strin
     }
     let t = Instant::now();
     let d = Descriptor::saxpy(3.0, x.as_ptr() as u64, y.as_mut_ptr() as u64, n as u64);
-    let f = vm.submit(&q, &[d]).map_err(e)?;
+    // SAFETY: `x` and `y` are this function's own vectors; neither is touched until the
+    // command is waited for below.
+    let f = unsafe { vm.submit(&q, &[d]) }.map_err(e)?;
     let c = q
         .wait(f.end, WaitMode::Block, std::time::Duration::from_secs(60))
         .map_err(e)?;

@@ -214,8 +214,9 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
     unsafe { std::ptr::write_bytes(source.addr as *mut u8, 0x5c, source.len) };
     // One scratch area per mutator: mremap leaves a hole in it for a moment.
     let scratches = [Mem::new(4 * SLOT)?, Mem::new(4 * SLOT)?];
-    let usrc = reg
-        .register(source.addr, source.len, Perm::READ)
+    // SAFETY: our own mapping, which outlives the registry and which nothing writes
+    // after the fill above.
+    let usrc = unsafe { reg.register(source.addr, source.len, Perm::READ) }
         .map_err(|e| crate::explain(&e))?;
     // The monitor goes in before the worker threads exist (see its docs).
     let monitor = if a.no_protect || a.explicit {
@@ -305,8 +306,14 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
                             }
                         })
                         .collect();
-                    let Ok(u) = reg.register(base + a * SLOT, (b - a) * SLOT, Perm::READ_WRITE)
-                    else {
+                    // SAFETY: slots of our own arena, which outlives the registry; the
+                    // mutators change them only under the monitor or an explicit
+                    // invalidation (or, with --no-protect, on purpose to show the
+                    // hazard on pages no Rust value owns), and their bytes are read
+                    // only after the commands are waited for.
+                    let registered =
+                        unsafe { reg.register(base + a * SLOT, (b - a) * SLOT, Perm::READ_WRITE) };
+                    let Ok(u) = registered else {
                         // A typed error (an injected pin failure the registry could not
                         // retry away, or a range a mutator has unmapped): handled.
                         c.register_errors.fetch_add(1, Ordering::Relaxed);
@@ -376,7 +383,7 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
                     for w in &inflight[a..b] {
                         w.store(f.end.seqno << 1 | t as u64, Ordering::SeqCst);
                     }
-                    let waited = q.wait(f.end, WaitMode::Block, Duration::from_secs(30));
+                    let waited = q.wait_completion(f.end, WaitMode::Block, Duration::from_secs(30));
                     for w in &inflight[a..b] {
                         w.store(0, Ordering::SeqCst);
                     }
@@ -601,12 +608,14 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
 fn malloc_reuse(reg: &Registry, q: &userptr::CommandQueue, byte: &mut u8, explicit: bool) -> bool {
     const N: usize = 256 << 10;
     let fill = |p: usize, b: u8| -> Option<Status> {
-        let u = reg.register(p, N, Perm::READ_WRITE).ok()?;
+        // SAFETY: our own malloc block, freed only under the monitor or the explicit
+        // invalidation that waits for the command, and read after its fence.
+        let u = unsafe { reg.register(p, N, Perm::READ_WRITE) }.ok()?;
         let f = reg
             .submit(q, &[&u], |i| vec![Descriptor::fill(i[0], N as u64, b)])
             .ok()?;
         Some(
-            q.wait(f.end, WaitMode::Block, Duration::from_secs(30))
+            q.wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
                 .ok()?
                 .status,
         )

@@ -240,8 +240,14 @@ fn edu_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     src.fill_with(|i| (i * 13 + 7) as u8);
     let dst = Mem::new(4096)?;
     dst.fill_with(|_| 0);
-    let ms = drv.map_user(src.addr, 4096, Perm::READ).map_err(e)?;
-    let md = drv.map_user(dst.addr, 4096, Perm::READ_WRITE).map_err(e)?;
+    // SAFETY: our own mappings (`Mem`), which outlive the mappings; `dst` is read only
+    // after the DMA that writes it returned.
+    let (ms, md) = unsafe {
+        (
+            drv.map_user(src.addr, 4096, Perm::READ).map_err(e)?,
+            drv.map_user(dst.addr, 4096, Perm::READ_WRITE).map_err(e)?,
+        )
+    };
     for m in [&ms, &md] {
         if m.iova() + 4096 > EDU_DMA_LIMIT {
             return Err(format!(
@@ -267,7 +273,8 @@ fn edu_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     // IOMMU protection: a device write into a read-only mapping is blocked.
     let ro = Mem::new(4096)?;
     ro.fill_with(|_| 0xee);
-    let mr = drv.map_user(ro.addr, 4096, Perm::READ).map_err(e)?;
+    // SAFETY: our own mapping, which outlives the mapping; the device may only read it.
+    let mr = unsafe { drv.map_user(ro.addr, 4096, Perm::READ) }.map_err(e)?;
     edu.dma(mr.iova(), 0, N as u32, true).map_err(e)?;
     let untouched = ro.bytes().iter().all(|&b| b == 0xee);
     out.push(Check {
@@ -314,8 +321,14 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     src.fill_with(|i| (i * 31 + 3) as u8);
     let dst = Mem::new(LEN)?;
     dst.fill_with(|_| 0);
-    let ms = drv.map_user(src.addr, LEN, Perm::READ).map_err(e)?;
-    let md = drv.map_user(dst.addr, LEN, Perm::READ_WRITE).map_err(e)?;
+    // SAFETY: our own mappings (`Mem`), which outlive the mappings; `dst` is read only
+    // after the command that writes it completed.
+    let (ms, md) = unsafe {
+        (
+            drv.map_user(src.addr, LEN, Perm::READ).map_err(e)?,
+            drv.map_user(dst.addr, LEN, Perm::READ_WRITE).map_err(e)?,
+        )
+    };
     let t = Duration::from_secs(10);
     q.run(NvmeCommand::write(&ns, 0, ms.iova(), LEN as u32), t)
         .map_err(e)?;
@@ -337,7 +350,7 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     let b = q
         .submit_batch(&[NvmeCommand::read(&ns, 0, bogus, 4096)])
         .map_err(e)?;
-    let c = q.wait(b, WaitMode::Block, t).map_err(e)?;
+    let c = q.wait_completions(b, WaitMode::Block, t).map_err(e)?;
     out.push(Check {
         name: "IOMMU fault on unmapped IOVA",
         ok: !c[0].ok(),
@@ -348,11 +361,12 @@ fn nvme_checks(pci: Arc<VfioPci>, drv: &Driver) -> Result<Vec<Check>, String> {
     std::thread::sleep(Duration::from_millis(200));
     let ro = Mem::new(4096)?;
     ro.fill_with(|_| 0xee);
-    let mr = drv.map_user(ro.addr, 4096, Perm::READ).map_err(e)?;
+    // SAFETY: our own mapping, which outlives the mapping; the device may only read it.
+    let mr = unsafe { drv.map_user(ro.addr, 4096, Perm::READ) }.map_err(e)?;
     let b = q
         .submit_batch(&[NvmeCommand::read(&ns, 0, mr.iova(), 4096)])
         .map_err(e)?;
-    let c = q.wait(b, WaitMode::Block, t).map_err(e)?;
+    let c = q.wait_completions(b, WaitMode::Block, t).map_err(e)?;
     let untouched = ro.bytes().iter().all(|&b| b == 0xee);
     out.push(Check {
         name: "IOMMU blocks write to RO map",
@@ -386,7 +400,9 @@ pub fn qd1_latency(q: &IoQueue, drv: &Driver, n: usize, cached: bool) -> Result<
     let ns = *q.nvme().namespace();
     let buf = Mem::new(4096)?;
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let u = reg.register(buf.addr, 4096, Perm::READ_WRITE).map_err(e)?;
+    // SAFETY: our own mapping (`Mem`), which outlives the registry; its bytes are not
+    // read at all.
+    let u = unsafe { reg.register(buf.addr, 4096, Perm::READ_WRITE) }.map_err(e)?;
     let t = Duration::from_secs(10);
     let blocks = ns.blocks.max(8);
     let mut v = Vec::with_capacity(n);
@@ -403,7 +419,8 @@ pub fn qd1_latency(q: &IoQueue, drv: &Driver, n: usize, cached: bool) -> Result<
                 .into_result()
                 .map_err(e)?;
         } else {
-            let m = drv.map_user(buf.addr, 4096, Perm::READ_WRITE).map_err(e)?;
+            // SAFETY: our own mapping (`Mem`), unmapped after the command completed.
+            let m = unsafe { drv.map_user(buf.addr, 4096, Perm::READ_WRITE) }.map_err(e)?;
             q.run(NvmeCommand::read(&ns, lba, m.iova(), 4096), t)
                 .map_err(e)?;
             m.unmap().map_err(e)?;
@@ -426,7 +443,9 @@ pub fn iops(q: &IoQueue, drv: &Driver, n: usize, depth: u16, cached: bool) -> Re
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let us: Vec<userptr::Userptr> = bufs
         .iter()
-        .map(|b| reg.register(b.addr, 4096, Perm::READ_WRITE))
+        // SAFETY: our own mappings (`Mem`), which outlive the registry; their bytes
+        // are not read at all.
+        .map(|b| unsafe { reg.register(b.addr, 4096, Perm::READ_WRITE) })
         .collect::<Result<_, _>>()
         .map_err(e)?;
     let t = Duration::from_secs(10);
@@ -455,9 +474,9 @@ pub fn iops(q: &IoQueue, drv: &Driver, n: usize, depth: u16, cached: bool) -> Re
                 .map_err(e)?;
             inflight.push_back((b, None));
         } else {
-            let m = drv
-                .map_user(bufs[i % depth].addr, 4096, Perm::READ_WRITE)
-                .map_err(e)?;
+            // SAFETY: our own mapping (`Mem`), unmapped after its command completed.
+            let m =
+                unsafe { drv.map_user(bufs[i % depth].addr, 4096, Perm::READ_WRITE) }.map_err(e)?;
             let b = loop {
                 match q.submit_batch(&[NvmeCommand::read(&ns, lba, m.iova(), 4096)]) {
                     Err(userptr::Error::RingFull { .. }) => {

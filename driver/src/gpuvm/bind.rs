@@ -57,7 +57,7 @@ impl GpuVm {
 
     /// Bind `u`'s pages at GPU VA `va` (4 KiB-aligned; the userptr's first byte is at
     /// `va` plus its offset in its page, see [`Binding::va`]), writable if `u` is.
-    pub fn bind(&self, u: &Userptr, va: u64) -> Result<Binding> {
+    pub fn bind(&self, u: &Userptr<'static>, va: u64) -> Result<Binding> {
         let _section = crate::driver_section::enter();
         let host = pages_of(u);
         let len = host.end - host.start;

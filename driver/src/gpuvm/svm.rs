@@ -234,7 +234,12 @@ impl VmInner {
         let mut got = None;
         'pin: for c in chunks {
             for &p in perms {
-                if let Ok(u) = reg.register(c.start as usize, (c.end - c.start) as usize, p) {
+                // SAFETY: the application handed this memory to the device when it
+                // submitted the faulting command on an SVM VM (`GpuVm::submit`'s
+                // contract); the registration lives as long as the binding, and the
+                // monitors invalidate it when the process changes the range.
+                let r = unsafe { reg.register(c.start as usize, (c.end - c.start) as usize, p) };
+                if let Ok(u) = r {
                     got = Some((c, u, p));
                     break 'pin;
                 }

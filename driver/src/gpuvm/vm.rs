@@ -104,7 +104,8 @@ impl Binding {
 #[derive(Clone, Debug)]
 pub(super) enum Kind {
     /// A userptr bound at a chosen VA.
-    Userptr(Userptr),
+    /// A raw registration (`'static`): a binding may outlive any borrow.
+    Userptr(Userptr<'static>),
     /// Device memory at this VRAM offset.
     DevMem(u64),
     /// Shared virtual memory: VA == host address, pinned by the registry.
@@ -187,7 +188,7 @@ impl std::fmt::Debug for GpuVm {
     }
 }
 
-pub(super) fn pages_of(u: &Userptr) -> Range<u64> {
+pub(super) fn pages_of(u: &Userptr<'_>) -> Range<u64> {
     let start = u.addr() & !(PAGE - 1);
     start..(u.addr() + u.len()).next_multiple_of(PAGE)
 }
@@ -458,7 +459,7 @@ impl GpuVm {
 
     /// The userptr bindings not present now (none in a VM with replayable faults:
     /// its faults bind them), but those in `skip`.
-    fn invalid_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr)> {
+    fn invalid_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr<'static>)> {
         if self.inner.cfg.replayable() {
             return Vec::new();
         }
@@ -475,7 +476,7 @@ impl GpuVm {
     /// The present userptr bindings made read-only by a downgrade, that their
     /// userptr would let write (none in a VM with replayable faults: a write fault
     /// gives the bit back there), but those in `skip`.
-    fn downgraded_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr)> {
+    fn downgraded_userptrs(&self, st: &VmState, skip: &[u64]) -> Vec<(u64, u64, Userptr<'static>)> {
         if self.inner.cfg.replayable() {
             return Vec::new();
         }
@@ -493,7 +494,17 @@ impl GpuVm {
     /// without replayable faults, userptr bindings the registry invalidated are bound
     /// again first (their memory pinned anew); one that cannot be leaves its range
     /// unmapped, and a command touching it fails with a DMA fault.
-    pub fn submit(&self, q: &CommandQueue, descs: &[Descriptor]) -> Result<BatchFences> {
+    ///
+    /// # Safety
+    ///
+    /// On a shared-virtual-memory VM the descriptors carry the process's own pointers,
+    /// and the device reads and writes whatever they reach (the fault handler pins only
+    /// what the process itself could access): every byte the commands may write must
+    /// be memory the caller owns and does not access, and every byte they read must
+    /// not be written by the program, until the batch's fences complete. On a VM of
+    /// bound userptrs, what the commands reach is what [`GpuVm::bind`] bound, whose
+    /// registrations' contracts ([`crate::Registry::register`]) already cover it.
+    pub unsafe fn submit(&self, q: &CommandQueue, descs: &[Descriptor]) -> Result<BatchFences> {
         let _section = crate::driver_section::enter();
         let inner = &*self.inner;
         if descs.len() > q.size() as usize {

@@ -1,7 +1,7 @@
 //! Completion: reaping the completion queue, and waiting for a fence by polling the
 //! fence word or sleeping on the ring's interrupt eventfd.
 
-use super::submit::Backpressure;
+use super::submit::{Backpressure, BatchFences};
 use super::{CqRegs, QueueCore, State};
 use crate::error::{Error, Result};
 use crate::submitter::{deadline_after, millis};
@@ -71,10 +71,70 @@ impl QueueCore {
         Ok(None)
     }
 
-    /// Wait until `fence`'s command completed and return its completion entry (whatever
-    /// its status). Each completion can be claimed once; an earlier fence of a batch
-    /// can still be waited for after its last (the rule is in [`super::store`]).
+    /// Wait until `fence`'s command completed, and return its completion if its status
+    /// is OK; a command that did not succeed (a DMA fault, a bad descriptor, aborted by
+    /// a reset...) is [`Error::Command`], with its status and fault record.
+    /// [`QueueCore::wait_completion`] returns the completion whatever its status.
+    ///
+    /// Each completion can be claimed once; an earlier fence of a batch can still be
+    /// waited for after its last (the rule is in [`super::store`]). A batch, as
+    /// [`Registry::submit`](crate::Registry::submit) and
+    /// [`QueueCore::submit_batch`] return it, is waited for with
+    /// [`QueueCore::wait_batch`], which reports a failure of *any* of its commands.
     pub fn wait(&self, fence: Fence, mode: WaitMode, timeout: Duration) -> Result<Completion> {
+        self.wait_completion(fence, mode, timeout)?
+            .into_result(self.ring)
+    }
+
+    /// Wait until every command of `batch` completed and claim their completions. `Ok`
+    /// (the last command's completion) only if every one of them succeeded; otherwise
+    /// [`Error::Command`] for the first that did not (lowest seqno).
+    ///
+    /// The queue keeps a failed completion until it is claimed, whatever else comes
+    /// back meanwhile, unless more failures than the store holds pile up unclaimed
+    /// (see [`super::store`]): a batch one of whose commands may have been such a
+    /// dropped failure is [`Error::NoCompletion`] for that seqno, never `Ok`.
+    /// Completions of the batch claimed earlier one by one (by [`QueueCore::wait`])
+    /// were reported then, and are not again.
+    pub fn wait_batch(
+        &self,
+        batch: BatchFences,
+        mode: WaitMode,
+        timeout: Duration,
+    ) -> Result<Completion> {
+        if batch.start.ring != batch.end.ring || batch.start.seqno > batch.end.seqno {
+            return Err(Error::NoCompletion {
+                ring: self.ring,
+                seqno: batch.start.seqno,
+            });
+        }
+        // The ring completes in order: the last one done, all are (and reaped).
+        let last = self.wait_completion(batch.end, mode, timeout)?;
+        let earlier = {
+            let mut st = self.lock();
+            st.done.take_range(batch.start.seqno..batch.end.seqno)
+        };
+        if let Some(failed) = earlier.failed {
+            return failed.into_result(self.ring);
+        }
+        if let Some(seqno) = earlier.maybe_lost {
+            return Err(Error::NoCompletion {
+                ring: self.ring,
+                seqno,
+            });
+        }
+        last.into_result(self.ring)
+    }
+
+    /// Wait until `fence`'s command completed and return its completion entry whatever
+    /// its status: for tests and diagnostics, which look at a failure themselves. Each
+    /// completion can be claimed once, as with [`QueueCore::wait`].
+    pub fn wait_completion(
+        &self,
+        fence: Fence,
+        mode: WaitMode,
+        timeout: Duration,
+    ) -> Result<Completion> {
         let deadline = deadline_after(timeout);
         let mut spins = 0u32;
         loop {
@@ -221,8 +281,7 @@ impl QueueCore {
     /// Submit `desc`, wait for it (blocking), and turn a non-OK status into an error.
     pub fn run(&self, desc: Descriptor) -> Result<Completion> {
         let fence = self.submit(desc, Backpressure::Wait)?;
-        let c = self.wait(fence, WaitMode::Block, self.timeout())?;
-        c.into_result(self.ring)
+        self.wait(fence, WaitMode::Block, self.timeout())
     }
 }
 

@@ -2,7 +2,7 @@
 //! engine for compute and used as the file side of every io_uring DMA transfer.
 //!
 //! Only the engine thread touches it through the mapping, and only while no transfer
-//! is in flight: [`crate::reference::uring_iommu::DmaPort::run`] returns after reaping every
+//! is in flight: [`crate::reference::dma_port::DmaPort::run`] returns after reaping every
 //! request it submitted, so outside `run` the kernel is not writing the memfd.
 //!
 //! The page-table region (GPU virtual memory, `docs/reference-device.md` section 10) is

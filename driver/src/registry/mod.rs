@@ -100,6 +100,7 @@ use config::default_budget;
 use interval::IntervalMap;
 use notifier::{InvalidationLog, Notifier, WindowId};
 use region::Region;
+use std::marker::PhantomData;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -163,16 +164,35 @@ impl std::fmt::Debug for Registry {
 }
 
 /// A registration: a range of process memory the device may access with `perm`.
-/// Resolved to a pinned mapping at each submission; cheap to keep around.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Userptr {
+/// Resolved to a pinned mapping at each submission.
+///
+/// `'a` is the borrow of the registered buffer:
+/// * from [`Registry::register_slice`] / [`Registry::register_slice_ref`], the slice
+///   stays borrowed while the registration lives, and dropping it **unregisters** the
+///   range ([`Registry::unregister`]: an invalidation with [`Cause::Release`], which
+///   waits for the device work that may reach it), so no device access outlives the
+///   borrow;
+/// * from the `unsafe` [`Registry::register`], `'static`: it borrows nothing, and
+///   dropping it leaves the pin cached (the lazy-unpin cache: registering the same
+///   range again is a hit). Only these can be cloned.
+///
+/// A registration belongs to the registry that made it; another one refuses it
+/// ([`Error::ForeignUserptr`]).
+pub struct Userptr<'a> {
     addr: u64,
     len: u64,
     perm: Perm,
     pages: Range<u64>,
+    /// The registry that made it (weakly: a registration does not keep it alive; once
+    /// it is gone, its teardown has unmapped everything).
+    owner: Weak<Inner>,
+    /// Unregister on drop: a registration that borrows its buffer.
+    unregister_on_drop: bool,
+    /// The buffer's borrow.
+    _buffer: PhantomData<&'a mut [u8]>,
 }
 
-impl Userptr {
+impl Userptr<'_> {
     /// Host address.
     pub fn addr(&self) -> u64 {
         self.addr
@@ -188,6 +208,75 @@ impl Userptr {
     /// Device permissions.
     pub fn perm(&self) -> Perm {
         self.perm
+    }
+    /// Whether dropping it unregisters its range (a registration that borrows its
+    /// buffer), rather than leaving the pin cached.
+    pub fn unregisters_on_drop(&self) -> bool {
+        self.unregister_on_drop
+    }
+    /// Whether `inner` made it.
+    fn made_by(&self, inner: &Arc<Inner>) -> bool {
+        std::ptr::eq(self.owner.as_ptr(), Arc::as_ptr(inner))
+    }
+}
+
+/// Only a registration that borrows nothing (`'static`: the `unsafe`
+/// [`Registry::register`], or a slice borrowed for good) can be duplicated: a clone of
+/// one that borrows a buffer would outlive nothing, but two handles unregistering one
+/// borrow would be a trap.
+impl Clone for Userptr<'static> {
+    fn clone(&self) -> Self {
+        Userptr {
+            addr: self.addr,
+            len: self.len,
+            perm: self.perm,
+            pages: self.pages.clone(),
+            owner: self.owner.clone(),
+            unregister_on_drop: self.unregister_on_drop,
+            _buffer: PhantomData,
+        }
+    }
+}
+
+/// Two registrations are equal when they name the same range, permission and registry.
+impl PartialEq for Userptr<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.addr, self.len, self.perm) == (other.addr, other.len, other.perm)
+            && Weak::ptr_eq(&self.owner, &other.owner)
+    }
+}
+
+impl Eq for Userptr<'_> {}
+
+impl std::fmt::Debug for Userptr<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Userptr")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("len", &self.len)
+            .field("perm", &self.perm)
+            .field("unregister_on_drop", &self.unregister_on_drop)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Userptr<'_> {
+    fn drop(&mut self) {
+        if !self.unregister_on_drop {
+            return;
+        }
+        // A registry already gone unmapped everything in its teardown (waiting for the
+        // device the same way).
+        let Some(inner) = self.owner.upgrade() else {
+            return;
+        };
+        let reg = Registry { inner };
+        if let Err(e) = reg.release(self) {
+            tracing::error!(
+                "unregistering {:#x} + {:#x} on drop: {e}",
+                self.addr,
+                self.len
+            );
+        }
     }
 }
 
@@ -392,38 +481,138 @@ impl Registry {
     }
 
     /// Register `len` bytes at `addr` for device access with `perm`, pinning them now
-    /// (so errors surface here) or reusing / merging cached mappings.
-    pub fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr> {
+    /// (so errors surface here) or reusing / merging cached mappings. By address: the
+    /// registration borrows nothing, and dropping it leaves the pin cached. Prefer
+    /// [`Registry::register_slice`] / [`Registry::register_slice_ref`], which borrow the
+    /// buffer for the registration's life.
+    ///
+    /// # Safety
+    ///
+    /// From this call until the range is unregistered ([`Registry::unregister`],
+    /// [`Registry::clear`], an invalidation covering it, the registry's drop; dropping
+    /// the `Userptr` is not one: the pin stays cached) — and, for every submission that
+    /// references the registration, until that submission completes:
+    /// * the range stays mapped in the process with the same pages, **unless** this
+    ///   registry is told before each change: a monitor installed on it (seccomp,
+    ///   userfaultfd, `LD_PRELOAD`) or an explicit [`Registry::invalidate_start`] by
+    ///   the caller. Then the application may `munmap`, `madvise(MADV_DONTNEED)`,
+    ///   `mremap`, `mprotect` or `free` registered memory: the monitor invalidates the
+    ///   range first, waiting for the device work that may reach it;
+    /// * the program does not access it in a way that races the device's access
+    ///   `perm` allows: with [`Perm::WRITE`], no reference to it is held and nothing
+    ///   reads or writes it while a submission that may write it runs; with
+    ///   [`Perm::READ`], nothing writes it while a submission that may read it runs.
+    ///   Waiting for the submission's fence ends its access.
+    ///
+    /// The bytes of the first and last page outside `addr..addr + len` are pinned and
+    /// mapped too (the IOMMU maps whole pages): the same rules hold for them for every
+    /// command that reaches them.
+    pub unsafe fn register(&self, addr: usize, len: usize, perm: Perm) -> Result<Userptr<'static>> {
+        self.register_range(addr as u64, len as u64, perm, false)
+    }
+
+    /// Register a slice for device reads and writes ([`Perm::READ_WRITE`]). The
+    /// registration borrows the slice mutably while it lives: the program cannot read,
+    /// write or free it meanwhile. Dropping it unregisters the range (an invalidation
+    /// with [`Cause::Release`], waiting for the device work that may reach it), so no
+    /// device access outlives the borrow; [`Registry::unregister`] does the same and
+    /// reports the error.
+    ///
+    /// The device may write any bytes: `T` must be valid for every bit pattern
+    /// ([`bytemuck::AnyBitPattern`]) and, since the device also reads it, have no
+    /// padding ([`bytemuck::NoUninit`]).
+    pub fn register_slice<'a, T>(&self, s: &'a mut [T]) -> Result<Userptr<'a>>
+    where
+        T: bytemuck::AnyBitPattern + bytemuck::NoUninit,
+    {
+        let len = std::mem::size_of_val(s) as u64;
+        self.register_range(s.as_mut_ptr() as u64, len, Perm::READ_WRITE, true)
+    }
+
+    /// Register a slice for device reads only ([`Perm::READ`]: a device write faults).
+    /// The registration borrows the slice (shared) while it lives: the program may
+    /// read it meanwhile, not write it. Dropped, it unregisters like
+    /// [`Registry::register_slice`]'s. `T` must have no padding
+    /// ([`bytemuck::NoUninit`]); its `Copy` bound rules out interior mutability.
+    pub fn register_slice_ref<'a, T>(&self, s: &'a [T]) -> Result<Userptr<'a>>
+    where
+        T: bytemuck::NoUninit,
+    {
+        let len = std::mem::size_of_val(s) as u64;
+        self.register_range(s.as_ptr() as u64, len, Perm::READ, true)
+    }
+
+    fn register_range<'a>(
+        &self,
+        addr: u64,
+        len: u64,
+        perm: Perm,
+        unregister_on_drop: bool,
+    ) -> Result<Userptr<'a>> {
         let _section = crate::driver_section::enter();
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
-        let pages = page_range(addr as u64, len as u64)?;
-        let u = Userptr {
-            addr: addr as u64,
-            len: len as u64,
+        let pages = page_range(addr, len)?;
+        let mut u = Userptr {
+            addr,
+            len,
             perm,
             pages,
+            owner: Arc::downgrade(&self.inner),
+            // Not before it is registered: a failed registration has nothing to undo.
+            unregister_on_drop: false,
+            _buffer: PhantomData,
         };
         drop(self.resolve(&u)?);
+        u.unregister_on_drop = unregister_on_drop;
         Stats::add(&self.inner.stats.registrations, 1);
         Ok(u)
     }
 
-    /// Register a slice for device reads and writes.
-    pub fn register_slice<T: Copy>(&self, s: &mut [T]) -> Result<Userptr> {
-        self.register(
-            s.as_mut_ptr() as usize,
-            std::mem::size_of_val(s),
-            Perm::READ_WRITE,
-        )
+    /// Unregister `u`: its range (whole pages) is invalidated with [`Cause::Release`],
+    /// which waits for the device work that may reach it, then unmaps and unpins it.
+    /// Other registrations sharing those pages lose their cached pin too and pin again
+    /// on their next use. What dropping a registration that borrows its buffer does,
+    /// with the error reported: on an error the range is unmapped all the same (see
+    /// [`Registry::invalidate_start`]).
+    ///
+    /// [`Error::ForeignUserptr`] if another registry made `u` (then dropping it does
+    /// what its own registry's unregistration does).
+    pub fn unregister(&self, mut u: Userptr<'_>) -> Result<()> {
+        if !u.made_by(&self.inner) {
+            return Err(Error::ForeignUserptr {
+                addr: u.addr,
+                len: u.len,
+            });
+        }
+        u.unregister_on_drop = false;
+        self.release(&u)
+    }
+
+    /// The unregistration itself.
+    fn release(&self, u: &Userptr<'_>) -> Result<()> {
+        self.invalidate(u.pages.clone(), Cause::Release)
+    }
+
+    /// Refuse a registration another registry made.
+    fn check_owner(&self, u: &Userptr<'_>) -> Result<()> {
+        if u.made_by(&self.inner) {
+            Ok(())
+        } else {
+            Err(Error::ForeignUserptr {
+                addr: u.addr,
+                len: u.len,
+            })
+        }
     }
 
     /// The device address of `u`'s first byte now (pinning if needed). Only meaningful
     /// until the next invalidation: submit through [`Registry::submit`], which
     /// validates it.
-    pub fn iova(&self, u: &Userptr) -> Result<u64> {
+    pub fn iova(&self, u: &Userptr<'_>) -> Result<u64> {
         let _section = crate::driver_section::enter();
+        self.check_owner(u)?;
         let (r, _) = self.resolve(u)?;
         Ok(r.iova + (u.addr - r.range.start))
     }

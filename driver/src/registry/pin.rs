@@ -29,7 +29,7 @@ fn exhausted(e: &Error) -> bool {
 impl Registry {
     /// Resolve `u` to a live region covering it, held (see [`Held`]), and that region's
     /// epoch.
-    pub(super) fn resolve(&self, u: &Userptr) -> Result<(Held, u64)> {
+    pub(super) fn resolve(&self, u: &Userptr<'_>) -> Result<(Held, u64)> {
         let inner = &*self.inner;
         let slot = perm_slot(u.perm);
         let mut downgrade_waits = 0;

@@ -33,12 +33,14 @@ impl Registry {
     /// only the commands of the last run are submitted.
     ///
     /// Errors, besides the pin errors: [`Error::ForeignQueue`] if `q`'s device does not
-    /// translate through this registry's domain; [`Error::BatchTooLarge`] at once if
+    /// translate through this registry's domain; [`Error::ForeignUserptr`] if another
+    /// registry made one of `refs` (its unregistration would not wait for this
+    /// submission); [`Error::BatchTooLarge`] at once if
     /// the distinct pages of `refs` exceed the pin budget or the mapping limit (the
     /// batch would have to evict its own buffers); [`Error::TooManyRetries`] after
     /// [`RegistryConfig::submit_retries`](super::RegistryConfig::submit_retries)
     /// starts over.
-    pub fn submit<Q, F>(&self, q: &Q, refs: &[&Userptr], build: F) -> Result<Q::Fence>
+    pub fn submit<Q, F>(&self, q: &Q, refs: &[&Userptr<'_>], build: F) -> Result<Q::Fence>
     where
         Q: Submitter,
         F: Fn(&[u64]) -> Vec<Q::Command>,
@@ -52,6 +54,9 @@ impl Registry {
             return Err(Error::ForeignQueue {
                 queue: q.queue_id(),
             });
+        }
+        for u in refs {
+            self.check_owner(u)?;
         }
         self.check_fits(refs)?;
         let mut trimmed = false;
@@ -125,7 +130,7 @@ impl Registry {
     /// Refuse, before pinning anything, a batch whose distinct pages exceed the pin
     /// budget or whose buffers need more mappings than the registry keeps: resolving
     /// it would evict its own references.
-    fn check_fits(&self, refs: &[&Userptr]) -> Result<()> {
+    fn check_fits(&self, refs: &[&Userptr<'_>]) -> Result<()> {
         let inner = &*self.inner;
         let max_len = inner.driver.domain().max_mapping_len().max(1);
         let (mut need, mut mappings) = (0u64, 0usize);
@@ -163,7 +168,7 @@ impl Registry {
 
     /// Every reference resolved, held, with its epoch: the fast path if every one is a
     /// cache hit, else one by one.
-    fn resolve_batch(&self, refs: &[&Userptr]) -> Result<Vec<(Held, u64)>> {
+    fn resolve_batch(&self, refs: &[&Userptr<'_>]) -> Result<Vec<(Held, u64)>> {
         if !self.inner.cfg.validate {
             if let Some(hits) = self.lookup_all_hits(refs) {
                 return Ok(hits);
@@ -175,7 +180,7 @@ impl Registry {
     /// The fast path: when every reference is a cache hit, look them all up, hold them
     /// and snapshot their epochs in *one* shared section. `None` sends the caller to
     /// the general path (a miss, or a downgrade in progress, which it waits for).
-    pub(super) fn lookup_all_hits(&self, refs: &[&Userptr]) -> Option<Vec<(Held, u64)>> {
+    pub(super) fn lookup_all_hits(&self, refs: &[&Userptr<'_>]) -> Option<Vec<(Held, u64)>> {
         let inner = &*self.inner;
         let g = inner.notifier.read();
         let mut hits = Vec::with_capacity(refs.len());

@@ -17,11 +17,12 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let len = 64usize << 20;
     if ctx.fits("e2e", "copy_64MiB", 2 * len as u64) {
         let (src, dst) = (Mem::new(len)?, Mem::new(len)?);
-        let ms = drv
-            .map_user(src.addr, len, Perm::READ)
-            .map_err(|e| crate::explain(&e))?;
-        let md = drv
-            .map_user(dst.addr, len, Perm::READ_WRITE)
+        // SAFETY: the bench's own mappings (`Mem`), which outlive the mappings; `dst`
+        // is read only after the commands that write it are waited for.
+        let ms =
+            unsafe { drv.map_user(src.addr, len, Perm::READ) }.map_err(|e| crate::explain(&e))?;
+        // SAFETY: as above.
+        let md = unsafe { drv.map_user(dst.addr, len, Perm::READ_WRITE) }
             .map_err(|e| crate::explain(&e))?;
         let gb = |secs: f64| len as f64 / secs / 1e9;
         let mut err = None;
@@ -57,9 +58,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     if ctx.fits("e2e", "saxpy_16M", 8 * n as u64) {
         let x = vec![1.5f32; n];
         let mut y = vec![2.0f32; n];
-        let mx = drv
-            .map_user(x.as_ptr() as usize, n * 4, Perm::READ)
-            .map_err(|e| crate::explain(&e))?;
+        let mx = drv.map_slice_ref(&x).map_err(|e| crate::explain(&e))?;
         let my = drv.map_slice(&mut y).map_err(|e| crate::explain(&e))?;
         let (yiova, xiova) = (my.iova(), mx.iova());
         let mut ycpu = vec![2.0f32; n];
@@ -108,9 +107,16 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
     let reg = Registry::new(drv.clone(), RegistryConfig::default());
     let (a, b, c) = (Mem::new(clen)?, Mem::new(clen)?, Mem::new(clen)?);
     let e = |e: userptr::Error| crate::explain(&e);
-    let ua = reg.register(a.addr, clen, Perm::READ).map_err(e)?;
-    let ub = reg.register(b.addr, clen, Perm::READ_WRITE).map_err(e)?;
-    let _uc = reg.register(c.addr, clen, Perm::READ_WRITE).map_err(e)?;
+    // SAFETY: the bench's own mappings (`Mem`), which outlive the registry; the
+    // storm discards them only through the registry's invalidation (or the monitor),
+    // and they are read only after the commands that write them are waited for.
+    let (ua, ub, _uc) = unsafe {
+        (
+            reg.register(a.addr, clen, Perm::READ).map_err(e)?,
+            reg.register(b.addr, clen, Perm::READ_WRITE).map_err(e)?,
+            reg.register(c.addr, clen, Perm::READ_WRITE).map_err(e)?,
+        )
+    };
     let (stop, storming) = (AtomicBool::new(false), AtomicBool::new(false));
     let n = (clen / 4) as u64;
     type Build = fn(&[u64], u64) -> Vec<Descriptor>;

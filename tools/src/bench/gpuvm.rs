@@ -106,8 +106,9 @@ fn fault_replay(ctx: &Ctx) -> Result<Vec<Measurement>, String> {
         let err: RefCell<Option<String>> = RefCell::new(None);
         let fill = |a: &Aligned, b: u8| -> f64 {
             let t = Instant::now();
-            let r = vm
-                .submit(&q, &[Descriptor::fill(a.addr as u64, a.len as u64, b)])
+            // SAFETY: `a` is this bench's own buffer, not touched while the FILL runs
+            // (waited for right here).
+            let r = unsafe { vm.submit(&q, &[Descriptor::fill(a.addr as u64, a.len as u64, b)]) }
                 .and_then(|f| q.wait(f.end, WaitMode::Block, T));
             let us = t.elapsed().as_secs_f64() * 1e6;
             match r {
@@ -242,7 +243,9 @@ fn invalidate_bound(ctx: &Ctx) -> Result<Measurement, String> {
     vm.attach(&q).map_err(e)?;
     let len = 2usize << 20;
     let (mem, mem2) = (Mem::new(len)?, Mem::new(len)?);
-    let u = reg.register(mem.addr, len, Perm::READ_WRITE).map_err(e)?;
+    // SAFETY: `mem` is this bench's own buffer, alive past the registry, only written
+    // by the device's FILLs, each waited for.
+    let u = unsafe { reg.register(mem.addr, len, Perm::READ_WRITE) }.map_err(e)?;
     let b = vm.bind(&u, 0x40_0000_0000).map_err(e)?;
     let discard = |m: &Mem| {
         // SAFETY: discarding our own buffer's pages.
@@ -255,8 +258,8 @@ fn invalidate_bound(ctx: &Ctx) -> Result<Measurement, String> {
         2,
         || {
             // Bound and present again: the submission rebinds it (not timed).
-            let r = vm
-                .submit(&q, &[Descriptor::fill(b.va(), 4096, 1)])
+            // SAFETY: a bound VM: the FILL reaches the registration above.
+            let r = unsafe { vm.submit(&q, &[Descriptor::fill(b.va(), 4096, 1)]) }
                 .and_then(|f| q.wait(f.end, WaitMode::Block, T));
             if let Err(x) = r {
                 *err.borrow_mut() = Some(crate::explain(&x));
@@ -271,7 +274,8 @@ fn invalidate_bound(ctx: &Ctx) -> Result<Measurement, String> {
             })
         },
         || {
-            if let Err(x) = plain.register(mem2.addr, len, Perm::READ_WRITE) {
+            // SAFETY: `mem2` is this bench's own buffer, never touched by the device.
+            if let Err(x) = unsafe { plain.register(mem2.addr, len, Perm::READ_WRITE) } {
                 *err.borrow_mut() = Some(crate::explain(&x));
             }
             let range = mem2.addr as u64..(mem2.addr + len) as u64;

@@ -163,8 +163,9 @@ fn emit(name: &str, ours: &Sample, base: Option<(&str, &Sample)>) {
 fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), String> {
     let (page, far, anchor) = (Mem::new(4096)?, Mem::new(4096)?, Mem::new(4096)?);
     // A registered page somewhere, so the fast pre-check has bounds to test against.
-    let _anchor = reg
-        .register(anchor.addr, 4096, Perm::READ_WRITE)
+    // SAFETY: the bench's own page, which no command references (nothing is
+    // submitted); it outlives the registration.
+    let _anchor = unsafe { reg.register(anchor.addr, 4096, Perm::READ_WRITE) }
         .map_err(|e| crate::explain(&e))?;
     let madv = |m: &Mem| {
         // SAFETY: discarding our own page, through libc (and so through the monitor).
@@ -189,7 +190,9 @@ fn madvise_costs(source: &str, reg: &Registry, samples: usize) -> Result<(), Str
         samples,
         3,
         || {
-            let _ = reg.register(page.addr, 4096, Perm::READ_WRITE);
+            // SAFETY: the bench's own page, never referenced by a command; its
+            // discard goes through the monitor, which invalidates it first.
+            let _ = unsafe { reg.register(page.addr, 4096, Perm::READ_WRITE) };
             time_us(|| madv(&page))
         },
         || time_us(|| raw(&page)),

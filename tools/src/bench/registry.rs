@@ -40,7 +40,11 @@ fn cache_pinned(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> 
     };
     let mem = Mem::new(128 * (64 << 10))?;
     let us = (0..64)
-        .map(|i| reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE))
+        .map(|i| {
+            // SAFETY: the bench's own mapping (`Mem`), which outlives the registry; it
+            // is changed only through the registry's invalidation or the monitor.
+            unsafe { reg.register(mem.addr + 2 * i * (64 << 10), 64 << 10, Perm::READ_WRITE) }
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| crate::explain(&e))?;
     let mut out = Vec::new();
@@ -160,12 +164,14 @@ fn lookup_100k(ctx: &Ctx, reg: &Registry) -> Result<Measurement, String> {
     for r in 0..runs {
         let base = mem.addr + r * 2 * 4096;
         // The run's region; the handle itself is not needed afterwards.
-        reg.register(base, 4096, Perm::READ_WRITE)
-            .map_err(|e| crate::explain(&e))?;
+        // SAFETY: the bench's own mapping (`Mem`), which outlives the registry and is
+        // never accessed by a command.
+        unsafe { reg.register(base, 4096, Perm::READ_WRITE) }.map_err(|e| crate::explain(&e))?;
         for p in 0..RUN {
             if objects.len() < OBJECTS {
                 objects.push(
-                    reg.register(base + p * OBJ, OBJ, Perm::READ_WRITE)
+                    // SAFETY: as above.
+                    unsafe { reg.register(base + p * OBJ, OBJ, Perm::READ_WRITE) }
                         .map_err(|e| crate::explain(&e))?,
                 );
             }
@@ -233,7 +239,9 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
         ctx.samples,
         2,
         || {
-            if let Err(e) = reg.register(mem.addr, len, Perm::READ_WRITE) {
+            // SAFETY: the bench's own mapping (`Mem`), which outlives the registry; it
+            // is changed only through the registry's invalidation or the monitor.
+            if let Err(e) = unsafe { reg.register(mem.addr, len, Perm::READ_WRITE) } {
                 err = Some(crate::explain(&e));
             }
             time_us(|| {
@@ -265,9 +273,10 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
         ),
     );
     let busy = repeat(ctx.samples, 1, || {
-        let u = reg
-            .register(mem.addr, len, Perm::READ_WRITE)
-            .expect("register");
+        // SAFETY: the bench's own mapping (`Mem`), which outlives the registry; it is
+        // changed only through the registry's invalidation, which waits for the
+        // device work on it.
+        let u = unsafe { reg.register(mem.addr, len, Perm::READ_WRITE) }.expect("register");
         // Device work on the range in flight: a FILL of all of it, or an NVMe READ
         // into it (as large as the controller takes).
         let inflight = match (&q, &nvq) {
@@ -316,7 +325,9 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
         ctx.samples,
         2,
         || {
-            if let Err(e) = reg.register(mem.addr, len, Perm::READ_WRITE) {
+            // SAFETY: the bench's own mapping (`Mem`), which outlives the registry; it
+            // is changed only through the registry's invalidation or the monitor.
+            if let Err(e) = unsafe { reg.register(mem.addr, len, Perm::READ_WRITE) } {
                 err = Some(crate::explain(&e));
             }
             let inv = std::cell::Cell::new(None);
@@ -368,8 +379,9 @@ pub fn invalidate(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String
     let s = repeat(ctx.samples, 2, || {
         reg.invalidate(range.clone(), Cause::Discard)
             .expect("reset");
-        reg.register(mem.addr, len, Perm::READ_WRITE)
-            .expect("register");
+        // SAFETY: the bench's own mapping (`Mem`), which outlives the registry; no
+        // command runs on it.
+        unsafe { reg.register(mem.addr, len, Perm::READ_WRITE) }.expect("register");
         time_us(|| reg.invalidate(range.clone(), cause).expect("invalidate"))
     });
     out.push(Measurement::new(

@@ -41,7 +41,8 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         let m = super::measure::Mem::new(len)?;
         let once = |d: &Driver| {
             time_us(|| {
-                let u = d.map_user(m.addr, len, Perm::READ_WRITE).expect("map");
+                // SAFETY: the bench's own mapping, unmapped at once with no command on it.
+                let u = unsafe { d.map_user(m.addr, len, Perm::READ_WRITE) }.expect("map");
                 u.unmap().expect("unmap");
             })
         };

@@ -97,15 +97,15 @@ pub(super) fn run(
         return Err("mmap of the probe page failed".into());
     }
     let probe = probe as u64;
-    let usrc = reg
-        .register(source.addr, source.len, Perm::READ)
-        .map_err(e)?;
+    // SAFETY: torture's own buffers, alive for the run; the checker only reads them
+    // between commands, as the other torture modes do.
+    let usrc = unsafe { reg.register(source.addr, source.len, Perm::READ) }.map_err(e)?;
     let bsrc = vms[1].bind(&usrc, GVA_SRC).map_err(e)?;
     let mut slots = Vec::new();
     for i in 0..SLOTS {
-        let u = reg
-            .register(arena.addr + i * SLOT, SLOT, Perm::READ_WRITE)
-            .map_err(e)?;
+        // SAFETY: as above.
+        let u =
+            unsafe { reg.register(arena.addr + i * SLOT, SLOT, Perm::READ_WRITE) }.map_err(e)?;
         let b = vms[1].bind(&u, GVA_ARENA + (i * SLOT) as u64).map_err(e)?;
         slots.push((u, b));
     }
@@ -214,7 +214,9 @@ pub(super) fn run(
                         ),
                         _ => (Some(byte), vec![Descriptor::fill(dst, len, byte)]),
                     };
-                    let Ok(f) = vm.submit(q, &descs) else {
+                    // SAFETY: the descriptors reach torture's own arena and source
+                    // (bound, or SVM pointers into them), read only between commands.
+                    let Ok(f) = (unsafe { vm.submit(q, &descs) }) else {
                         c.submit_errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
@@ -223,12 +225,12 @@ pub(super) fn run(
                             w.store(f.end.seqno, Ordering::SeqCst);
                         }
                     }
-                    let waited = q.wait(f.end, WaitMode::Block, Duration::from_secs(30));
+                    let waited = q.wait_completion(f.end, WaitMode::Block, Duration::from_secs(30));
                     // A batch's result stands only if every command of it completed:
                     // op 4's FILL may fault (its pages read-only for a moment: an SVM
                     // fault fails it) while its SAXPY, replayed later, succeeds.
                     let first = (descs.len() > 1)
-                        .then(|| q.wait(f.start, WaitMode::Block, Duration::from_secs(30)))
+                        .then(|| q.wait_completion(f.start, WaitMode::Block, Duration::from_secs(30)))
                         .and_then(|r| r.ok())
                         .map(|c| c.status)
                         .filter(|&s| s != Status::Ok);
@@ -462,11 +464,10 @@ fn malloc_reuse_svm(
 ) -> bool {
     const N: usize = 256 << 10;
     let fill = |p: usize, b: u8| -> Option<Status> {
-        let f = vm
-            .submit(q, &[Descriptor::fill(p as u64, N as u64, b)])
-            .ok()?;
+        // SAFETY: `p` points into torture's own probe buffer, read only after the wait.
+        let f = unsafe { vm.submit(q, &[Descriptor::fill(p as u64, N as u64, b)]) }.ok()?;
         Some(
-            q.wait(f.end, WaitMode::Block, Duration::from_secs(30))
+            q.wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
                 .ok()?
                 .status,
         )

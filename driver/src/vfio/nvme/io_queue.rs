@@ -322,10 +322,28 @@ impl IoQueue {
         })
     }
 
-    /// Wait for `batch` and claim its completions (in submission order). A command
-    /// that failed is a completion with a non-zero status, not an error: see
-    /// [`NvmeCompletion::into_result`].
+    /// Wait for `batch` and claim its completions (in submission order), `Ok` only if
+    /// every command of it succeeded: otherwise the error of the first that did not
+    /// ([`Error::NvmeStatus`], or [`Error::NvmeIommuFault`] for a DMA the IOMMU
+    /// blocked; see [`NvmeCompletion::into_result`]).
+    /// [`IoQueue::wait_completions`] returns them whatever their status.
     pub fn wait(
+        &self,
+        batch: NvmeBatch,
+        mode: WaitMode,
+        timeout: Duration,
+    ) -> Result<Vec<NvmeCompletion>> {
+        let cs = self.wait_completions(batch, mode, timeout)?;
+        if let Some(failed) = cs.iter().find(|c| !c.ok()) {
+            failed.into_result()?;
+        }
+        Ok(cs)
+    }
+
+    /// Wait for `batch` and claim its completions (in submission order) whatever their
+    /// status: a command that failed is a completion with a non-zero status (or an
+    /// IOMMU fault), not an error. For tests and diagnostics.
+    pub fn wait_completions(
         &self,
         batch: NvmeBatch,
         mode: WaitMode,
@@ -402,7 +420,7 @@ impl IoQueue {
                 r => break r?,
             }
         };
-        let c = self.wait(b, WaitMode::Block, timeout)?;
+        let c = self.wait_completions(b, WaitMode::Block, timeout)?;
         c[0].into_result()
     }
 }
