@@ -5,8 +5,8 @@
 #   capi/install.sh [--debug] [--no-build] PREFIX
 #
 # Builds userptr-capi with `cargo build --release` first (--debug: the dev profile;
-# --no-build: take the libraries already in the target directory, as ./test.sh does right
-# after `cargo test --workspace` built them). Then, e.g.:
+# --no-build: take the libraries already in the target directory, left there by an
+# earlier `cargo build -p userptr-capi`; `cargo test` leaves only the rlib). Then, e.g.:
 #   PKG_CONFIG_PATH=PREFIX/lib/pkgconfig cc app.c $(pkg-config --cflags --libs userptr)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The C API from C and C++, as ./test.sh runs it: install the libraries the test build just
-# made under target/capi (capi/install.sh --no-build), build the C example against the
-# shared library and against the static one, both through pkg-config, and the C++ check
-# against the shared one, with the system compilers and every warning an error; run them
-# (the example also with the seccomp and the userfaultfd monitor).
+# The C API from C and C++, as ./test.sh runs it: build the libraries with the dev profile
+# (`cargo test` builds the crate's rlib only: it never leaves the cdylib and the staticlib
+# in target/debug) and install them under target/capi (capi/install.sh --debug), build the
+# C example against the shared library and against the static one, both through
+# pkg-config, and the C++ check against the shared one, with the system compilers and
+# every warning an error; run them (the example also with the seccomp and the
+# userfaultfd monitor).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=$PWD/target/capi
-capi/install.sh --debug --no-build "$prefix"
+capi/install.sh --debug "$prefix"
 export PKG_CONFIG_PATH=$prefix/lib/pkgconfig
 bin=$prefix/bin
 mkdir -p "$bin"
