@@ -77,10 +77,10 @@ impl QueueCore {
     /// [`QueueCore::wait_completion`] returns the completion whatever its status.
     ///
     /// Each completion can be claimed once; an earlier fence of a batch can still be
-    /// waited for after its last (the rule is in [`super::store`]). A batch, as
-    /// [`Registry::submit`](crate::Registry::submit) and
-    /// [`QueueCore::submit_batch`] return it, is waited for with
-    /// [`QueueCore::wait_batch`], which reports a failure of *any* of its commands.
+    /// waited for after its last (the rule is in [`super::store`]). A batch, as the
+    /// registry's `submit` and [`QueueCore::submit_batch`] return it, is waited for
+    /// with [`QueueCore::wait_batch`], which reports a failure of *any* of its
+    /// commands.
     pub fn wait(&self, fence: Fence, mode: WaitMode, timeout: Duration) -> Result<Completion> {
         self.wait_completion(fence, mode, timeout)?
             .into_result(self.ring)
