@@ -46,7 +46,16 @@ impl VmInner {
     ) {
         let mut st = self.lock();
         let window = iova..iova.saturating_add(len);
-        st.log.record(window.clone());
+        let g = st.log.record(window.clone());
+        tracing::trace!(
+            vm = self.id,
+            iova,
+            len,
+            host_start = host.start,
+            host_end = host.end,
+            gen = g,
+            "notice"
+        );
         let starts: Vec<(u64, u64)> = st
             .by_iova
             .range((window.start, 0)..(window.end, 0))
@@ -62,6 +71,7 @@ impl VmInner {
             }
             let (uid, va, gone, svm) =
                 (b.uid, b.va.clone(), !b.present, matches!(b.kind, Kind::Svm));
+            tracing::trace!(vm = self.id, va = va.start, "notice hit");
             hits.push((start, uid, va));
             if gone {
                 st.by_iova.remove(&(i, start));

@@ -265,8 +265,24 @@ impl VmInner {
         };
         let span = iova..iova + (b.va.end - b.va.start);
         if b.uid != uid || st.log.invalidated_since(gen, &span) {
+            tracing::trace!(
+                vm = self.id,
+                va = b.va.start,
+                iova,
+                gen,
+                now = st.log.generation(),
+                "install refused"
+            );
             return Ok(false);
         }
+        tracing::trace!(
+            vm = self.id,
+            va = b.va.start,
+            iova,
+            gen,
+            now = st.log.generation(),
+            "install"
+        );
         let va = b.va.clone();
         if b.present {
             st.pt.zap(&self.cx(), va.clone());

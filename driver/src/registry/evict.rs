@@ -20,11 +20,35 @@ impl Inner {
             }
             let (done, keep): (Vec<_>, Vec<_>) = g.draining.drain(..).partition(|r| r.idle());
             g.draining = keep;
+            // Listed as retiring, in this exclusive section, until they are unmapped:
+            // see `retire`.
+            g.retiring.extend(done.iter().cloned());
             done
         };
-        for r in done {
-            self.unmap_region(&r, super::UnmapReason::Merge);
+        self.retire(&done, super::UnmapReason::Merge);
+    }
+
+    /// Unmap `regions`, which the caller moved out of the index (or out of the
+    /// draining list) into `retiring` in the same exclusive section, telling the
+    /// mirrors first; then take them off `retiring`.
+    ///
+    /// Why they stay listed: the unmap runs outside the lock, and the mirrors are told
+    /// only there. An invalidation of their range that ran in between would find them
+    /// neither in the index nor draining, return without telling the mirrors, and
+    /// let the address-space change take effect while a GPU VM's entries still point
+    /// at the old pages (pinned until this unmap): a device write there after the
+    /// change is lost. Listed as retiring, the invalidation tells the mirrors about
+    /// them itself before it returns (`Registry::invalidate_start`'s `stale`).
+    pub(super) fn retire(&self, regions: &[Arc<Region>], why: super::UnmapReason) {
+        if regions.is_empty() {
+            return;
         }
+        for r in regions {
+            self.unmap_region(r, why);
+        }
+        let mut g = self.notifier.write();
+        g.retiring
+            .retain(|r| !regions.iter().any(|v| Arc::ptr_eq(v, r)));
     }
 
     /// Domain mappings beyond what this registry may let the domain hold (0: room for
@@ -117,11 +141,11 @@ impl Inner {
                     g.hands[slot] = hand;
                 }
             }
+            // Listed as retiring until unmapped: see `retire`.
+            g.retiring.extend(victims.iter().cloned());
         }
         Stats::add(&self.stats.evictions, victims.len() as u64);
-        for v in &victims {
-            self.unmap_region(v, super::UnmapReason::Eviction);
-        }
+        self.retire(&victims, super::UnmapReason::Eviction);
         victims.iter().map(|v| v.len()).sum()
     }
 }

@@ -172,14 +172,7 @@ impl Registry {
         inner.tell_stale(&stale, cause);
         // Unmapped whatever the wait says: a region whose work may still run keeps its
         // IOVA range out of circulation (quarantined) until the work is proven done.
-        for r in &victims {
-            inner.unmap_region(r, super::UnmapReason::Invalidation(cause));
-        }
-        if !victims.is_empty() {
-            let mut g = inner.notifier.write();
-            g.retiring
-                .retain(|r| !victims.iter().any(|v| Arc::ptr_eq(v, r)));
-        }
+        inner.retire(&victims, super::UnmapReason::Invalidation(cause));
         for r in &downgrades {
             inner.tell_downgrading(r);
             let ro = read_only(r.perm).expect("only readable regions are downgraded");

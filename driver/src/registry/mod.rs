@@ -118,9 +118,11 @@ struct Index {
     maps: [IntervalMap<Arc<Region>>; 3],
     /// Retired by a merge: out of the maps, unmapped once their work is done.
     draining: Vec<Arc<Region>>,
-    /// Retired by an invalidation in progress (out of the maps, waited for, then
-    /// unmapped by that invalidation): a concurrent invalidation overlapping them
-    /// waits for their fences too.
+    /// Out of the maps (or out of `draining`) and not unmapped yet: retired by an
+    /// invalidation in progress (waited for, then unmapped by it), or by an eviction
+    /// or a merge's reclaim on its way to the unmap. A concurrent invalidation
+    /// overlapping them waits for their fences too and tells the mirrors about them
+    /// before it returns (`Inner::retire`).
     retiring: Vec<Arc<Region>>,
     /// Invalidations started so far, and the ranges of the most recent ones.
     invalidations: InvalidationLog,

@@ -268,6 +268,13 @@ impl Registry {
                 }
             }
             let seq = region.epoch.get();
+            tracing::trace!(
+                start = range.start,
+                end = range.end,
+                iova = region.iova,
+                slot,
+                "region installed"
+            );
             g.maps[slot]
                 .insert(range.clone(), region.clone())
                 .expect("overlaps were removed");

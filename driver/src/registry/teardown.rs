@@ -20,6 +20,13 @@ impl Inner {
     /// The device-side mirrors are told first, for `why` (`mirror`: their entries
     /// go before the IOMMU mapping does).
     pub(super) fn unmap_region(&self, r: &Region, why: super::UnmapReason) {
+        tracing::trace!(
+            start = r.range.start,
+            end = r.range.end,
+            iova = r.iova,
+            ?why,
+            "region unmapping"
+        );
         self.tell_unmapping(r, why);
         let pending: Vec<InFlight> = r.inflight().into_iter().filter(|w| !w.done()).collect();
         let res = if pending.is_empty() {
