@@ -161,3 +161,26 @@ fn an_invalidation_tells_the_mirrors_about_an_evicted_region_on_its_way_out() {
         invalidate_in_the_gap(&reg, &m, pa..pa + 4096, old);
     });
 }
+
+#[test]
+fn an_invalidation_tells_the_mirrors_about_a_region_another_invalidation_is_retiring() {
+    let drv = Driver::reference().unwrap();
+    let reg = Registry::new(drv, RegistryConfig::default());
+    let buf = Anon::new(128 << 10);
+    let p = buf.addr as u64;
+    let m = Recorder::new(UnmapReason::Invalidation(Cause::Unmap));
+    let mirror: Arc<dyn RangeMirror> = m.clone();
+    reg.add_mirror(Arc::downgrade(&mirror));
+    // SAFETY: the test's own mapping, alive until the end; nothing is submitted.
+    drop(unsafe { reg.register(buf.addr, buf.len, Perm::READ_WRITE) }.unwrap());
+    let old = iova_of(&reg, p..p + buf.len as u64);
+    std::thread::scope(|s| {
+        // The first invalidation retires the region and is held in its notice; the
+        // second, of an overlapping range, finds it neither in the index nor draining.
+        s.spawn(|| {
+            reg.invalidate(p + (64 << 10)..p + (128 << 10), Cause::Unmap)
+                .unwrap();
+        });
+        invalidate_in_the_gap(&reg, &m, p..p + 4096, old);
+    });
+}
