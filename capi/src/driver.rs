@@ -4,39 +4,14 @@ use crate::boundary::{arg, close_handle, into_handle, Out};
 use crate::code::UserptrCode;
 use crate::failure::guard;
 use crate::failure::Failure;
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use userptr::{CommandQueue, Driver};
 
-/// The rings a driver handle has open. The bindings refuse a second open of a ring
-/// themselves, before the driver is asked: the driver's own refusal
-/// (`Error::RingBusy`) tears down the half-made queue, and that disables the ring
-/// under the queue already open on it.
-#[derive(Clone, Debug, Default)]
-pub struct OpenRings(Arc<Mutex<BTreeSet<u32>>>);
-
-/// A command queue and its claim on the ring, released after the queue is closed.
+/// A command queue the bindings own. A second open of a ring that is open is the
+/// driver's own refusal (`Error::RingBusy`): the driver claims a ring before it
+/// touches its registers, so the refusal leaves the open queue running.
 #[derive(Debug)]
 pub struct OwnedQueue {
-    // Declared first, so dropped first: the ring is disabled before the claim goes.
     queue: CommandQueue,
-    claim: RingClaim,
-}
-
-#[derive(Debug)]
-struct RingClaim {
-    rings: OpenRings,
-    ring: u32,
-}
-
-impl Drop for RingClaim {
-    fn drop(&mut self) {
-        self.rings
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.ring);
-    }
 }
 
 impl std::ops::Deref for OwnedQueue {
@@ -47,33 +22,16 @@ impl std::ops::Deref for OwnedQueue {
 }
 
 impl OwnedQueue {
-    /// Open ring `ring` of `driver` with `size` slots, unless `rings` says it is open.
-    pub fn open(
-        driver: &Driver,
-        rings: &OpenRings,
-        ring: u32,
-        size: u32,
-    ) -> Result<OwnedQueue, Failure> {
-        if !rings
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ring)
-        {
-            return Err(userptr::Error::RingBusy { ring }.into());
-        }
-        // From here on, the claim is released on every path.
-        let claim = RingClaim {
-            rings: rings.clone(),
-            ring,
-        };
-        let queue = driver.queue(ring, size)?;
-        Ok(OwnedQueue { queue, claim })
+    /// Open ring `ring` of `driver` with `size` slots.
+    pub fn open(driver: &Driver, ring: u32, size: u32) -> Result<OwnedQueue, Failure> {
+        Ok(OwnedQueue {
+            queue: driver.queue(ring, size)?,
+        })
     }
 
     /// The ring this queue holds.
     pub fn ring(&self) -> u32 {
-        self.claim.ring
+        self.queue.ring()
     }
 }
 
@@ -82,7 +40,6 @@ impl OwnedQueue {
 /// device alive after it is closed. May be used from several threads at once.
 pub struct UserptrDriver {
     pub(crate) driver: Driver,
-    pub(crate) rings: OpenRings,
     /// Who made what: a queue and a registry submit together only when made from
     /// the same driver handle.
     pub(crate) id: Identity,
@@ -119,7 +76,6 @@ pub unsafe extern "C" fn userptr_driver_open_reference(
         let driver = Driver::reference()?;
         out.put(into_handle(UserptrDriver {
             driver,
-            rings: OpenRings::default(),
             id: Identity::default(),
         }));
         Ok(())
@@ -160,7 +116,7 @@ pub unsafe extern "C" fn userptr_queue_open(
     guard(|| {
         // SAFETY: the caller's promises on `driver` and `out`.
         let (d, out) = unsafe { (arg(driver, "driver")?, Out::new(out, "out")?) };
-        let queue = OwnedQueue::open(&d.driver, &d.rings, ring, size)?;
+        let queue = OwnedQueue::open(&d.driver, ring, size)?;
         out.put(into_handle(UserptrQueue {
             queue,
             driver_id: d.id.clone(),

@@ -5,7 +5,7 @@ use crate::errors::to_pyerr;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::time::Duration;
-use userptr_capi::driver::{OpenRings, OwnedQueue};
+use userptr_capi::driver::OwnedQueue;
 use userptr_capi::failure::Failure;
 use userptr_capi::submit::{check_fence, wait, UserptrFence};
 
@@ -14,7 +14,6 @@ use userptr_capi::submit::{check_fence, wait, UserptrFence};
 #[pyclass(frozen, module = "userptr")]
 pub struct Driver {
     pub(crate) driver: userptr::Driver,
-    rings: OpenRings,
 }
 
 #[pymethods]
@@ -22,10 +21,7 @@ impl Driver {
     #[new]
     fn new(py: Python<'_>) -> PyResult<Driver> {
         let driver = userptr::Driver::reference().map_err(|e| to_pyerr(py, e.into()))?;
-        Ok(Driver {
-            driver,
-            rings: OpenRings::default(),
-        })
+        Ok(Driver { driver })
     }
 
     /// Open command ring `ring` (0..3) with `size` slots (a power of two).
@@ -33,7 +29,7 @@ impl Driver {
     fn queue(slf: &Bound<'_, Self>, ring: u32, size: u32) -> PyResult<Queue> {
         let py = slf.py();
         let d = slf.get();
-        let q = OwnedQueue::open(&d.driver, &d.rings, ring, size).map_err(|f| to_pyerr(py, f))?;
+        let q = OwnedQueue::open(&d.driver, ring, size).map_err(|f| to_pyerr(py, f))?;
         Ok(Queue {
             queue: Some(q),
             driver: slf.clone().unbind(),
