@@ -19,6 +19,18 @@
 //!    `munmap` (or a remap, or teardown), post the TLB invalidation and wait for it;
 //!    only then give the freed table pages back.
 //!
+//! Two notices may cover one region (the registry tells an invalidation about a
+//! region a merge, an eviction or another invalidation is unmapping: `stale`). The
+//! first one's step 1 marks the bindings; the second finds them marked already and
+//! has no hits of its own, while their entries are still present until the first
+//! one's step 3. Returning then would let the address-space change go ahead with the
+//! device still translating to the old pages (pinned until the first notice's thread
+//! gets to the unmap). So each notice is listed as [`Pending`] from step 1 to the end
+//! of step 3, and a notice whose window overlaps a pending one's zaps (or clears the
+//! write bits of) that one's VA ranges too, into its own window, and waits for its
+//! own TLB invalidation: whichever thread finishes first, no entry into the window is
+//! left when either returns.
+//!
 //! Per-cause policy (seed 002): `munmap` frees the page-table pages of the range; a
 //! destructive `madvise`, `PROT_NONE`, an eviction or a merge zap and keep them; a
 //! downgrade clears the write bits and keeps the pin; an upgrade does nothing (the
@@ -29,10 +41,32 @@ use super::vm::{wait_fences, Kind, VmInner};
 use crate::registry::{Cause, RangeMirror, UnmapReason};
 use std::ops::Range;
 
+/// A notice between its step 1 and the end of its step 3 (see the module docs).
+#[derive(Debug)]
+pub(super) struct Pending {
+    id: u64,
+    /// The region's IOVA range.
+    window: Range<u64>,
+    /// The VA ranges of the bindings it marked.
+    vas: Vec<Range<u64>>,
+}
+
+/// What step 1 found.
+struct Notice {
+    /// This notice's entry in `pending`.
+    id: u64,
+    /// The VA ranges whose entries into the window step 3 takes away: the bindings
+    /// this notice marked, and those of overlapping pending notices.
+    vas: Vec<Range<u64>>,
+    /// Whether this notice marked a binding itself (counted as an invalidation).
+    hit: bool,
+    fences: Vec<(std::sync::Weak<dyn crate::submitter::FenceTracker>, u64)>,
+}
+
 impl VmInner {
-    /// Step 1: the bindings pointing into `[iova, iova + len)`, as `(first VA, uid,
-    /// VA range)`, updated by `mark`; and the fences to wait for.
-    #[allow(clippy::type_complexity)]
+    /// Step 1: mark the bindings pointing into `[iova, iova + len)` with `mark`, list
+    /// this notice as pending, and gather the VA ranges step 3 must clean (see
+    /// [`Notice`]) and the fences to wait for.
     fn notice(
         &self,
         host: &Range<u64>,
@@ -40,10 +74,7 @@ impl VmInner {
         len: u64,
         mark: impl Fn(&mut super::vm::Bound) -> bool,
         remove_svm: bool,
-    ) -> (
-        Vec<(u64, u64, Range<u64>)>,
-        Vec<(std::sync::Weak<dyn crate::submitter::FenceTracker>, u64)>,
-    ) {
+    ) -> Notice {
         let mut st = self.lock();
         let window = iova..iova.saturating_add(len);
         let g = st.log.record(window.clone());
@@ -61,7 +92,7 @@ impl VmInner {
             .range((window.start, 0)..(window.end, 0))
             .copied()
             .collect();
-        let mut hits = Vec::new();
+        let mut mine = Vec::new();
         for (i, start) in starts {
             let Some(b) = st.bindings.get_mut(&start) else {
                 continue;
@@ -69,10 +100,9 @@ impl VmInner {
             if !mark(b) {
                 continue;
             }
-            let (uid, va, gone, svm) =
-                (b.uid, b.va.clone(), !b.present, matches!(b.kind, Kind::Svm));
+            let (va, gone, svm) = (b.va.clone(), !b.present, matches!(b.kind, Kind::Svm));
             tracing::trace!(vm = self.id, va = va.start, "notice hit");
-            hits.push((start, uid, va));
+            mine.push(va);
             if gone {
                 st.by_iova.remove(&(i, start));
                 // An SVM chunk is made again, maybe of another size, by the next fault.
@@ -81,16 +111,38 @@ impl VmInner {
                 }
             }
         }
+        let mut vas = mine.clone();
+        for p in &st.pending {
+            if p.window.start < window.end && window.start < p.window.end {
+                vas.extend(p.vas.iter().cloned());
+            }
+        }
+        let id = st.uid();
+        st.pending.push(Pending {
+            id,
+            window,
+            vas: mine.clone(),
+        });
         // Work on the range is waited for whenever a binding mirrors it, present or
         // not (as Xe's userptr notifier waits on the VM): a command submitted while
         // a binding was present may still run.
-        let mirrored = !hits.is_empty() || Self::mirrors(&st, host);
+        let mirrored = !vas.is_empty() || Self::mirrors(&st, host);
         let fences = if !mirrored || self.cfg.replayable() {
             Vec::new()
         } else {
             st.fences.clone()
         };
-        (hits, fences)
+        Notice {
+            id,
+            vas,
+            hit: !mine.is_empty(),
+            fences,
+        }
+    }
+
+    /// The end of step 3: this notice is no longer pending.
+    fn done(st: &mut super::vm::VmState, id: u64) {
+        st.pending.retain(|p| p.id != id);
     }
 }
 
@@ -136,7 +188,7 @@ impl RangeMirror for VmInner {
             reason,
             UnmapReason::Invalidation(Cause::Unmap | Cause::Remap { .. } | Cause::Release)
         );
-        let (hits, fences) = self.notice(
+        let n = self.notice(
             &host,
             iova,
             len,
@@ -148,22 +200,30 @@ impl RangeMirror for VmInner {
             },
             true,
         );
-        if !fences.is_empty() {
+        if !n.fences.is_empty() {
             add(&self.stats.fence_waits, 1);
-            wait_fences(&fences);
+            wait_fences(&n.fences);
         }
-        if hits.is_empty() {
+        if n.vas.is_empty() {
+            Self::done(&mut self.lock(), n.id);
             return;
         }
-        add(&self.stats.invalidations, 1);
+        if n.hit {
+            add(&self.stats.invalidations, 1);
+        }
         let knobs = self.knobs();
+        if knobs.notice_pause_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(
+                knobs.notice_pause_ms.into(),
+            ));
+        }
         let freed = {
             let mut st = self.lock();
             let cx = self.cx();
             let mut ranges = Vec::new();
             let mut freed = Vec::new();
             let window = iova..iova.saturating_add(len);
-            for (_start, _uid, va) in hits {
+            for va in n.vas {
                 // Only entries that still point into the region: a binding mapped
                 // again meanwhile (a merge or an eviction has no window) points at
                 // the region that replaced it. The TLB is invalidated all the same.
@@ -176,6 +236,7 @@ impl RangeMirror for VmInner {
                 ranges.push(va);
             }
             self.tlb_invalidate(&ranges);
+            Self::done(&mut st, n.id);
             freed
         };
         // After the TLB invalidation: no walk in flight reads these tables any more.
@@ -184,7 +245,7 @@ impl RangeMirror for VmInner {
 
     fn downgrading(&self, host: Range<u64>, iova: u64, len: u64) {
         let _section = crate::driver_section::enter();
-        let (hits, fences) = self.notice(
+        let n = self.notice(
             &host,
             iova,
             len,
@@ -195,22 +256,26 @@ impl RangeMirror for VmInner {
             },
             false,
         );
-        if !fences.is_empty() {
+        if !n.fences.is_empty() {
             add(&self.stats.fence_waits, 1);
-            wait_fences(&fences);
+            wait_fences(&n.fences);
         }
-        if hits.is_empty() {
+        let mut st = self.lock();
+        if n.vas.is_empty() {
+            Self::done(&mut st, n.id);
             return;
         }
-        add(&self.stats.downgrades, 1);
-        let mut st = self.lock();
+        if n.hit {
+            add(&self.stats.downgrades, 1);
+        }
         let cx = self.cx();
         let mut ranges = Vec::new();
         let window = iova..iova.saturating_add(len);
-        for (_start, _uid, va) in hits {
+        for va in n.vas {
             st.pt.clear_write_into(&cx, va.clone(), &window);
             ranges.push(va);
         }
         self.tlb_invalidate(&ranges);
+        Self::done(&mut st, n.id);
     }
 }

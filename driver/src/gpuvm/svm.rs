@@ -143,6 +143,7 @@ impl VmInner {
                 None if self.cfg.svm => self.svm_fault(gen, page, write),
                 None => Some(false),
             };
+            tracing::trace!(vm = self.id, va = rec.va, ?done, "fault attempt");
             match done {
                 Some(ok) => return ok,
                 // An invalidation raced the install, or a pin failed while the process
@@ -211,12 +212,14 @@ impl VmInner {
         // The process's own access first: nothing is pinned for an access it could
         // not make (unmapped, PROT_NONE, a write to read-only memory).
         let Some(can_write) = may_access(page, write) else {
+            tracing::trace!(vm = self.id, page, write, "svm fault: no access");
             return Some(false);
         };
         let Some(vma) = crate::backing::vmas(page..page + PAGE)
             .ok()
             .and_then(|v| v.into_iter().find(|v| v.range.contains(&page)))
         else {
+            tracing::trace!(vm = self.id, page, "svm fault: no vma");
             return Some(false);
         };
         let chunks = {
@@ -239,9 +242,14 @@ impl VmInner {
                 // contract); the registration lives as long as the binding, and the
                 // monitors invalidate it when the process changes the range.
                 let r = unsafe { reg.register(c.start as usize, (c.end - c.start) as usize, p) };
-                if let Ok(u) = r {
-                    got = Some((c, u, p));
-                    break 'pin;
+                match r {
+                    Ok(u) => {
+                        got = Some((c, u, p));
+                        break 'pin;
+                    }
+                    Err(e) => {
+                        tracing::trace!(vm = self.id, start = c.start, end = c.end, %e, "svm pin failed")
+                    }
                 }
             }
         }

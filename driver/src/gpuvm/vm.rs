@@ -73,6 +73,10 @@ pub struct DebugKnobs {
     /// Skip the PTE zap (the entries still point at the IOVA the registry then unmaps
     /// and unpins: the window that unpinning before the zap opens, held open).
     pub skip_pte_zap: bool,
+    /// Hold each unmap notice this long between marking its bindings and zapping
+    /// their entries (widens the window in which a second notice of the region must
+    /// not return while the entries are still present).
+    pub notice_pause_ms: u32,
 }
 
 /// A binding made by [`GpuVm::bind`] or [`GpuVm::bind_device_memory`].
@@ -139,6 +143,8 @@ pub(super) struct VmState {
     /// Latest seqno per queue of the work submitted through the VM.
     pub(super) fences: Vec<(Weak<dyn FenceTracker>, u64)>,
     pub(super) rings: Vec<u32>,
+    /// The registry's notices between their step 1 and step 3 (`mirror`).
+    pub(super) pending: Vec<super::mirror::Pending>,
     next_uid: u64,
 }
 
@@ -264,25 +270,12 @@ impl VmInner {
             return Ok(false);
         };
         let span = iova..iova + (b.va.end - b.va.start);
-        if b.uid != uid || st.log.invalidated_since(gen, &span) {
-            tracing::trace!(
-                vm = self.id,
-                va = b.va.start,
-                iova,
-                gen,
-                now = st.log.generation(),
-                "install refused"
-            );
+        let refused = b.uid != uid || st.log.invalidated_since(gen, &span);
+        let (va, now) = (b.va.start, st.log.generation());
+        tracing::trace!(vm = self.id, va, iova, gen, now, refused, "install");
+        if refused {
             return Ok(false);
         }
-        tracing::trace!(
-            vm = self.id,
-            va = b.va.start,
-            iova,
-            gen,
-            now = st.log.generation(),
-            "install"
-        );
         let va = b.va.clone();
         if b.present {
             st.pt.zap(&self.cx(), va.clone());
@@ -393,6 +386,7 @@ impl GpuVm {
                 log: InvalidationLog::default(),
                 fences: Vec::new(),
                 rings: Vec::new(),
+                pending: Vec::new(),
                 next_uid: 0,
             }),
             stats,
