@@ -14,8 +14,9 @@
 //!    them, work that touches the range later faults and waits for the handler
 //!    instead: waiting here could wait for a fault that needs this very
 //!    invalidation to end);
-//! 3. under the VM lock: zap the entries that still point into the region (clear
-//!    `W` for a downgrade), free the tables the range emptied when the cause is
+//! 3. under the VM lock: zap the marked bindings' entries that still point where
+//!    they pointed when marked (clear `W` for a downgrade): all of each binding, even
+//!    where a late notice's window covers only part of it, free the tables the range emptied when the cause is
 //!    `munmap` (or a remap, or teardown), post the TLB invalidation and wait for it;
 //!    only then give the freed table pages back.
 //!
@@ -45,19 +46,26 @@ use std::ops::Range;
 #[derive(Debug)]
 pub(super) struct Pending {
     id: u64,
-    /// The region's IOVA range.
-    window: Range<u64>,
-    /// The VA ranges of the bindings it marked.
-    vas: Vec<Range<u64>>,
+    /// The bindings it marked.
+    vas: Vec<Target>,
+}
+
+/// A marked binding: its VA range, and the IOVA range its entries pointed at when
+/// it was marked (the entries step 3 takes away or makes read-only; entries mapped
+/// again meanwhile point elsewhere and stay).
+#[derive(Clone, Debug)]
+struct Target {
+    va: Range<u64>,
+    iova: Range<u64>,
 }
 
 /// What step 1 found.
 struct Notice {
     /// This notice's entry in `pending`.
     id: u64,
-    /// The VA ranges whose entries into the window step 3 takes away: the bindings
-    /// this notice marked, and those of overlapping pending notices.
-    vas: Vec<Range<u64>>,
+    /// The entries step 3 takes away: of the bindings this notice marked, and those
+    /// pending notices marked that point into this notice's window.
+    vas: Vec<Target>,
     /// Whether this notice marked a binding itself (counted as an invalidation).
     hit: bool,
     fences: Vec<(std::sync::Weak<dyn crate::submitter::FenceTracker>, u64)>,
@@ -97,12 +105,17 @@ impl VmInner {
             let Some(b) = st.bindings.get_mut(&start) else {
                 continue;
             };
+            // Where the binding's entries point now: all of them go (or lose `W`) in
+            // step 3, also those outside the window (a notice of a region already
+            // unmapped whose IOVAs were reused may cover only part of a binding's span:
+            // marking the binding while leaving some of its entries would orphan them).
+            let target = i..i + (b.va.end - b.va.start);
             if !mark(b) {
                 continue;
             }
             let (va, gone, svm) = (b.va.clone(), !b.present, matches!(b.kind, Kind::Svm));
             tracing::trace!(vm = self.id, va = va.start, "notice hit");
-            mine.push(va);
+            mine.push(Target { va, iova: target });
             if gone {
                 st.by_iova.remove(&(i, start));
                 // An SVM chunk is made again, maybe of another size, by the next fault.
@@ -113,14 +126,16 @@ impl VmInner {
         }
         let mut vas = mine.clone();
         for p in &st.pending {
-            if p.window.start < window.end && window.start < p.window.end {
-                vas.extend(p.vas.iter().cloned());
-            }
+            vas.extend(
+                p.vas
+                    .iter()
+                    .filter(|t| t.iova.start < window.end && window.start < t.iova.end)
+                    .cloned(),
+            );
         }
         let id = st.uid();
         st.pending.push(Pending {
             id,
-            window,
             vas: mine.clone(),
         });
         // Work on the range is waited for whenever a binding mirrors it, present or
@@ -222,13 +237,12 @@ impl RangeMirror for VmInner {
             let cx = self.cx();
             let mut ranges = Vec::new();
             let mut freed = Vec::new();
-            let window = iova..iova.saturating_add(len);
-            for va in n.vas {
-                // Only entries that still point into the region: a binding mapped
-                // again meanwhile (a merge or an eviction has no window) points at
-                // the region that replaced it. The TLB is invalidated all the same.
+            for Target { va, iova: target } in n.vas {
+                // Only entries that still point where the binding pointed: a binding
+                // mapped again meanwhile (a merge or an eviction has no window) points
+                // at the region that replaced it. The TLB is invalidated all the same.
                 if !knobs.skip_pte_zap {
-                    st.pt.zap_into(&cx, va.clone(), &window);
+                    st.pt.zap_into(&cx, va.clone(), &target);
                     if free_tables {
                         freed.extend(st.pt.free_empty(&cx, va.clone()));
                     }
@@ -270,12 +284,56 @@ impl RangeMirror for VmInner {
         }
         let cx = self.cx();
         let mut ranges = Vec::new();
-        let window = iova..iova.saturating_add(len);
-        for va in n.vas {
-            st.pt.clear_write_into(&cx, va.clone(), &window);
+        for Target { va, iova: target } in n.vas {
+            st.pt.clear_write_into(&cx, va.clone(), &target);
             ranges.push(va);
         }
         self.tlb_invalidate(&ranges);
         Self::done(&mut st, n.id);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::super::{Gpu, VmConfig};
+    use crate::iommu::Perm;
+    use crate::queue::WaitMode;
+    use crate::registry::{RangeMirror, Registry, RegistryConfig, UnmapReason};
+    use crate::Driver;
+    use std::time::Duration;
+    use userptr_ring::{Descriptor, Status};
+
+    /// A notice whose window covers only the start of a binding's IOVA span (one of
+    /// a region already unmapped, whose IOVAs were handed out again, told late) marks
+    /// the binding: then every entry of it must go, not only those into the window,
+    /// or the rest stay mapped with no binding left to take them away.
+    #[test]
+    fn a_notice_that_marks_a_binding_takes_all_its_entries() {
+        let drv = Driver::reference().unwrap();
+        let reg = Registry::new(drv.clone(), RegistryConfig::default());
+        let gpu = Gpu::open(&reg).unwrap();
+        let vm = gpu.create_vm(VmConfig::bound()).unwrap();
+        let q = drv.queue(0, 8).unwrap();
+        vm.attach(&q).unwrap();
+        let len = 64 << 10;
+        let mem = crate::dma_memory::DmaMemory::new(len).unwrap();
+        // SAFETY: the test's own buffer, alive until the end; read by nobody.
+        let u = unsafe { reg.register(mem.addr() as usize, len, Perm::READ_WRITE) }.unwrap();
+        let va = 0x40_0000_0000;
+        let b = vm.bind(&u, va).unwrap();
+        // SAFETY: the FILL reaches the registration above.
+        let f = unsafe { vm.submit(&q, &[Descriptor::fill(b.va(), len as u64, 1)]) }.unwrap();
+        let c = q
+            .wait_completion(f.end, WaitMode::Block, Duration::from_secs(30))
+            .unwrap();
+        assert_eq!(c.status, Status::Ok);
+        let first = vm.leaf(va).expect("mapped") & userptr_ring::regs::pte::ADDR;
+        assert!(vm.leaf(va + 0x8000).is_some());
+        let host = mem.addr()..mem.addr() + len as u64;
+        vm.inner.unmapping(host, first, 4096, UnmapReason::Eviction);
+        for off in (0..len as u64).step_by(4096) {
+            assert_eq!(vm.leaf(va + off), None, "an entry at +{off:#x} was left");
+        }
+        drop((b, u));
     }
 }

@@ -96,9 +96,14 @@ use userptr_ring::regs::fault_record::FaultQueueRecord;
 use userptr_ring::AccessKind;
 
 const PAGE: u64 = 4096;
-/// Times a fault is tried again when invalidations (or address-space changes next to
-/// the page) keep racing it, before it fails; the thread yields between tries.
-const ATTEMPTS: u32 = 64;
+/// How long a fault is tried again while invalidations (or address-space changes next
+/// to the page) keep racing it, before it fails: the thread yields between the first
+/// tries, then sleeps a little (a racing notice may be descheduled on a loaded
+/// machine; a count of yields alone ran out there and failed a command whose memory
+/// never changed).
+const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+/// Tries with a yield between them before the sleeps.
+const YIELDS: u32 = 64;
 
 /// Whether the process could make the access to `page` (`write` or a read): `None`
 /// if not, else whether it could write it too.
@@ -133,7 +138,10 @@ impl VmInner {
     fn resolve(&self, rec: &FaultQueueRecord) -> bool {
         let page = rec.va & !(PAGE - 1);
         let write = rec.access == AccessKind::Write;
-        for _ in 0..ATTEMPTS {
+        let deadline = std::time::Instant::now() + RETRY_FOR;
+        let mut attempt = 0u32;
+        loop {
+            attempt = attempt.saturating_add(1);
             let (gen, found) = {
                 let st = self.lock();
                 (st.log.generation(), st.covering(page).cloned())
@@ -148,10 +156,11 @@ impl VmInner {
                 Some(ok) => return ok,
                 // An invalidation raced the install, or a pin failed while the process
                 // can still make the access: let the other side finish, try again.
-                None => std::thread::yield_now(),
+                None if std::time::Instant::now() > deadline => return false,
+                None if attempt <= YIELDS => std::thread::yield_now(),
+                None => std::thread::sleep(std::time::Duration::from_micros(200)),
             }
         }
-        false
     }
 
     /// A fault inside binding `b`: map it again if the process can make the access.
