@@ -16,9 +16,9 @@
 //!    invalidation to end);
 //! 3. under the VM lock: zap the marked bindings' entries that still point where
 //!    they pointed when marked (clear `W` for a downgrade): all of each binding, even
-//!    where a late notice's window covers only part of it, free the tables the range emptied when the cause is
-//!    `munmap` (or a remap, or teardown), post the TLB invalidation and wait for it;
-//!    only then give the freed table pages back.
+//!    where a late notice's window covers only part of it; free the tables the range
+//!    emptied when the cause is `munmap` (or a remap, or teardown), post the TLB
+//!    invalidation and wait for it; only then give the freed table pages back.
 //!
 //! Two notices may cover one region (the registry tells an invalidation about a
 //! region a merge, an eviction or another invalidation is unmapping: `stale`). The
