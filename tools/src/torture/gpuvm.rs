@@ -155,7 +155,6 @@ pub(super) fn run(
             let (late, mlocks) = (&late, &mlocks);
             let (finished, source) = (&finished, &source);
             let explicit_reg = a.explicit.then_some(&reg);
-            let dbg_reg = &reg;
             s.spawn(move || {
                 let _leave = Leave(finished);
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ t as u64);
@@ -217,13 +216,10 @@ pub(super) fn run(
                     };
                     // SAFETY: the descriptors reach torture's own arena and source
                     // (bound, or SVM pointers into them), read only between commands.
-                    let dbg = std::env::var_os("DBG_LOST").is_some();
-                    if dbg { eprintln!("OPSUB t {t} op {op} slots {a}..{b} byte {byte}"); }
                     let Ok(f) = (unsafe { vm.submit(q, &descs) }) else {
                         c.submit_errors.fetch_add(1, Ordering::Relaxed);
                         continue;
                     };
-                    if dbg { eprintln!("OPSUBMITTED t {t} op {op} slots {a}..{b} seq {}..{}", f.start.seqno, f.end.seqno); }
                     if t == 1 {
                         for w in &inflight[a..b] {
                             w.store(f.end.seqno, Ordering::SeqCst);
@@ -241,7 +237,6 @@ pub(super) fn run(
                     for w in &inflight[a..b] {
                         w.store(0, Ordering::SeqCst);
                     }
-                    if dbg { eprintln!("OPDONE t {t} op {op} slots {a}..{b} {:?}", waited.as_ref().map(|c| c.status)); }
                     let Ok(mut done) = waited else { continue };
                     if let Some(st) = first {
                         done.status = st;
@@ -300,12 +295,6 @@ pub(super) fn run(
                             let mut lost_pages = 0;
                             for (k, p) in range.clone().enumerate().take(covered) {
                                 if peek(base + p * 4096) != expect && !moved(k, p) {
-                                    if lost_pages == 0 && std::env::var_os("DBG_LOST").is_some() {
-                                        let gva = at(a) + (k * 4096) as u64;
-                                        let sva = src + (k as u64 % 64) * 4096;
-                                        eprintln!("DBG op {op} t {t} page {p} found {:?} expect {expect:?} dst leaf {:x?} src leaf {:x?} regions {:x?} src {:#x} base {:#x}",
-                                            peek(base + p * 4096), vm.leaf(gva), vm.leaf(sva), dbg_reg.regions(), source.addr, base);
-                                    }
                                     lost_pages += 1;
                                     c.violations.fetch_add(1, Ordering::Relaxed);
                                     c.lost_writes.fetch_add(1, Ordering::Relaxed);
@@ -360,15 +349,7 @@ pub(super) fn run(
                         .map(|i| (i, inflight[i].load(Ordering::SeqCst)))
                         .filter(|&(_, e)| e != 0)
                         .collect();
-                    let dbg = std::env::var_os("DBG_LOST").is_some();
-                    if dbg {
-                        eprintln!("MUT start slots {a}..{b}");
-                    }
-                    let ok = mutate(kind, start, len, scratch, explicit);
-                    if dbg {
-                        eprintln!("MUT end slots {a}..{b}");
-                    }
-                    if !ok {
+                    if !mutate(kind, start, len, scratch, explicit) {
                         for l in &lost[a..b] {
                             l.store(true, Ordering::SeqCst);
                         }
@@ -520,12 +501,6 @@ fn malloc_reuse_svm(
     let seen = unsafe { std::slice::from_raw_parts(p2 as *const u8, N) }
         .iter()
         .all(|&x| x == *byte);
-    if !seen && second == Some(Status::Ok) && std::env::var_os("DBG_LOST").is_some() {
-        let v = unsafe { std::slice::from_raw_parts(p2 as *const u8, N) };
-        let bad: Vec<usize> = (0..N).step_by(4096).filter(|&o| v[o] != *byte).collect();
-        eprintln!("DBGMALLOC p {p:#x} p2 {p2:#x} byte {} first {first:?} bad pages {} first bad off {:#x} val {} leaf {:x?}",
-            *byte, bad.len(), bad[0], v[bad[0]], vm.leaf((p2 + bad[0]) as u64));
-    }
     free(p2);
     second != Some(Status::Ok) || seen || first.is_none()
 }
