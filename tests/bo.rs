@@ -478,6 +478,23 @@ fn child_second_mapping_of_a_bo_is_refused() {
         refused += 1;
     }
     assert!(refused > 0, "found no BO memfd");
+    // A fork child has no mapping of it (MADV_DONTFORK): its access dies of SIGSEGV.
+    let addr = b.as_slice().as_ptr() as usize;
+    // SAFETY: the child only reads one byte and exits (async-signal-safe calls only).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: the BO's address; in the child nothing is mapped there.
+        let v = unsafe { (addr as *const u8).read_volatile() };
+        // SAFETY: leave at once.
+        unsafe { libc::_exit(v as i32) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+        "the fork child read the BO: status {status:#x}"
+    );
     // The BO itself keeps working across moves.
     s.mgr.migrate(&b.handle(), Placement::Vram).unwrap();
     s.mgr.migrate(&b.handle(), Placement::System).unwrap();
@@ -557,4 +574,65 @@ fn child_bad_input_gets_typed_errors() {
     let big = s.mgr.create(4 << 20, Placement::Vram).unwrap();
     assert!(keep.iter().all(|b| b.placement() == Placement::System));
     assert_eq!(big.placement(), Placement::Vram);
+}
+
+#[test]
+fn eviction_skips_a_bo_with_device_work_in_flight() {
+    child("child_eviction_skips_a_bo_with_device_work_in_flight");
+}
+
+#[test]
+#[ignore = "run in a child process by eviction_skips_a_bo_with_device_work_in_flight"]
+fn child_eviction_skips_a_bo_with_device_work_in_flight() {
+    if !is_child() {
+        return;
+    }
+    // 4 MiB of VRAM: room for two 2 MiB BOs.
+    let s = setup(4 << 20);
+    let busy = s.mgr.create(2 << 20, Placement::Vram).unwrap();
+    // Device work on `busy` queued for a while (tens of ms: 48 fills of 2 MiB on one
+    // ring); the eviction below chooses microseconds later.
+    let mut last = None;
+    for _ in 0..48 {
+        // SAFETY: nothing reads `busy` on the CPU until the fills are waited for.
+        last = Some(unsafe { s.mgr.fill_async(&busy, 0, 2 << 20, 0x77) }.unwrap());
+    }
+    // Created after the fills (no device work: zeroed through the aperture): `busy` is
+    // the least recently used.
+    let idle = s.mgr.create(2 << 20, Placement::Vram).unwrap();
+    let f = last.unwrap();
+    let third = s.mgr.create(2 << 20, Placement::Vram).unwrap();
+    let st = s.mgr.stats();
+    assert!(
+        st.evict_skipped_busy > 0,
+        "the eviction met no busy BO: {st:?}"
+    );
+    assert_eq!(busy.placement(), Placement::Vram, "a busy BO was moved");
+    assert_eq!(idle.placement(), Placement::System);
+    assert_eq!(third.placement(), Placement::Vram);
+    assert_eq!(st.evictions, 1, "{st:?}");
+    s.mgr.wait(f).unwrap();
+    assert!(
+        busy.as_slice().iter().all(|&x| x == 0x77),
+        "the fill was lost"
+    );
+    // Every candidate busy: the eviction waits for the least recently used one's work
+    // (it never moves a BO under the device), then moves it.
+    let mut last = None;
+    for _ in 0..16 {
+        // SAFETY: as above.
+        last = Some(unsafe { s.mgr.fill_async(&busy, 0, 2 << 20, 0x55) }.unwrap());
+    }
+    // SAFETY: as above, for `third`.
+    let g = unsafe { s.mgr.fill_async(&third, 0, 2 << 20, 0x66) }.unwrap();
+    let fourth = s.mgr.create(2 << 20, Placement::Vram).unwrap();
+    assert_eq!(fourth.placement(), Placement::Vram);
+    assert_eq!(busy.placement(), Placement::System);
+    s.mgr.wait(last.unwrap()).unwrap();
+    s.mgr.wait(g).unwrap();
+    assert!(
+        busy.as_slice().iter().all(|&x| x == 0x55),
+        "fills lost to the move"
+    );
+    assert!(third.as_slice().iter().all(|&x| x == 0x66));
 }

@@ -111,6 +111,14 @@ impl CpuRange {
         .map(drop)
     }
 
+    /// Zero the whole range (mapped read-write: right after [`CpuRange::map`], before
+    /// the object is handed out).
+    pub(super) fn zero(&self) {
+        // SAFETY: the range is ours and mapped read-write; no reference into it exists
+        // yet (the object is being created) and no device work targets it.
+        unsafe { std::ptr::write_bytes(self.addr as *mut u8, 0, self.len) };
+    }
+
     /// Take CPU access away (every access faults from now on).
     pub(super) fn block(&self) -> Result<()> {
         sys(

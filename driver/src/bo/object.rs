@@ -211,11 +211,12 @@ pub(super) fn create(m: &Arc<Manager>, len: u64, place: Placement) -> Result<Bo>
         crate::driver_section::lock(&m.objects).insert(id, Arc::downgrade(&bo.inner));
         fresh_vram
     };
-    if backing {
-        // Device memory holds whatever its last user left: zero it, by the device.
-        super::commands::run(m, &[&bo.inner], userptr_ring::Descriptor::fill(va, len, 0))?;
-    }
     super::migrate::map_cpu(m, &bo.inner)?;
+    if backing {
+        // Device memory holds whatever its last user left: zero it, through the
+        // aperture (no device work is on a fresh range).
+        bo.inner.cpu.zero();
+    }
     Ok(bo)
 }
 
