@@ -62,7 +62,8 @@
 //! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
 //! `gpuvm::populate` (the access check, `madvise(MADV_POPULATE_*)`),
 //! `bo::fault` (`sigaction`, `futex`), `bo::cpu_map` (the fixed CPU range: `mmap`,
-//! `mprotect`), `bo::sysmem` (a BO's memfd mapping),
+//! `mprotect`, and the slice views of it in `bo::object`), `bo::sysmem` (a BO's memfd
+//! mapping),
 //! `fork` (pthread_atfork), `trampoline` (the driver's syscall instructions),
 //! `backing::vma` (the `PROCMAP_QUERY` ioctl on `/proc/self/maps`),
 //! `monitor::seccomp` (seccomp, signals, the syscall
