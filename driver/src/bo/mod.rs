@@ -41,8 +41,9 @@
 //! Who waits on whom: the faulting CPU thread waits on the gate word only (holding no
 //! lock of the driver: the CPU access path takes none, and the handler takes none);
 //! a device command waits on the BO's condition variable, holding nothing; the
-//! migrating thread waits only on the device (fences, the TLB invalidation) and on
-//! its own system calls, which the kernel completes without any faulting thread (the
+//! migrating thread waits only on the device (fences, the TLB invalidation), on the
+//! short critical sections of the BO's state lock and the VM's lock (never held
+//! across a wait for a CPU access or for a move), and on its own system calls, which the kernel completes without any faulting thread (the
 //! fault path dropped the `mmap_lock` before the signal was delivered, unlike the
 //! `mmap_sem` deadlock of the seed's first design). The device engine never touches a
 //! CPU range: it reaches the backing through its own mapping and the pins. So there
