@@ -7,9 +7,10 @@ cargo build -p userptr-preload    # the LD_PRELOAD shim the monitor matrix loads
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 # The examples (examples/), each run as the program it is: a plain mapping, the registry
-# with the seccomp monitor and submissions, handling errors, and the NVMe engine over
+# with the seccomp monitor and submissions, handling errors, buffer objects migrating
+# under a CPU reader, and the NVMe engine over
 # VFIO (which says why it skips here; test-in-guest.sh runs it in the guest).
-for example in mapping registry_monitor errors nvme_vfio; do
+for example in mapping registry_monitor errors buffer_objects nvme_vfio; do
     cargo run --quiet --example "$example"
 done
 # The C API from C and C++ (capi/test-c.sh): the example built with the system compiler

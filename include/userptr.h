@@ -292,6 +292,38 @@ enum userptr_code
      * No binding of the GPU VM starts at that GPU VA.
      */
     USERPTR_CODE_NO_SUCH_BINDING = 86,
+    /**
+     * A buffer object size that cannot be allocated (zero, larger than VRAM).
+     */
+    USERPTR_CODE_BO_SIZE = 90,
+    /**
+     * As many buffer objects alive as the fault path's table holds.
+     */
+    USERPTR_CODE_BO_LIMIT = 91,
+    /**
+     * A buffer object used (through a handle) after it was freed.
+     */
+    USERPTR_CODE_BO_FREED = 92,
+    /**
+     * A buffer object handed to a manager that did not make it.
+     */
+    USERPTR_CODE_BO_FOREIGN = 93,
+    /**
+     * A range outside a buffer object, or empty.
+     */
+    USERPTR_CODE_BO_RANGE = 94,
+    /**
+     * A buffer-object manager started before bo::install_fault_handler().
+     */
+    USERPTR_CODE_BO_FAULT_HANDLER_MISSING = 95,
+    /**
+     * A device without a CPU-mappable aperture onto its memory.
+     */
+    USERPTR_CODE_NO_APERTURE = 96,
+    /**
+     * A buffer object cannot be mapped by a second process.
+     */
+    USERPTR_CODE_BO_NOT_SHAREABLE = 97,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -161,11 +161,29 @@ pub enum UserptrCode {
     QueueNotAttached = 85,
     /// No binding of the GPU VM starts at that GPU VA.
     NoSuchBinding = 86,
+
+    // Buffer objects (90..99).
+    /// A buffer object size that cannot be allocated (zero, larger than VRAM).
+    BoSize = 90,
+    /// As many buffer objects alive as the fault path's table holds.
+    BoLimit = 91,
+    /// A buffer object used (through a handle) after it was freed.
+    BoFreed = 92,
+    /// A buffer object handed to a manager that did not make it.
+    BoForeign = 93,
+    /// A range outside a buffer object, or empty.
+    BoRange = 94,
+    /// A buffer-object manager started before bo::install_fault_handler().
+    BoFaultHandlerMissing = 95,
+    /// A device without a CPU-mappable aperture onto its memory.
+    NoAperture = 96,
+    /// A buffer object cannot be mapped by a second process.
+    BoNotShareable = 97,
 }
 
 impl UserptrCode {
     /// Every code, in numeric order.
-    pub const ALL: [UserptrCode; 63] = {
+    pub const ALL: [UserptrCode; 71] = {
         use UserptrCode::*;
         [
             Ok,
@@ -231,6 +249,14 @@ impl UserptrCode {
             VramExhausted,
             QueueNotAttached,
             NoSuchBinding,
+            BoSize,
+            BoLimit,
+            BoFreed,
+            BoForeign,
+            BoRange,
+            BoFaultHandlerMissing,
+            NoAperture,
+            BoNotShareable,
         ]
     };
 
@@ -293,6 +319,14 @@ impl UserptrCode {
             Error::VramExhausted { .. } => C::VramExhausted,
             Error::QueueNotAttached { .. } => C::QueueNotAttached,
             Error::NoSuchBinding { .. } => C::NoSuchBinding,
+            Error::BoSize { .. } => C::BoSize,
+            Error::BoLimit { .. } => C::BoLimit,
+            Error::BoFreed { .. } => C::BoFreed,
+            Error::BoForeign { .. } => C::BoForeign,
+            Error::BoRange { .. } => C::BoRange,
+            Error::BoFaultHandlerMissing => C::BoFaultHandlerMissing,
+            Error::NoAperture { .. } => C::NoAperture,
+            Error::BoNotShareable { .. } => C::BoNotShareable,
         }
     }
 
@@ -379,6 +413,14 @@ impl UserptrCode {
             VramExhausted => c"USERPTR_CODE_VRAM_EXHAUSTED",
             QueueNotAttached => c"USERPTR_CODE_QUEUE_NOT_ATTACHED",
             NoSuchBinding => c"USERPTR_CODE_NO_SUCH_BINDING",
+            BoSize => c"USERPTR_CODE_BO_SIZE",
+            BoLimit => c"USERPTR_CODE_BO_LIMIT",
+            BoFreed => c"USERPTR_CODE_BO_FREED",
+            BoForeign => c"USERPTR_CODE_BO_FOREIGN",
+            BoRange => c"USERPTR_CODE_BO_RANGE",
+            BoFaultHandlerMissing => c"USERPTR_CODE_BO_FAULT_HANDLER_MISSING",
+            NoAperture => c"USERPTR_CODE_NO_APERTURE",
+            BoNotShareable => c"USERPTR_CODE_BO_NOT_SHAREABLE",
         }
     }
 }

@@ -24,4 +24,27 @@ pub trait Device: Send + Sync {
 
     /// Deliver ring `ring`'s interrupt to `eventfd` (or nowhere).
     fn set_irq_eventfd(&self, ring: u32, eventfd: Option<Arc<OwnedFd>>) -> Result<()>;
+
+    /// The CPU-mappable window onto device memory, if the device has one (the
+    /// reference device's BAR2, a GPU's large BAR). `None` by default.
+    fn aperture(&self) -> Option<Aperture> {
+        None
+    }
+}
+
+/// A CPU-mappable window onto device memory: a BAR region. `mmap(MAP_SHARED)` of
+/// `fd` at file offset `file_offset + x` shows the CPU the device memory at VRAM
+/// offset `vram_base + x`, for `x < len`. On the reference device `fd` is its VRAM
+/// memfd (datasheet section 11); through VFIO it would be the device fd, at the BAR's
+/// region offset (`VFIO_DEVICE_GET_REGION_INFO`).
+#[derive(Clone, Debug)]
+pub struct Aperture {
+    /// The file to map.
+    pub fd: Arc<OwnedFd>,
+    /// File offset of the aperture's first byte.
+    pub file_offset: u64,
+    /// VRAM offset the aperture's first byte shows.
+    pub vram_base: u64,
+    /// Bytes of device memory the aperture shows.
+    pub len: u64,
 }

@@ -1,7 +1,10 @@
 //! The driver's error type: one enum, every variant saying what was asked and why it
 //! could not be done, with the errno where the kernel said no.
 
+mod text;
+
 use std::io;
+use text::{driver_text, errno_text, fault_text};
 use thiserror::Error;
 use userptr_ring::{DescriptorError, Status};
 
@@ -535,69 +538,61 @@ pub enum Error {
         /// The GPU VA.
         va: u64,
     },
-}
-
-fn driver_text(d: &Option<String>) -> String {
-    match d {
-        Some(d) => format!("bound to {d}"),
-        None => "unbound".to_string(),
-    }
-}
-
-fn errno_text(errno: Option<i32>) -> String {
-    match errno {
-        Some(e) => format!(" ({})", io::Error::from_raw_os_error(e)),
-        None => String::new(),
-    }
-}
-
-fn fault_text(f: &Option<userptr_ring::FaultRecord>) -> String {
-    match f {
-        Some(f) => format!(" ({:?} fault at IOVA {:#x})", f.access, f.iova),
-        None => String::new(),
-    }
+    /// A buffer object size that cannot be allocated.
+    #[error("buffer object of {len:#x} bytes refused: {reason}")]
+    BoSize {
+        /// Bytes asked for.
+        len: u64,
+        /// Why, in words.
+        reason: &'static str,
+    },
+    /// As many buffer objects alive as the fault path's table holds.
+    #[error("{limit} buffer objects are alive already (the fault path's table is full)")]
+    BoLimit {
+        /// The most at once.
+        limit: u64,
+    },
+    /// A buffer object used after it was freed (through a handle).
+    #[error("buffer object {id} was freed")]
+    BoFreed {
+        /// Its id.
+        id: u64,
+    },
+    /// A buffer object handed to a manager that did not make it.
+    #[error("buffer object {id} belongs to another BoManager")]
+    BoForeign {
+        /// Its id.
+        id: u64,
+    },
+    /// A range outside a buffer object (or empty).
+    #[error("range {off:#x} + {len:#x} is not inside the buffer object of {size:#x} bytes (or is empty)")]
+    BoRange {
+        /// Offset in the object.
+        off: u64,
+        /// Length.
+        len: u64,
+        /// The object's size.
+        size: u64,
+    },
+    /// A buffer-object manager started before its fault handler was installed.
+    #[error(
+        "buffer objects need their SIGSEGV handler (process-wide): call \
+         bo::install_fault_handler() first, before other threads and monitors start"
+    )]
+    BoFaultHandlerMissing,
+    /// A device without a CPU-mappable aperture onto its memory.
+    #[error("{device} has no CPU-mappable aperture onto its memory (no large BAR)")]
+    NoAperture {
+        /// The device.
+        device: String,
+    },
+    /// A buffer object cannot be shared with another process.
+    #[error("a buffer object cannot be mapped by a second process: {reason}")]
+    BoNotShareable {
+        /// Why, in words.
+        reason: &'static str,
+    },
 }
 
 /// The driver's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-impl Error {
-    pub(crate) fn sys(op: &'static str, source: io::Error) -> Error {
-        Error::Sys { op, source }
-    }
-
-    /// A failed sysfs read or write on a PCI device, with the likely cause from the errno.
-    pub(crate) fn pci_sysfs(
-        op: &'static str,
-        bdf: impl std::fmt::Display,
-        path: std::path::PathBuf,
-        source: io::Error,
-    ) -> Error {
-        let hint = match source.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) => {
-                "writing PCI sysfs attributes needs root (CAP_SYS_ADMIN): run it with sudo"
-            }
-            Some(libc::EROFS) => {
-                "sysfs is mounted read-only here (a container?): run it on the host or in a \
-                 privileged container"
-            }
-            Some(libc::ENOENT) => {
-                "the device or the attribute is gone (hot-unplugged? a kernel without \
-                 driver_override?)"
-            }
-            Some(libc::ENODEV) => "the kernel no longer knows the device (removed?)",
-            Some(libc::EBUSY) => "the device is in use: stop whatever holds it and retry",
-            _ if source.kind() == io::ErrorKind::InvalidData => {
-                "sysfs shows something this tool cannot parse (an unusual kernel?)"
-            }
-            _ => "the kernel refused; `dmesg` says why",
-        };
-        Error::PciSysfs {
-            op,
-            bdf: bdf.to_string(),
-            path,
-            source,
-            hint,
-        }
-    }
-}

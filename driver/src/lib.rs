@@ -8,6 +8,8 @@
 //! (`tests/layering.rs` checks it).
 //!
 //! ```text
+//!   bo/                      buffer objects: VRAM or system memory, CPU-mapped, migrating
+//!     │
 //!   monitor/                 address-space monitors feeding the registry
 //!     │        gpuvm/        GPU VMs: page tables mirroring the registry's ranges
 //!     │
@@ -50,11 +52,18 @@
 //! * [`gpuvm`]: GPU virtual memory on a device with VM contexts (the reference
 //!   device's register map 1.1): page tables in device memory mirroring userptrs,
 //!   device memory and (SVM) the process's own address space, invalidated through the
-//!   registry's mirror hook, with replayable faults.
+//!   registry's mirror hook, with replayable faults;
+//! * [`bo`]: buffer objects on a GPU-VM device: allocated in VRAM or system memory,
+//!   evicted least recently used first, mapped into the process at one fixed CPU
+//!   range for their life, migrated by the device's COPY while a `SIGSEGV` handler
+//!   holds CPU accesses until the move is over (seed 003).
 //!
 //! `unsafe` lives only in the modules that own one kernel interface each:
 //! `reference::uring_iommu` (io_uring), `dma_memory` and `reference::vram` (mmap),
 //! `gpuvm::populate` (the access check, `madvise(MADV_POPULATE_*)`),
+//! `bo::fault` (`sigaction`, `futex`), `bo::cpu_map` (the fixed CPU range: `mmap`,
+//! `mprotect`, and the slice views of it in `bo::object`), `bo::sysmem` (a BO's memfd
+//! mapping),
 //! `fork` (pthread_atfork), `trampoline` (the driver's syscall instructions),
 //! `backing::vma` (the `PROCMAP_QUERY` ioctl on `/proc/self/maps`),
 //! `monitor::seccomp` (seccomp, signals, the syscall
@@ -68,6 +77,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 
 pub mod backing;
+pub mod bo;
 pub mod device;
 pub mod dma_memory;
 pub mod driver;

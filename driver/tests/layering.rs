@@ -2,6 +2,7 @@
 //! only (the layout is written down in the crate doc, `src/lib.rs`).
 //!
 //! ```text
+//!   bo                           (3)
 //!   monitor  gpuvm               (2)
 //!   registry  reference  vfio    (1: the wings, each on the core alone)
 //!   the core: the files at the root of src/  (0)
@@ -42,6 +43,7 @@ const WINGS: &[(&str, u32)] = &[
     ("vfio", 1),
     ("monitor", 2),
     ("gpuvm", 2),
+    ("bo", 3),
 ];
 
 fn layer(module: &str) -> Option<u32> {

@@ -138,7 +138,15 @@ pub fn to_pyerr(py: Python<'_>, f: Failure) -> PyErr {
         | C::GpuVaBusy
         | C::VramExhausted
         | C::QueueNotAttached
-        | C::NoSuchBinding => DeviceError::new_err(f.message),
+        | C::NoSuchBinding
+        | C::BoSize
+        | C::BoLimit
+        | C::BoFreed
+        | C::BoForeign
+        | C::BoRange
+        | C::BoFaultHandlerMissing
+        | C::NoAperture
+        | C::BoNotShareable => DeviceError::new_err(f.message),
         C::MonitorUnavailable | C::MonitorConflict => MonitorUnavailable::new_err(f.message),
         C::Ok | C::Panic | C::Sys | C::ForkedChild => Error::new_err(f.message),
     };

@@ -25,9 +25,12 @@
 //! they started, and violations stay 0.
 //!
 //! `--gpuvm` runs it through GPU VMs instead: an SVM VM and a VM of bound userptrs
-//! (`torture/gpuvm.rs`).
+//! (`torture/gpuvm.rs`). `--migrate` tortures buffer objects instead: BOs moving
+//! between VRAM and system memory under CPU writers and device commands
+//! (`torture/migrate.rs`).
 
 mod gpuvm;
+mod migrate;
 
 use crate::bench::measure::Mem;
 use crate::output::OutPath;
@@ -76,6 +79,10 @@ pub struct Args {
     /// pointers), one on a VM of bound userptrs.
     #[arg(long)]
     gpuvm: bool,
+    /// Torture buffer objects instead: BOs migrating between VRAM and system memory
+    /// under CPU writers and device commands, with VRAM pressure.
+    #[arg(long, conflicts_with = "gpuvm")]
+    migrate: bool,
 }
 
 impl Args {
@@ -83,6 +90,7 @@ impl Args {
         serde_json::json!({
             "seconds": self.seconds, "no_protect": self.no_protect, "only": self.only,
             "explicit": self.explicit, "inject": self.inject, "gpuvm": self.gpuvm,
+            "migrate": self.migrate,
             "monitor": if self.no_protect { "none" } else if self.explicit { "explicit" } else { "seccomp" },
         })
     }
@@ -173,6 +181,9 @@ fn torture(a: &Args) -> Result<serde_json::Map<String, serde_json::Value>, Strin
         .only
         .as_ref()
         .and_then(|m| MUTATIONS.iter().position(|x| x == m));
+    if a.migrate {
+        return migrate::run(a);
+    }
     if a.gpuvm {
         return gpuvm::run(a, only);
     }

@@ -83,7 +83,7 @@ fn bench_writes_the_contract_names_as_json() {
     let (ok, out, err) = userptr(&[
         "bench",
         "--suite",
-        "pin,ring,cache,invalidate,intercept",
+        "pin,ring,cache,invalidate,intercept,migrate",
         "--quick",
         "--samples",
         "3",
@@ -121,6 +121,13 @@ fn bench_writes_the_contract_names_as_json() {
         ("intercept", "seccomp_unregistered_madvise", true),
         ("intercept", "seccomp_getpid", true),
         ("intercept", "uffd_registered_madvise", true),
+        ("migrate", "migrate_to_vram_2MiB", true),
+        ("migrate", "migrate_to_system_2MiB", true),
+        ("migrate", "migrate_to_vram_64MiB", true),
+        ("migrate", "migrate_to_system_64MiB", true),
+        ("migrate", "cpu_access_mid_migration_2MiB", true),
+        ("migrate", "cpu_access_vram_bo_2MiB", true),
+        ("migrate", "cpu_access_system_bo_2MiB", true),
     ] {
         let r = find(suite, name);
         assert!(r["median"].as_f64().is_some_and(|m| m >= 0.0), "{r}");
@@ -169,6 +176,33 @@ fn info_reports_the_device() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["id"], 0x5550_5452);
     assert!(v["max_mappings"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn torture_migrate_finds_no_violation_protected_and_some_without() {
+    let (ok, out, err) = userptr(&["torture", "--migrate", "--seconds", "2", "--json", "-"]);
+    assert!(ok, "torture --migrate failed:\n{out}\n{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "migrate", "{v}");
+    assert_eq!(v["violations"], 0, "{v}");
+    assert!(v["migrations"].as_u64().unwrap() > 10, "{v}");
+    assert!(v["evictions"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["commands"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["pins_start"], v["pins_end"], "{v}");
+    assert_eq!(v["vram_free_start"], v["vram_free_end"], "{v}");
+    // Without the protections the checker must find violations (and the tool fail).
+    let (ok, out, _err) = userptr(&[
+        "torture",
+        "--migrate",
+        "--seconds",
+        "2",
+        "--no-protect",
+        "--json",
+        "-",
+    ]);
+    assert!(!ok, "--migrate --no-protect must fail:\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["violations"].as_u64().unwrap() > 0, "{v}");
 }
 
 #[test]

@@ -25,7 +25,8 @@
 //! (bind/unbind), `mirror` (the
 //! registry's notices), `fault` (the fault queue and handler), `svm` (chunks),
 //! `pagetable` (the tree and its entry writes), `hw` (the registers), `populate` (the
-//! access check), `stats` (counters).
+//! access check), `stats` (counters), `target` (bindings of driver-owned memory that
+//! moves: buffer objects, retargeted in Xe's order).
 //!
 //! Locks: a VM's state lock is never held across a registry call (the registry calls
 //! back into the VM, from its own unmap paths, while it may hold nothing of the VM's);
@@ -39,9 +40,11 @@ mod pagetable;
 mod populate;
 mod stats;
 mod svm;
+mod target;
 mod vm;
 
 pub use stats::GpuVmStats;
+pub use target::Target;
 pub use vm::{Binding, DebugKnobs, GpuVm, VmConfig};
 
 use crate::device::Device;

@@ -167,7 +167,8 @@ impl VmInner {
     /// `None`: raced (or an SVM chunk was dropped to be made afresh), try again.
     fn refault(&self, gen: u64, b: &Bound, page: u64, write: bool, kind: u8) -> Option<bool> {
         let host = match &b.kind {
-            Kind::DevMem(_) => return Some(false), // always mapped writable
+            // Always mapped writable.
+            Kind::DevMem(_) | Kind::Driver => return Some(false),
             Kind::Userptr(u) if write && !u.perm().write() => return Some(false),
             _ => b.host.clone()?,
         };

@@ -114,6 +114,8 @@ pub(super) enum Kind {
     DevMem(u64),
     /// Shared virtual memory: VA == host address, pinned by the registry.
     Svm,
+    /// Driver-owned memory that moves (a buffer object): the owner frees it.
+    Driver,
 }
 
 #[derive(Clone, Debug)]

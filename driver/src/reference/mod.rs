@@ -313,6 +313,8 @@ pub struct ReferenceDevice {
     shared: Arc<Shared>,
     iommu: Arc<UringIommu>,
     engine: Option<JoinHandle<()>>,
+    /// BAR2: the device-memory heap, mappable by the CPU (datasheet section 11).
+    aperture: crate::device::Aperture,
 }
 
 impl ReferenceDevice {
@@ -337,6 +339,16 @@ impl ReferenceDevice {
         };
         let vram = Vram::new((devmem_base + devmem_size) as usize)?;
         let pt = Arc::new(vram.page_table_view(pt_base, pt_size)?);
+        let aperture = crate::device::Aperture {
+            fd: Arc::new(
+                vram.fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::sys("dup(vram memfd)", e))?,
+            ),
+            file_offset: devmem_base,
+            vram_base: devmem_base,
+            len: devmem_size,
+        };
         let tlb_entries = cfg.gpu.tlb_entries.clamp(16, 4096).next_power_of_two();
         let shared = Arc::new(Shared {
             rings,
@@ -375,6 +387,7 @@ impl ReferenceDevice {
             shared,
             iommu,
             engine: Some(handle),
+            aperture,
         }))
     }
 
@@ -399,6 +412,10 @@ impl Driver {
 }
 
 impl Device for ReferenceDevice {
+    fn aperture(&self) -> Option<crate::device::Aperture> {
+        Some(self.aperture.clone())
+    }
+
     fn name(&self) -> String {
         format!(
             "reference device ({} rings, io_uring IOMMU)",

@@ -5,6 +5,12 @@
 //! is in flight: [`crate::reference::dma_port::DmaPort::run`] returns after reaping every
 //! request it submitted, so outside `run` the kernel is not writing the memfd.
 //!
+//! The device-memory heap is shared with the CPU too: it is the device's BAR2
+//! aperture (`docs/reference-device.md` section 11, [`crate::device::Aperture`]), which
+//! the CPU maps `MAP_SHARED` from a duplicate of this memfd; the engine reaches the heap
+//! only for device-memory pieces of commands, which the driver keeps apart from CPU
+//! accesses to the same bytes.
+//!
 //! The page-table region (GPU virtual memory, `docs/reference-device.md` section 10) is
 //! the exception: the driver writes it through the register window while the engine
 //! walks it, so it has a mapping of its own, [`PtMemory`], accessed only with 64-bit

@@ -26,6 +26,7 @@ pub mod intercept;
 mod kvm_notifier;
 mod limits;
 pub mod measure;
+mod migrate;
 mod pin;
 mod plot;
 mod registry;
@@ -42,7 +43,7 @@ use std::sync::Mutex;
 use userptr::driver::vfio::pci::Bdf;
 
 /// The suites, in run order.
-pub const SUITES: [&str; 9] = [
+pub const SUITES: [&str; 10] = [
     "pin",
     "ring",
     "e2e",
@@ -52,6 +53,7 @@ pub const SUITES: [&str; 9] = [
     "all",
     "vfio",
     "gpuvm",
+    "migrate",
 ];
 
 /// `--suite`'s parser: one of [`SUITES`], any case.
@@ -71,7 +73,8 @@ fn suite(s: &str) -> Result<String, String> {
 pub struct Args {
     /// Suites to run (repeat or comma-separate): pin, ring, e2e, cache, invalidate,
     /// intercept, all (the six before it), vfio (needs --device), gpuvm (GPU VMs on
-    /// the reference device).
+    /// the reference device), migrate (buffer objects moving between VRAM and system
+    /// memory, on the reference device).
     #[arg(long, value_delimiter = ',', default_value = "all", value_parser = suite)]
     suite: Vec<String>,
     /// A short run (under a minute on 2 cores): fewer samples, smaller sizes.
@@ -166,6 +169,7 @@ fn steps(suite: &str, ctx: &Ctx, vfio: bool) -> u64 {
         "invalidate" => 5 * (s + 2) + s + 1,
         "intercept" => 13,
         "vfio" => 4 * (s + 3) + 2 + s.min(5),
+        "migrate" => 4 * (s + 1) + (s + 1) + 2 * (s + 2),
         _ => 1,
     }
 }
@@ -295,7 +299,8 @@ fn bench(a: Args) -> Result<(), (String, Option<Doc>)> {
         // error message, not a panic trace.
         let prev = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match s.as_str() {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            match s.as_str() {
             "pin" => pin::run(&ctx, &target),
             "ring" => ring::run(&ctx, &target),
             "e2e" => e2e::run(&ctx),
@@ -304,7 +309,13 @@ fn bench(a: Args) -> Result<(), (String, Option<Doc>)> {
             "intercept" => intercept::run(&ctx),
             "vfio" => vfio::run(&ctx, &target),
             "gpuvm" => gpuvm::run(&ctx, &target),
+            "migrate" if !matches!(target, target::Target::Reference) => Err(
+                "the migrate suite needs the reference device (its VRAM aperture)\nhint: drop --device"
+                    .to_string(),
+            ),
+            "migrate" => migrate::run(&ctx),
             _ => Err(format!("unknown suite {s}")),
+        }
         }));
         std::panic::set_hook(prev);
         let r = match r {
