@@ -25,6 +25,7 @@ cargo test -p userptr-ring --test loom --release
 cargo test -p userptr-driver --test loom_notifier --release
 cargo test -p userptr-driver --test loom_registry --release
 cargo test -p userptr-driver --test loom_gpuvm --release
+cargo test -p userptr-driver --test loom_bo --release
 unset RUSTFLAGS CARGO_TARGET_DIR
 # VFIO for real: tests/vfio.rs and the bring-up subcommands in a QEMU guest with an
 # emulated IOMMU (this kernel has no VFIO); installs qemu on first use.

@@ -276,27 +276,67 @@ enum Outcome {
     Fatal,
 }
 
+/// What a fault on a gate comes to, decided from what the handler read: the gate's
+/// `word` (loaded once, `SeqCst`), its `migrator`, the faulting thread `me`, the
+/// thread's `last` retry on an open gate, and the faulting address. The handler's
+/// whole policy, kept a pure function so that `driver/tests/loom_bo.rs` runs the same
+/// decision against its model of the migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateDecision {
+    /// The gate is closed: sleep on the word until it changes, then retry.
+    Wait,
+    /// The gate is open: the migration finished between the fault and the load.
+    /// Retry once, remembering `(addr, word)`.
+    Retry {
+        /// What the thread records as its last retry.
+        last: (usize, u32),
+    },
+    /// A second fault at the same address with the same open word: no migration
+    /// explains it (an application bug, or a CPU range that stayed inaccessible).
+    NotMigration,
+    /// The migrating thread itself touched the object mid-move: it would wait for
+    /// itself.
+    SelfDeadlock,
+}
+
+/// The handler's decision (see [`GateDecision`]).
+pub fn decide(word: u32, migrator: i32, me: i32, last: (usize, u32), addr: usize) -> GateDecision {
+    if word & 1 == 0 {
+        if last == (addr, word) {
+            return GateDecision::NotMigration;
+        }
+        return GateDecision::Retry { last: (addr, word) };
+    }
+    if migrator == me {
+        return GateDecision::SelfDeadlock;
+    }
+    GateDecision::Wait
+}
+
 fn wait_gate(s: &Slot, addr: usize) -> Outcome {
     // SeqCst: pairs with close/open.
     let w = s.word.load(Ordering::SeqCst);
     let mut buf = [0u8; 18];
-    if w & 1 == 0 {
-        // Open: the migration finished between the fault and now. Retry once; a
-        // second fault at the same place and word is not a migration's.
-        if LAST.with(|c| c.replace((addr, w))) == (addr, w) {
-            return Outcome::Fatal;
+    // Relaxed on migrator: published with the SeqCst increment that closed the gate,
+    // and only compared with this thread's own id.
+    let migrator = s.migrator.load(Ordering::Relaxed);
+    match decide(w, migrator, gettid(), LAST.with(Cell::get), addr) {
+        GateDecision::Retry { last } => {
+            LAST.with(|c| c.set(last));
+            return Outcome::Retry;
         }
-        return Outcome::Retry;
-    }
-    if s.migrator.load(Ordering::Relaxed) == gettid() {
-        say(&[
-            b"userptr: CPU access at ",
-            hex(addr, &mut buf),
-            b" to a buffer object by the thread that is migrating it: it would wait for \
-              itself (deadlock); stopping the process\n",
-        ]);
-        default_action();
-        return Outcome::Retry;
+        GateDecision::NotMigration => return Outcome::Fatal,
+        GateDecision::SelfDeadlock => {
+            say(&[
+                b"userptr: CPU access at ",
+                hex(addr, &mut buf),
+                b" to a buffer object by the thread that is migrating it: it would wait for \
+                  itself (deadlock); stopping the process\n",
+            ]);
+            default_action();
+            return Outcome::Retry;
+        }
+        GateDecision::Wait => {}
     }
     // Relaxed: a counter.
     WAITS.fetch_add(1, Ordering::Relaxed);

@@ -53,6 +53,13 @@
 //! the handler (the gate records the migrating thread) and reported: the process
 //! stops with a message instead of hanging.
 //!
+//! `driver/tests/loom_bo.rs` checks this order under loom, running the handler's own
+//! decision ([`fault::decide`]) against a model of the kernel's side: no CPU or device
+//! write is lost across one move or two, and no wait is left hanging; and each of
+//! these, taken out, is found: the gate closed after the `mprotect` or opened before
+//! the remap (a fault the handler cannot explain), no `mprotect`, no device wait (a
+//! lost write), a `FUTEX_WAKE` before the word changes (a wait that never ends).
+//!
 //! Only device *use* counts for the LRU (the CPU mapping takes no faults in the
 //! steady state, so CPU accesses are free and invisible); a BO with device work in
 //! flight is skipped by eviction (or waited for, when every candidate is busy).
