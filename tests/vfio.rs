@@ -16,7 +16,10 @@
 //!    memory is untouched;
 //! 4. a READ into an unmapped IOVA completes with an error on that command, and the
 //!    controller goes on working;
-//! 5. pins (`VmPin`, `VmLck`) are back where they started at the end of every test.
+//! 5. pins (`VmPin`, `VmLck`) are back where they started at the end of every test;
+//! 6. a prefetchable BAR is a CPU aperture onto device memory (`VfioPci::aperture`,
+//!    what buffer objects map): QEMU's NVMe controller memory buffer, mapped by the
+//!    CPU, shows the controller's writes, and the controller reads the CPU's.
 
 mod common;
 use common::{MapTest as _, RegisterTest as _};
@@ -658,6 +661,116 @@ fn without_msix_the_engine_falls_back_to_intx() {
             r.q.interrupts() > 0,
             "no INTx interrupt woke a blocking wait in 200"
         );
+    }
+    assert_eq!(pins(), start);
+}
+
+/// The controller address the test gives the NVMe controller memory buffer
+/// (`CMBMSC.CBA`): above every IOVA of the guest's 39-bit IOMMU, so no DMA address of
+/// a registration can fall into it.
+const CBA: u64 = 1 << 48;
+
+#[test]
+fn the_nvme_cmb_is_an_aperture_the_cpu_and_the_controller_share() {
+    let Some(bdf) = nvme_bdf() else { return };
+    let _g = common::serial();
+    let start = pins();
+    {
+        let r = rig(&bdf);
+        let pci = r.nvme.pci();
+        let reg32 = |off: u64| {
+            let mut b = [0u8; 4];
+            pci.region_read(0, off, &mut b).unwrap();
+            u32::from_le_bytes(b)
+        };
+        let cap_hi = reg32(0x4);
+        assert!(
+            cap_hi & (1 << (57 - 32)) != 0,
+            "CAP.CMBS: the guest's controller has a CMB (run.sh gives it one)"
+        );
+        // CMBMSC: the high dword first (QEMU acts on the low one): CBA, then CRE | CMSE.
+        pci.region_write(0, 0x54, &((CBA >> 32) as u32).to_le_bytes())
+            .unwrap();
+        pci.region_write(0, 0x50, &((CBA as u32 & !0xfff) | 0b11).to_le_bytes())
+            .unwrap();
+        let (cmbloc, cmbsz) = (reg32(0x38), reg32(0x3c));
+        let bir = cmbloc & 0x7;
+        let unit = 4096u64 << (4 * ((cmbsz >> 8) & 0xf));
+        let (ofst, size) = ((cmbloc >> 12) as u64 * unit, (cmbsz >> 12) as u64 * unit);
+        assert!(
+            cmbsz & (1 << 4) != 0 && cmbsz & (1 << 3) != 0,
+            "CMBSZ.WDS and RDS"
+        );
+        assert!(size >= 8192, "a CMB of {size} bytes");
+
+        // Registers are not an aperture; the CMB's BAR is.
+        let e = pci.aperture(0).unwrap_err().to_string();
+        assert!(e.contains("not prefetchable"), "{e}");
+        let ap = pci.aperture(bir).unwrap();
+        assert!(ap.len >= ofst + size, "{ap:?}");
+        // The CPU's view, mapped the way a BO's CPU range maps its VRAM place.
+        // SAFETY: a fresh shared mapping of the aperture's file, placed by the kernel;
+        // unmapped below.
+        let cpu = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                8192,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                &*ap.fd,
+                ap.file_offset + ofst,
+            )
+        }
+        .expect("mmap of the aperture") as *mut u8;
+        let cpu_read = |off: usize| -> Vec<u8> {
+            // SAFETY: inside the 8192-byte mapping; volatile, it is device memory.
+            (0..4096)
+                .map(|i| unsafe { std::ptr::read_volatile(cpu.add(off + i)) })
+                .collect()
+        };
+        let a: Vec<u8> = (0..4096).map(|i| (i * 13 % 251) as u8).collect();
+        for (i, &b) in a.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(cpu.add(i), b) };
+        }
+        // The kernel's own path to the BAR (pread on the device fd) sees the CPU's bytes.
+        let mut k = vec![0u8; 4096];
+        pci.region_read(bir, ofst, &mut k).unwrap();
+        assert_eq!(k, a, "region_read of the BAR shows what the CPU wrote");
+
+        // The controller reads the CPU's bytes out of its memory buffer ...
+        let ns = *r.nvme.namespace();
+        r.q.run(NvmeCommand::write(&ns, 16, CBA, 4096), T)
+            .expect("WRITE from the CMB");
+        let reg = Registry::new(r.drv.clone(), RegistryConfig::default());
+        let host = Anon::new(4096);
+        let u = reg
+            .register_test(host.addr, 4096, Perm::READ_WRITE)
+            .unwrap();
+        let b = reg
+            .submit(&r.q, &[&u], |i| {
+                vec![NvmeCommand::read(&ns, 16, i[0], 4096)]
+            })
+            .unwrap();
+        r.q.wait(b, WaitMode::Block, T).unwrap()[0]
+            .into_result()
+            .unwrap();
+        assert_eq!(
+            host.read(),
+            a,
+            "the controller read what the CPU wrote through the aperture"
+        );
+        // ... and writes into it where the CPU sees it (the second page).
+        r.q.run(NvmeCommand::read(&ns, 16, CBA + 4096, 4096), T)
+            .expect("READ into the CMB");
+        assert_eq!(
+            cpu_read(4096),
+            a,
+            "the CPU sees the controller's write through the aperture"
+        );
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { rustix::mm::munmap(cpu.cast(), 8192) }.unwrap();
+        drop(u);
     }
     assert_eq!(pins(), start);
 }

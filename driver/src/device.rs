@@ -35,8 +35,8 @@ pub trait Device: Send + Sync {
 /// A CPU-mappable window onto device memory: a BAR region. `mmap(MAP_SHARED)` of
 /// `fd` at file offset `file_offset + x` shows the CPU the device memory at VRAM
 /// offset `vram_base + x`, for `x < len`. On the reference device `fd` is its VRAM
-/// memfd (datasheet section 11); through VFIO it would be the device fd, at the BAR's
-/// region offset (`VFIO_DEVICE_GET_REGION_INFO`).
+/// memfd (datasheet section 11); through VFIO it is the device fd at the BAR's region
+/// offset (`VFIO_DEVICE_GET_REGION_INFO`): [`crate::vfio::VfioPci::aperture`].
 #[derive(Clone, Debug)]
 pub struct Aperture {
     /// The file to map.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one program inside a QEMU guest that has a real kernel VFIO stack
 # (intel-iommu, vfio-pci, type1) and two PCI devices to drive with it: QEMU's
-# `edu` (1234:11e8) and an NVMe controller (1b36:0010) backed by a scratch disk.
+# `edu` (1234:11e8) and an NVMe controller (1b36:0010) backed by a scratch disk, with
+# a 2 MiB controller memory buffer (BAR2: the aperture test of tests/vfio.rs).
 #
 #   tools/vfio-guest/run.sh [OPTIONS] [--] PROGRAM [ARGS...]
 #
@@ -298,7 +299,7 @@ qemu=(qemu-system-x86_64
     -kernel "$cache/$kernel_image" -initrd "$run_dir/initramfs.cpio.gz" -append "$append"
     -device edu
     -drive file="$run_dir/nvme.img",if=none,id=nvm0,format=raw
-    -device nvme,serial=userptr0,drive=nvm0
+    -device nvme,serial=userptr0,drive=nvm0,cmb_size_mb=2
     -virtfs local,path="$repo_root",mount_tag=host,security_model=none,multidevs=remap,id=host0)
 
 log="$run_dir/console.log"

@@ -331,6 +331,59 @@ impl VfioPci {
         Ok(())
     }
 
+    /// BAR `index` as a CPU-mappable [`Aperture`](crate::device::Aperture) onto device
+    /// memory (a GPU's large BAR, an NVMe controller memory buffer): the device fd (a
+    /// duplicate, which keeps the function open while the aperture lives) at the
+    /// region's offset, `vram_base` 0 (the aperture shows the BAR from its first byte).
+    /// The CPU mapping code of buffer objects maps it exactly as it maps the reference
+    /// device's VRAM memfd (`mmap(MAP_SHARED | MAP_FIXED)` at `file_offset + x`).
+    ///
+    /// Refused, before anything is mapped, for a BAR that does not exist, is not
+    /// memory space, is not prefetchable (registers, where a CPU mapping's reads have
+    /// side effects), or that vfio-pci does not let the process mmap.
+    pub fn aperture(&self, index: u32) -> Result<crate::device::Aperture> {
+        let refuse = |reason: String| Error::Vfio {
+            op: "BAR aperture",
+            device: self.bdf.clone(),
+            reason,
+            errno: Some(libc::EINVAL),
+            hint: "`userptr info BDF` lists the BARs; an aperture is a prefetchable \
+                   memory BAR that can be mmapped",
+        };
+        if index > 5 {
+            return Err(refuse(format!("BAR {index} does not exist (0..=5)")));
+        }
+        let size = self.dev.get_region_size(index);
+        let flags = self.dev.get_region_flags(index);
+        if size == 0 {
+            return Err(refuse(format!("BAR {index} is not implemented")));
+        }
+        let bar = self.config_read32(0x10 + 4 * index as u64)?;
+        if bar & 1 != 0 {
+            return Err(refuse(format!("BAR {index} is I/O space")));
+        }
+        if bar & (1 << 3) == 0 {
+            return Err(refuse(format!(
+                "BAR {index} ({size:#x} bytes) is not prefetchable: registers, not memory"
+            )));
+        }
+        if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
+            return Err(refuse(format!(
+                "vfio-pci does not let BAR {index} ({size:#x} bytes) be mmapped"
+            )));
+        }
+        let fd = self
+            .fd()
+            .try_clone_to_owned()
+            .map_err(|e| sys_err("dup(device fd)", &self.bdf, e))?;
+        Ok(crate::device::Aperture {
+            fd: Arc::new(fd),
+            file_offset: self.dev.get_region_offset(index),
+            vram_base: 0,
+            len: size,
+        })
+    }
+
     /// mmap BAR `index` for register access.
     pub fn map_bar(self: &Arc<Self>, index: u32) -> Result<Mmio> {
         if index > 5 {
