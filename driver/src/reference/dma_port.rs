@@ -5,10 +5,11 @@
 //! down in `uring_iommu`'s module doc.
 
 use super::uring_iommu::{UringIommu, CHUNK};
+use super::vram::Vram;
 use crate::iommu::Perm;
 use io_uring::{opcode, squeue, types};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use userptr_ring::{AccessKind, FaultRecord};
@@ -53,7 +54,9 @@ pub(super) struct Sqe {
     slot: u16,
     host: u64,
     len: u32,
-    vram_off: u64,
+    /// The device-memory side: a file (VRAM or a staging lane) and an offset in it.
+    fd: std::os::fd::RawFd,
+    file_off: u64,
     dir: Direction,
     link: bool,
 }
@@ -94,7 +97,7 @@ impl DmaPort {
     /// Run `batch` against device memory `vram` and return when every transfer has
     /// finished. Transfers run concurrently except where `then` orders them. All
     /// translations are checked first: on a fault nothing is started.
-    pub fn run(&mut self, vram: BorrowedFd<'_>, batch: &[Transfer]) -> Result<(), DmaError> {
+    pub fn run(&mut self, vram: &Vram, batch: &[Transfer]) -> Result<(), DmaError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -119,12 +122,14 @@ impl DmaPort {
                 }
                 let seg_end = end.min(start + e.len);
                 while iova < seg_end {
-                    let n = (seg_end - iova).min(CHUNK);
+                    let (file, file_off, run) = vram.file_at(vram_off);
+                    let n = (seg_end - iova).min(CHUNK).min(run);
                     self.scratch.push(Sqe {
                         slot: e.slot,
                         host: e.host + (iova - start),
                         len: n as u32,
-                        vram_off,
+                        fd: file.as_raw_fd(),
+                        file_off,
                         dir: tr.dir,
                         link: tr.then,
                     });
@@ -147,7 +152,7 @@ impl DmaPort {
         }
         // Submit under the shared lock: io_uring takes its reference on each buffer at
         // submission, after which an unmap can no longer pull the slot from under it.
-        let submitted = self.submit_all(vram);
+        let submitted = self.submit_all();
         drop(table);
         let (pushed, mut first_err) = match submitted {
             Ok(n) => (n, None),
@@ -191,11 +196,7 @@ impl DmaPort {
 
     /// Push every scratch entry, submitting whenever the queue fills (never in the
     /// middle of a linked chain). Returns how many were submitted.
-    fn submit_all(
-        &mut self,
-        vram: BorrowedFd<'_>,
-    ) -> std::result::Result<usize, (usize, io::Error)> {
-        let fd = types::Fd(vram.as_raw_fd());
+    fn submit_all(&mut self) -> std::result::Result<usize, (usize, io::Error)> {
         let cap = self.iommu.cfg.sq_entries.max(8) as usize;
         let mut i = 0;
         while i < self.scratch.len() {
@@ -214,15 +215,16 @@ impl DmaPort {
                 sq = unsafe { self.iommu.uring.submission_shared() };
             }
             for (k, s) in self.scratch[i..=j].iter().enumerate() {
+                let fd = types::Fd(s.fd);
                 let entry = match s.dir {
                     Direction::ToDevice => {
                         opcode::WriteFixed::new(fd, s.host as *const u8, s.len, s.slot)
-                            .offset(s.vram_off)
+                            .offset(s.file_off)
                             .build()
                     }
                     Direction::FromDevice => {
                         opcode::ReadFixed::new(fd, s.host as *mut u8, s.len, s.slot)
-                            .offset(s.vram_off)
+                            .offset(s.file_off)
                             .build()
                     }
                 };
@@ -234,7 +236,7 @@ impl DmaPort {
                 let entry = entry.flags(flags).user_data((i + k) as u64);
                 // SAFETY: the buffer is a registered slot (checked by translation under
                 // the table lock, which is held until submission), the host address lies
-                // inside that registration, and the memfd outlives the request because
+                // inside that registration, and the files (VRAM, its lanes) outlive the request as
                 // `run` reaps every request before returning.
                 while unsafe { sq.push(&entry) }.is_err() {
                     drop(sq);

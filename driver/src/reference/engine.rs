@@ -406,7 +406,7 @@ impl Engine {
         if self.vm_id != 0 {
             return self.dma_vm();
         }
-        self.port.run(self.vram.fd(), &self.transfers)
+        self.port.run(&self.vram, &self.transfers)
     }
 
     fn execute(&mut self, d: &Descriptor, prog: &mut Progress) -> Exec {

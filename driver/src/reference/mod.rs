@@ -50,8 +50,13 @@ pub struct ReferenceConfig {
     pub iommu: UringIommuConfig,
     /// Number of rings (1..=8).
     pub rings: u32,
-    /// Bytes of device memory used to stage data (at least 4 MiB).
+    /// Bytes of device memory used to stage data (at least 4 MiB, rounded up to
+    /// 1 MiB).
     pub staging_bytes: usize,
+    /// Files the staging area is striped across (1..=16): the kernel runs buffered
+    /// writes to one file one at a time, so transfers into staging spread over
+    /// several files run in parallel (`vram` module doc).
+    pub staging_lanes: usize,
     /// GPU virtual memory: page-table memory, device memory, the TLB.
     pub gpu: GpuConfig,
 }
@@ -83,6 +88,7 @@ impl Default for ReferenceConfig {
             iommu: UringIommuConfig::default(),
             rings: 4,
             staging_bytes: 32 << 20,
+            staging_lanes: 4,
             gpu: GpuConfig::default(),
         }
     }
@@ -326,7 +332,7 @@ impl ReferenceDevice {
         let port = iommu.take_port().expect("fresh IOMMU has its port");
         // VRAM: the engine's areas and staging, then the page-table region, then the
         // device-memory heap (datasheet section 4), each 2 MiB-aligned.
-        let staging = (cfg.staging_bytes.max(4 << 20) as u64).next_multiple_of(4096);
+        let staging = (cfg.staging_bytes.max(4 << 20) as u64).next_multiple_of(vram::STRIPE);
         let pt_base = (engine::STAGING_OFF + staging).next_multiple_of(2 << 20);
         let pt_size = (cfg.gpu.page_table_bytes.max(64 << 10) as u64).next_multiple_of(4096);
         let devmem_base = (pt_base + pt_size).next_multiple_of(2 << 20);
@@ -337,7 +343,8 @@ impl ReferenceDevice {
             devmem_base,
             devmem_size,
         };
-        let vram = Vram::new((devmem_base + devmem_size) as usize)?;
+        let mut vram = Vram::new((devmem_base + devmem_size) as usize)?;
+        vram.stripe(engine::STAGING_OFF, staging, cfg.staging_lanes.clamp(1, 16))?;
         let pt = Arc::new(vram.page_table_view(pt_base, pt_size)?);
         let aperture = crate::device::Aperture {
             fd: Arc::new(

@@ -163,7 +163,7 @@ impl Engine {
         let r = if !devmem {
             self.xlated.clear();
             self.xlated.extend(pieces.iter().map(|p| p.tr));
-            match self.port.run(self.vram.fd(), &self.xlated) {
+            match self.port.run(&self.vram, &self.xlated) {
                 Err(DmaError::Fault(f)) => Err(self.stage2_fault(&vm, f, va_of)),
                 r => r,
             }
@@ -184,7 +184,7 @@ impl Engine {
                     continue;
                 }
                 let single = [p.tr];
-                match self.port.run(self.vram.fd(), &single) {
+                match self.port.run(&self.vram, &single) {
                     Ok(()) => {}
                     Err(DmaError::Fault(f)) => {
                         r = Err(self.stage2_fault(&vm, f, va_of));
@@ -330,7 +330,7 @@ impl Engine {
             vram_off: FAULTREC_OFF,
             then: false,
         }];
-        if self.port.run(self.vram.fd(), &slot).is_err() {
+        if self.port.run(&self.vram, &slot).is_err() {
             rr.hold.store(0, Ordering::Release);
             return lost();
         }

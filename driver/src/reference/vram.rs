@@ -11,6 +11,15 @@
 //! only for device-memory pieces of commands, which the driver keeps apart from CPU
 //! accesses to the same bytes.
 //!
+//! The staging area (where commands bring host data in and out) is *striped*: its
+//! [`STRIPE`]-sized pieces are backed, round-robin, by [`Vram::stripe`]'s own memfds
+//! (the lanes), mapped with `MAP_FIXED` over the same place of the engine's mapping, so
+//! the engine still sees one contiguous device memory. The kernel's io_uring workers
+//! serialise buffered writes to one file (io-wq hashes them by inode), so a transfer
+//! into device memory that is split across lanes runs on several workers at once,
+//! where it would queue behind one with a single file. [`Vram::file_at`] says which
+//! file and offset hold a device-memory byte, for the DMA port.
+//!
 //! The page-table region (GPU virtual memory, `docs/reference-device.md` section 10) is
 //! the exception: the driver writes it through the register window while the engine
 //! walks it, so it has a mapping of its own, [`PtMemory`], accessed only with 64-bit
@@ -20,11 +29,19 @@ use crate::error::{Error, Result};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 
+/// The unit of the staging area's striping across lanes (the DMA port's largest
+/// transfer, `uring_iommu::CHUNK`).
+pub const STRIPE: u64 = super::uring_iommu::CHUNK;
+
 /// The device's local memory.
 pub struct Vram {
     fd: memfd::Memfd,
     ptr: NonNull<u8>,
     len: usize,
+    /// The striped staging area (`[start, start + len)`, STRIPE-aligned) and its
+    /// lanes; empty lanes: not striped.
+    striped: std::ops::Range<u64>,
+    lanes: Vec<memfd::Memfd>,
 }
 
 // SAFETY: the mapping is owned by this value and accessed through `&self`/`&mut self`
@@ -58,10 +75,74 @@ impl Vram {
             fd,
             ptr: NonNull::new(p.cast()).expect("mmap returned null"),
             len,
+            striped: 0..0,
+            lanes: Vec::new(),
         })
     }
 
-    /// The memfd, for DMA transfers.
+    /// Back `[start, start + len)` (STRIPE-aligned, inside device memory, called once)
+    /// with `lanes` memfds of its own, piece `k` by lane `k % lanes` (module doc).
+    pub fn stripe(&mut self, start: u64, len: u64, lanes: usize) -> Result<()> {
+        assert!(
+            start % STRIPE == 0 && len % STRIPE == 0 && lanes > 0 && self.lanes.is_empty(),
+            "a STRIPE-aligned staging area, striped once"
+        );
+        self.check(start, len);
+        let pieces = len / STRIPE;
+        let per_lane = pieces.div_ceil(lanes as u64) * STRIPE;
+        let mut files = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let f = memfd::MemfdOptions::default()
+                .close_on_exec(true)
+                .create("userptr-staging")
+                .map_err(|e| Error::sys("memfd_create(staging)", std::io::Error::other(e)))?;
+            f.as_file()
+                .set_len(per_lane)
+                .map_err(|e| Error::sys("ftruncate(staging)", e))?;
+            files.push(f);
+        }
+        for k in 0..pieces {
+            let lane = &files[(k % lanes as u64) as usize];
+            // SAFETY: MAP_FIXED over a STRIPE-sized piece of our own mapping (checked in
+            // bounds above), which nothing references now (called before the engine
+            // runs); the lane file is at least (k / lanes + 1) * STRIPE long.
+            unsafe {
+                rustix::mm::mmap(
+                    self.ptr.as_ptr().add((start + k * STRIPE) as usize).cast(),
+                    STRIPE as usize,
+                    rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                    rustix::mm::MapFlags::SHARED | rustix::mm::MapFlags::FIXED,
+                    lane.as_file(),
+                    (k / lanes as u64) * STRIPE,
+                )
+            }
+            .map_err(|e| Error::sys("mmap(staging lane)", e.into()))?;
+        }
+        self.striped = start..start + len;
+        self.lanes = files;
+        Ok(())
+    }
+
+    /// The file and file offset that hold device-memory byte `off`, and how many bytes
+    /// from there on lie contiguously in that file (up to the next lane change).
+    pub fn file_at(&self, off: u64) -> (BorrowedFd<'_>, u64, u64) {
+        if self.striped.contains(&off) {
+            let rel = off - self.striped.start;
+            let (k, within) = (rel / STRIPE, rel % STRIPE);
+            let n = self.lanes.len() as u64;
+            let lane = self.lanes[(k % n) as usize].as_file().as_fd();
+            return (lane, (k / n) * STRIPE + within, STRIPE - within);
+        }
+        let run = if off < self.striped.start {
+            self.striped.start - off
+        } else {
+            u64::MAX
+        };
+        (self.fd(), off, run)
+    }
+
+    /// The memfd of device memory (the aperture's file; outside the striped staging
+    /// area, also the file DMA transfers use: [`Vram::file_at`]).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_file().as_fd()
     }
@@ -254,5 +335,51 @@ impl Drop for Vram {
     fn drop(&mut self) {
         // SAFETY: we own the mapping; no slice into it outlives `&self`.
         let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    /// What the engine writes through its mapping of the striped area is what the DMA
+    /// port's file and offset hold (and the reverse), piece by piece and across a
+    /// lane change; bytes outside the area stay in the VRAM file.
+    #[test]
+    fn a_striped_area_is_one_device_memory_to_the_engine_and_lanes_to_the_port() {
+        let mut v = Vram::new((8 * STRIPE) as usize).unwrap();
+        v.stripe(2 * STRIPE, 5 * STRIPE, 3).unwrap();
+        for k in 0..8u64 {
+            v.bytes_mut(k * STRIPE, STRIPE).fill(k as u8 + 1);
+        }
+        let mut files = std::collections::HashSet::new();
+        for k in 0..8u64 {
+            let off = k * STRIPE + 100;
+            let (fd, foff, run) = v.file_at(off);
+            files.insert(fd.as_raw_fd());
+            let f = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, foff).unwrap();
+            assert_eq!(b[0], k as u8 + 1, "piece {k}");
+            if (2..7).contains(&k) {
+                assert_eq!(run, STRIPE - 100, "a lane's run ends at its piece");
+                f.write_all_at(&[0xee], foff + 1).unwrap();
+                assert_eq!(
+                    v.bytes(off + 1, 1)[0],
+                    0xee,
+                    "the port's write shows in the mapping"
+                );
+            } else {
+                assert_eq!(fd.as_raw_fd(), v.fd().as_raw_fd(), "outside: the VRAM file");
+            }
+        }
+        assert_eq!(files.len(), 4, "three lanes and the VRAM file");
+        assert_eq!(
+            v.file_at(STRIPE).2,
+            STRIPE,
+            "before the area: runs up to it"
+        );
     }
 }
