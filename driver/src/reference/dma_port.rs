@@ -50,6 +50,7 @@ pub enum DmaError {
     Io(io::Error),
 }
 
+#[derive(Clone, Copy)]
 pub(super) struct Sqe {
     slot: u16,
     host: u64,
@@ -59,12 +60,26 @@ pub(super) struct Sqe {
     file_off: u64,
     dir: Direction,
     link: bool,
+    tag: u16,
 }
+
+/// Tags a pipeline may give its batches ([`DmaPort::start`]); [`DmaPort::run`] uses
+/// the one above them.
+pub const TAGS: u16 = 64;
+const RUN_TAG: u16 = TAGS;
 
 /// The device side of a [`UringIommu`]: translates IOVAs and moves data.
 pub struct DmaPort {
     pub(super) iommu: Arc<UringIommu>,
     pub(super) scratch: Vec<Sqe>,
+    /// Requests the kernel has (or will have, once submitted), by `user_data`.
+    pub(super) sent: Vec<Option<Sqe>>,
+    pub(super) free_ids: Vec<u32>,
+    /// Per tag: requests not yet completed, and the first error among them.
+    pub(super) left: Vec<u32>,
+    pub(super) errs: Vec<Option<io::Error>>,
+    /// Tags whose requests have all completed, in the order they did.
+    pub(super) finished: std::collections::VecDeque<u16>,
 }
 
 impl DmaPort {
@@ -96,8 +111,102 @@ impl DmaPort {
 
     /// Run `batch` against device memory `vram` and return when every transfer has
     /// finished. Transfers run concurrently except where `then` orders them. All
-    /// translations are checked first: on a fault nothing is started.
+    /// translations are checked first: on a fault nothing is started. No batch of
+    /// [`DmaPort::start`] may be in flight.
     pub fn run(&mut self, vram: &Vram, batch: &[Transfer]) -> Result<(), DmaError> {
+        debug_assert_eq!(self.in_flight(), 0, "run with a pipeline in flight");
+        let started = self.submit(vram, batch, RUN_TAG);
+        // Reap everything that was accepted, even after an error: no transfer may be
+        // left running into device memory the engine is about to reuse.
+        let mut first_err = None;
+        while let Some((_, r)) = self.finish() {
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+            }
+        }
+        started?;
+        match first_err {
+            None => Ok(()),
+            Some(e) => Err(DmaError::Io(e)),
+        }
+    }
+
+    /// Start `batch` as a pipeline stage named `tag` (below [`TAGS`], not in flight)
+    /// and return without waiting; [`DmaPort::finish`] says when it is done. Checked
+    /// and translated like [`DmaPort::run`] (on a fault nothing of it starts). The
+    /// caller reaps every started stage before it touches the device memory the
+    /// stage uses or lets the engine go on to another command.
+    pub fn start(&mut self, vram: &Vram, batch: &[Transfer], tag: u16) -> Result<(), DmaError> {
+        assert!(
+            tag < TAGS && self.left[tag as usize] == 0,
+            "a free pipeline tag"
+        );
+        self.submit(vram, batch, tag)
+    }
+
+    /// Stages (and `run`'s batch) in flight.
+    pub fn in_flight(&self) -> usize {
+        self.left.iter().filter(|&&n| n > 0).count() + self.finished.len()
+    }
+
+    /// Wait for the next stage to finish: its tag and whether every transfer of it
+    /// moved all its bytes; `None` when nothing is in flight. A failure to wait at all
+    /// (the ring itself) is reported as the failure of every stage in flight.
+    pub fn finish(&mut self) -> Option<(u16, Result<(), io::Error>)> {
+        loop {
+            if let Some(tag) = self.finished.pop_front() {
+                let r = self.errs[tag as usize].take().map_or(Ok(()), Err);
+                return Some((tag, r));
+            }
+            if self.left.iter().all(|&n| n == 0) {
+                return None;
+            }
+            if let Err(e) = self.iommu.uring.submit_and_wait(1) {
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                // Nothing more can be reaped: give every stage up, reporting the error.
+                for tag in 0..self.left.len() {
+                    if self.left[tag] > 0 {
+                        self.left[tag] = 0;
+                        self.errs[tag].get_or_insert(io::Error::new(e.kind(), e.to_string()));
+                        self.finished.push_back(tag as u16);
+                    }
+                }
+                continue;
+            }
+            // SAFETY: only this port (one per IOMMU, owned by the engine thread) touches
+            // the completion queue.
+            let cq = unsafe { self.iommu.uring.completion_shared() };
+            for cqe in cq {
+                let id = cqe.user_data() as usize;
+                let Some(s) = self.sent[id].take() else {
+                    continue;
+                };
+                self.free_ids.push(id as u32);
+                // Release: the transfer's effect on the pages is done before an unmap
+                // or a permission change waiting for the slot sees it finished.
+                self.iommu.inflight[s.slot as usize].fetch_sub(1, Ordering::Release);
+                let tag = s.tag as usize;
+                if cqe.result() != s.len as i32 && self.errs[tag].is_none() {
+                    self.errs[tag] = Some(if cqe.result() < 0 {
+                        io::Error::from_raw_os_error(-cqe.result())
+                    } else {
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "short device transfer")
+                    });
+                }
+                if self.left[tag] > 0 {
+                    self.left[tag] -= 1;
+                    if self.left[tag] == 0 {
+                        self.finished.push_back(tag as u16);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Translate `batch` and submit it under `tag`, all under the table's shared lock.
+    fn submit(&mut self, vram: &Vram, batch: &[Transfer], tag: u16) -> Result<(), DmaError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -132,6 +241,7 @@ impl DmaPort {
                         file_off,
                         dir: tr.dir,
                         link: tr.then,
+                        tag,
                     });
                     iova += n;
                     vram_off += n;
@@ -154,49 +264,14 @@ impl DmaPort {
         // submission, after which an unmap can no longer pull the slot from under it.
         let submitted = self.submit_all();
         drop(table);
-        let (pushed, mut first_err) = match submitted {
-            Ok(n) => (n, None),
-            Err((n, e)) => (n, Some(e)),
-        };
-        // Reap everything that was accepted, even after an error: no transfer may be
-        // left running into device memory the engine is about to reuse.
-        let mut done = 0;
-        while done < pushed {
-            if let Err(e) = self.iommu.uring.submit_and_wait(1) {
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                first_err.get_or_insert(e);
-                break;
-            }
-            // SAFETY: only this port (one per IOMMU, owned by the engine thread) touches
-            // the completion queue.
-            let cq = unsafe { self.iommu.uring.completion_shared() };
-            for cqe in cq {
-                done += 1;
-                let s = &self.scratch[cqe.user_data() as usize];
-                // Release: the transfer's effect on the pages is done before an unmap
-                // or a permission change waiting for the slot sees it finished.
-                self.iommu.inflight[s.slot as usize].fetch_sub(1, Ordering::Release);
-                let want = s.len as i32;
-                if cqe.result() != want && first_err.is_none() {
-                    first_err = Some(if cqe.result() < 0 {
-                        io::Error::from_raw_os_error(-cqe.result())
-                    } else {
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "short device transfer")
-                    });
-                }
-            }
-        }
-        match first_err {
-            None => Ok(()),
-            Some(e) => Err(DmaError::Io(e)),
-        }
+        submitted.map_err(DmaError::Io)
     }
 
     /// Push every scratch entry, submitting whenever the queue fills (never in the
-    /// middle of a linked chain). Returns how many were submitted.
-    fn submit_all(&mut self) -> std::result::Result<usize, (usize, io::Error)> {
+    /// middle of a linked chain). Every entry pushed is counted in its tag and will
+    /// complete (an entry left in the queue by a failed submit goes with the next),
+    /// so the error is the caller's to report after reaping.
+    fn submit_all(&mut self) -> std::result::Result<(), io::Error> {
         let cap = self.iommu.cfg.sq_entries.max(8) as usize;
         let mut i = 0;
         while i < self.scratch.len() {
@@ -210,11 +285,12 @@ impl DmaPort {
             let mut sq = unsafe { self.iommu.uring.submission_shared() };
             if cap - sq.len() < chain.min(cap) {
                 drop(sq);
-                self.iommu.uring.submit().map_err(|e| (i, e))?;
+                self.iommu.uring.submit()?;
                 // SAFETY: as above: only this port touches the submission queue.
                 sq = unsafe { self.iommu.uring.submission_shared() };
             }
-            for (k, s) in self.scratch[i..=j].iter().enumerate() {
+            for k in i..=j {
+                let s = self.scratch[k];
                 let fd = types::Fd(s.fd);
                 let entry = match s.dir {
                     Direction::ToDevice => {
@@ -233,14 +309,26 @@ impl DmaPort {
                 } else {
                     squeue::Flags::empty()
                 };
-                let entry = entry.flags(flags).user_data((i + k) as u64);
+                let id = match self.free_ids.pop() {
+                    Some(id) => id as usize,
+                    None => {
+                        self.sent.push(None);
+                        self.sent.len() - 1
+                    }
+                };
+                let entry = entry.flags(flags).user_data(id as u64);
                 // SAFETY: the buffer is a registered slot (checked by translation under
                 // the table lock, which is held until submission), the host address lies
-                // inside that registration, and the files (VRAM, its lanes) outlive the request as
-                // `run` reaps every request before returning.
+                // inside that registration, and the files (VRAM, its lanes) outlive the
+                // request: the engine reaps every request it started before the command
+                // that started it completes (`run`, or a pipeline's drain), and owns the
+                // files for its whole life.
                 while unsafe { sq.push(&entry) }.is_err() {
                     drop(sq);
-                    self.iommu.uring.submit().map_err(|e| (i + k, e))?;
+                    if let Err(e) = self.iommu.uring.submit() {
+                        self.free_ids.push(id as u32);
+                        return Err(e);
+                    }
                     // SAFETY: as above: only this port touches the submission queue.
                     sq = unsafe { self.iommu.uring.submission_shared() };
                 }
@@ -248,11 +336,13 @@ impl DmaPort {
                 // under the table's shared lock: an unmap (exclusive lock) that follows
                 // waits for it. Relaxed: the lock orders it.
                 self.iommu.inflight[s.slot as usize].fetch_add(1, Ordering::Relaxed);
+                self.sent[id] = Some(s);
+                self.left[s.tag as usize] += 1;
             }
             drop(sq);
             i = j + 1;
         }
-        self.iommu.uring.submit().map_err(|e| (i, e))?;
-        Ok(self.scratch.len())
+        self.iommu.uring.submit()?;
+        Ok(())
     }
 }

@@ -210,6 +210,11 @@ impl UringIommu {
         Some(DmaPort {
             iommu: self.clone(),
             scratch: Vec::new(),
+            sent: Vec::new(),
+            free_ids: Vec::new(),
+            left: vec![0; super::dma_port::TAGS as usize + 1],
+            errs: (0..=super::dma_port::TAGS).map(|_| None).collect(),
+            finished: std::collections::VecDeque::new(),
         })
     }
 

@@ -1,9 +1,10 @@
 //! Device-local memory of the reference device ("VRAM"): a memfd, mapped into the
 //! engine for compute and used as the file side of every io_uring DMA transfer.
 //!
-//! Only the engine thread touches it through the mapping, and only while no transfer
-//! is in flight: [`crate::reference::dma_port::DmaPort::run`] returns after reaping every
-//! request it submitted, so outside `run` the kernel is not writing the memfd.
+//! Only the engine thread touches it through the mapping, and only bytes no transfer
+//! in flight touches: [`crate::reference::dma_port::DmaPort::run`] returns after reaping
+//! every request it submitted, and a pipelined command (COPY, SAXPY) computes only on
+//! the staging slots whose stage it has reaped, while the kernel moves other slots.
 //!
 //! The device-memory heap is shared with the CPU too: it is the device's BAR2
 //! aperture (`docs/reference-device.md` section 11, [`crate::device::Aperture`]), which
