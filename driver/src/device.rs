@@ -36,7 +36,7 @@ pub trait Device: Send + Sync {
 /// `fd` at file offset `file_offset + x` shows the CPU the device memory at VRAM
 /// offset `vram_base + x`, for `x < len`. On the reference device `fd` is its VRAM
 /// memfd (datasheet section 11); through VFIO it is the device fd at the BAR's region
-/// offset (`VFIO_DEVICE_GET_REGION_INFO`): [`crate::vfio::VfioPci::aperture`].
+/// offset (`VFIO_DEVICE_GET_REGION_INFO`): `VfioPci::aperture` in the `vfio` module.
 #[derive(Clone, Debug)]
 pub struct Aperture {
     /// The file to map.
