@@ -303,7 +303,9 @@ fn long_copy_and_saxpy_reuse_every_staging_slot() {
     })
     .unwrap();
     let q = drv.queue(0, 8).unwrap();
-    let mut src: Vec<u8> = (0..(37 << 20) + 4093).map(|i| (i * 13 % 251) as u8).collect();
+    let mut src: Vec<u8> = (0..(37 << 20) + 4093)
+        .map(|i| (i * 13 % 251) as u8)
+        .collect();
     let mut dst = vec![0u8; src.len()];
     let ms = drv.map_slice(&mut src).unwrap();
     let md = drv.map_slice(&mut dst).unwrap();

@@ -20,7 +20,7 @@
 use super::mmu::{GpuFault, Mmu};
 use super::vm_exec::{Hold, Piece, Progress};
 use super::Shared;
-use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer, TAGS};
+use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
 use crate::reference::uring_iommu::CHUNK;
 use crate::reference::vram::Vram;
 use std::sync::atomic::Ordering;
@@ -63,7 +63,7 @@ pub(super) struct Engine {
     rings: Vec<Option<RingState>>,
     pub(super) transfers: Vec<Transfer>,
     fill_byte: Option<u8>,
-    staging: u64,
+    pub(super) staging: u64,
     /// Stage 1 of VM rings: the TLB and the page walker.
     pub(super) mmu: Mmu,
     /// The VM of the command executing now (0: none, addresses are IOVAs; always 0
@@ -533,80 +533,6 @@ impl Engine {
         Ok(0)
     }
 
-    /// COPY of IOVAs through a rolling staging window: every staging slot carries one
-    /// chunk's ordered pair (in, then out) as a pipeline stage of its own, and a slot
-    /// whose pair finished takes the next chunk at once, so the transfers never wait
-    /// for a whole window (the kernel's workers stay busy to the end). On a fault or
-    /// an I/O error no new chunk starts, the ones in flight are reaped, and
-    /// `prog.done` is where the chunks stop being all done (a replay, or the report,
-    /// starts there).
-    fn copy_rolling(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
-        let slots = ((self.staging / CHUNK) as usize).min(TAGS as usize);
-        // Per slot: the chunk (offset, length) it carries; the chunks done past the
-        // prefix, to advance `prog.done` over.
-        let mut carrying: [(u64, u64); TAGS as usize] = [(0, 0); TAGS as usize];
-        let mut done_past: Vec<(u64, u64)> = Vec::new();
-        let mut free: Vec<u16> = (0..slots as u16).rev().collect();
-        let mut next = prog.done;
-        let mut err = None;
-        loop {
-            while err.is_none() && next < d.len {
-                let Some(slot) = free.pop() else { break };
-                let n = (d.len - next).min(CHUNK);
-                let v = STAGING_OFF + slot as u64 * CHUNK;
-                let pair = [
-                    Transfer {
-                        dir: Direction::ToDevice,
-                        iova: d.src_iova + next,
-                        len: n,
-                        vram_off: v,
-                        then: true,
-                    },
-                    Transfer {
-                        dir: Direction::FromDevice,
-                        iova: d.dst_iova + next,
-                        len: n,
-                        vram_off: v,
-                        then: false,
-                    },
-                ];
-                // Each stage starts at a TLB-invalidation safe point, as a round does.
-                self.tlb_sync();
-                match self.port.start(&self.vram, &pair, slot) {
-                    Ok(()) => {
-                        carrying[slot as usize] = (next, n);
-                        next += n;
-                    }
-                    Err(e) => {
-                        free.push(slot);
-                        err = Some(e);
-                    }
-                }
-            }
-            let Some((slot, r)) = self.port.finish() else {
-                break;
-            };
-            if let Err(e) = r {
-                err.get_or_insert(DmaError::Io(e));
-            } else {
-                done_past.push(carrying[slot as usize]);
-                // Advance the all-done prefix over chunks that finished out of order.
-                done_past.sort_unstable();
-                let mut k = 0;
-                while k < done_past.len() && done_past[k].0 == prog.done {
-                    prog.done += done_past[k].1;
-                    k += 1;
-                }
-                done_past.drain(..k);
-            }
-            free.push(slot);
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(0),
-        }
-    }
-
     fn saxpy(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
         let bytes = d.len * 4;
         let rest = bytes - prog.done;
@@ -639,108 +565,6 @@ impl Engine {
             prog.done = done;
         }
         Ok(0)
-    }
-
-    /// SAXPY of IOVAs, pipelined: each pair of staging slots carries one chunk of x
-    /// and y in (one stage), then the engine computes on it while the other chunks'
-    /// transfers run, then y goes out (a second stage); a slot pair whose y is out
-    /// takes the next chunk. Errors and `prog.done` as in `copy_rolling`: a chunk's y
-    /// is written back whole or not at all, so a replay from `prog.done` is exact.
-    fn saxpy_rolling(
-        &mut self,
-        d: &Descriptor,
-        a: f32,
-        prog: &mut Progress,
-    ) -> Result<u64, DmaError> {
-        let bytes = d.len * 4;
-        let slots = ((self.staging / (2 * CHUNK)) as usize).min(TAGS as usize / 2) as u16;
-        let mut carrying: [(u64, u64); TAGS as usize] = [(0, 0); TAGS as usize];
-        let mut done_past: Vec<(u64, u64)> = Vec::new();
-        let mut free: Vec<u16> = (0..slots).rev().collect();
-        let mut next = prog.done;
-        let mut err = None;
-        let x_of = |k: u16| STAGING_OFF + 2 * k as u64 * CHUNK;
-        loop {
-            while err.is_none() && next < bytes {
-                let Some(k) = free.pop() else { break };
-                let n = (bytes - next).min(CHUNK);
-                let stage = [
-                    Transfer {
-                        dir: Direction::ToDevice,
-                        iova: d.src_iova + next,
-                        len: n,
-                        vram_off: x_of(k),
-                        then: false,
-                    },
-                    Transfer {
-                        dir: Direction::ToDevice,
-                        iova: d.dst_iova + next,
-                        len: n,
-                        vram_off: x_of(k) + CHUNK,
-                        then: false,
-                    },
-                ];
-                self.tlb_sync();
-                match self.port.start(&self.vram, &stage, k) {
-                    Ok(()) => {
-                        carrying[k as usize] = (next, n);
-                        next += n;
-                    }
-                    Err(e) => {
-                        free.push(k);
-                        err = Some(e);
-                    }
-                }
-            }
-            let Some((tag, r)) = self.port.finish() else {
-                break;
-            };
-            let (k, out) = (tag % slots.max(1), tag >= slots);
-            let (off, n) = carrying[k as usize];
-            match r {
-                Err(e) => {
-                    err.get_or_insert(DmaError::Io(e));
-                    free.push(k);
-                }
-                Ok(()) if out => {
-                    done_past.push((off, n));
-                    done_past.sort_unstable();
-                    let mut j = 0;
-                    while j < done_past.len() && done_past[j].0 == prog.done {
-                        prog.done += done_past[j].1;
-                        j += 1;
-                    }
-                    done_past.drain(..j);
-                    free.push(k);
-                }
-                // x and y are in: compute (this slot pair only; the transfers in
-                // flight use other slots), then send y out, unless the command has
-                // already failed.
-                Ok(()) if err.is_some() => free.push(k),
-                Ok(()) => {
-                    let (x, y) = self.vram.f32_pair_mut(x_of(k), x_of(k) + CHUNK, n / 4);
-                    for (y, x) in y.iter_mut().zip(x) {
-                        *y += a * *x;
-                    }
-                    let stage = [Transfer {
-                        dir: Direction::FromDevice,
-                        iova: d.dst_iova + off,
-                        len: n,
-                        vram_off: x_of(k) + CHUNK,
-                        then: false,
-                    }];
-                    self.tlb_sync();
-                    if let Err(e) = self.port.start(&self.vram, &stage, k + slots) {
-                        err = Some(e);
-                        free.push(k);
-                    }
-                }
-            }
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(0),
-        }
     }
 
     fn crc32c(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {

@@ -25,6 +25,7 @@ mod engine;
 pub mod fault_injection;
 mod gpu_regs;
 pub mod mmu;
+mod pipeline;
 pub mod tlb;
 pub mod uring_iommu;
 mod vm_exec;
