@@ -11,7 +11,14 @@
 //!    (ordered: the fence never lands before the entries it covers);
 //! 4. publish SQ_HEAD and CQ_TAIL (Release) and signal the ring's eventfd.
 //!
-//! Idle, it spins briefly and then parks; a doorbell write unparks it.
+//! Ring structures in driver-owned coherent memory (every queue's) are fetched and
+//! written through the device's own view of it, after the IOMMU's translation and
+//! permission check (`DmaPort::run_coherent`, datasheet section 5.1); everything a
+//! command addresses, and a ring placed in any other memory, goes through the pinned
+//! pages (io_uring transfers).
+//!
+//! Idle, it spins for `SPIN` (looking at the clock every few rounds only) and then
+//! parks; a doorbell write unparks it.
 //!
 //! A ring bound to a VM (datasheet section 10) translates its commands' addresses
 //! through the VM's page table first and may hold a command on a replayable fault:
@@ -45,6 +52,8 @@ const FILL_OFF: u64 = 1 << 20;
 pub const STAGING_OFF: u64 = FILL_OFF + CHUNK;
 /// How long the engine spins on the doorbells before parking.
 const SPIN: Duration = Duration::from_micros(50);
+/// Idle rounds between two looks at the clock while spinning.
+const SPIN_CLOCK_EVERY: u32 = 32;
 
 struct RingState {
     generation: u32,
@@ -109,6 +118,9 @@ impl Engine {
         // must pass through a monitor, which may be waiting for this very engine.
         let _section = crate::driver_section::enter();
         let mut idle_since = Instant::now();
+        // Idle rounds since the last check of the clock: reading it on every round
+        // would cost more than the round itself.
+        let mut idle_rounds = 0u32;
         loop {
             // Acquire: pairs with the Release stores of the device's owner / register
             // writers; nothing else is published through these flags.
@@ -128,11 +140,18 @@ impl Engine {
                 }
             }
             if busy {
+                idle_rounds = 0;
+                continue;
+            }
+            if idle_rounds == 0 {
                 idle_since = Instant::now();
-            } else if idle_since.elapsed() < SPIN {
+            }
+            idle_rounds += 1;
+            if idle_rounds % SPIN_CLOCK_EVERY != 0 || idle_since.elapsed() < SPIN {
                 std::hint::spin_loop();
             } else {
                 std::thread::park_timeout(Duration::from_millis(20));
+                idle_rounds = 0;
             }
         }
         let status = &self.shared.status;
@@ -276,7 +295,7 @@ impl Engine {
                 then: false,
             });
         }
-        if let Err(e) = self.dma() {
+        if let Err(e) = self.ring_dma() {
             self.ring_error(r, dma_ring_error(&e, ring::ERROR_SQ_FAULT));
             return true;
         }
@@ -373,7 +392,7 @@ impl Engine {
             vram_off: FENCE_OFF,
             then: false,
         });
-        if let Err(e) = self.dma() {
+        if let Err(e) = self.ring_dma() {
             self.ring_error(r, dma_ring_error(&e, ring::ERROR_CQ_FAULT));
             return true;
         }
@@ -405,6 +424,20 @@ impl Engine {
         self.tlb_sync();
         if self.vm_id != 0 {
             return self.dma_vm();
+        }
+        self.port.run(self.vram.fd(), &self.transfers)
+    }
+
+    /// A DMA round on ring structures (descriptors, completions, the fence; never on
+    /// a VM: their addresses are IOVAs): through the device's coherent view where the
+    /// ring lies in driver-owned coherent memory, after the same translation and
+    /// permission check (datasheet section 5.1); otherwise, as any other memory,
+    /// through the IOMMU's transfers.
+    fn ring_dma(&mut self) -> Result<(), DmaError> {
+        debug_assert_eq!(self.vm_id, 0, "ring structures are IOVAs");
+        self.tlb_sync();
+        if self.port.run_coherent(&mut self.vram, &self.transfers)? {
+            return Ok(());
         }
         self.port.run(self.vram.fd(), &self.transfers)
     }
