@@ -9,8 +9,12 @@
 //!   (`WaitMode::Block`).
 //!
 //! The engine spins for 50 µs after its last work before parking, so back-to-back
-//! iterations measure a warm engine; the round trip includes the engine's DMA of the
-//! descriptor, the completion entry and the fence word through io_uring.
+//! iterations measure a warm engine; the round trip includes the engine's fetch of the
+//! descriptor and its writes of the completion entry and the fence word, which for a
+//! queue's ring memory go through the device's coherent view after the IOMMU's
+//! translation and permission check (datasheet section 5.1), not through io_uring.
+//! These are the `userptr bench --suite ring` rows `nop_batch_<n>`, `fence_roundtrip`
+//! and `fence_roundtrip_blocking`, measured the same way.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::Duration;

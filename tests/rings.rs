@@ -331,3 +331,108 @@ fn long_copy_and_saxpy_reuse_every_staging_slot() {
     drop(drv);
     pins.check();
 }
+
+/// Ring memory goes to the device through its own coherent view, but only after the
+/// IOMMU's translation and permission check: taking the write permission away stops
+/// the ring at its completion write, unmapping it stops the ring at the next fetch.
+#[test]
+fn ring_memory_is_reached_only_through_its_iommu_translation_and_permission() {
+    use userptr::ring::regs::{ring, ring_reg};
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let dev = drv.device().unwrap().clone();
+
+    let q = drv.queue(0, 8).unwrap();
+    q.run(Descriptor::nop()).unwrap();
+    let mem = q.ring_memory();
+    q.domain()
+        .set_perm(mem.start, mem.end - mem.start, Perm::READ)
+        .unwrap();
+    let e = q
+        .submit(Descriptor::nop(), Backpressure::Wait)
+        .and_then(|f| q.wait(f, WaitMode::Poll, T))
+        .unwrap_err();
+    assert!(matches!(e, userptr::Error::RingStopped { .. }), "{e}");
+    assert_eq!(dev.read32(ring_reg(0, ring::ERROR)), ring::ERROR_CQ_FAULT);
+    drop(q);
+
+    let q = drv.queue(1, 8).unwrap();
+    q.run(Descriptor::nop()).unwrap();
+    let mem = q.ring_memory();
+    q.domain().unmap(mem.start, mem.end - mem.start).unwrap();
+    let e = q
+        .submit(Descriptor::nop(), Backpressure::Wait)
+        .and_then(|f| q.wait(f, WaitMode::Block, T))
+        .unwrap_err();
+    assert!(matches!(e, userptr::Error::RingStopped { .. }), "{e}");
+    assert_eq!(dev.read32(ring_reg(1, ring::ERROR)), ring::ERROR_SQ_FAULT);
+    // Its memory outlives the unmap on the driver's side only; the device has none left.
+    assert_eq!(q.completed_seqno(), 1);
+    drop(q);
+    // Nothing of the coherent path stays pinned or mapped.
+    assert_eq!(drv.domain().mappings(), 0);
+    drop((dev, drv));
+    pins.check();
+}
+
+/// A ring the application placed in its own memory (registers programmed by hand) is
+/// reached through its pins like any user memory, never through a coherent view: after
+/// the process discards the pages, the device still fetches the descriptors from the
+/// pinned (old) pages and writes the completion and fence there, where the process no
+/// longer sees them.
+#[test]
+fn a_ring_in_user_memory_is_reached_through_its_pins() {
+    use userptr::ring::regs::{ring, ring_reg};
+    const N: usize = 4;
+    let pins = PinCheck::start();
+    let drv = Driver::reference().unwrap();
+    let dev = drv.device().unwrap().clone();
+    let a = Anon::new(4096);
+    let (sq_off, cq_off, fence_off) = (0usize, N * 64, N * 64 + N * 32);
+    {
+        // SAFETY: the test's own fresh mapping, not otherwise referenced here.
+        let buf = unsafe { std::slice::from_raw_parts_mut(a.addr as *mut u8, a.len) };
+        buf.fill(0);
+        let nop = Descriptor::nop().with_seqno(7).encode();
+        buf[sq_off..sq_off + 64].copy_from_slice(&nop);
+    }
+    let m = drv.map_user_test(a.addr, a.len, Perm::READ_WRITE).unwrap();
+    let iova = m.iova();
+    let r = 3;
+    let split = |v: u64| (v as u32, (v >> 32) as u32);
+    for (lo, hi, v) in [
+        (ring::SQ_BASE_LO, ring::SQ_BASE_HI, iova + sq_off as u64),
+        (ring::CQ_BASE_LO, ring::CQ_BASE_HI, iova + cq_off as u64),
+        (ring::FENCE_LO, ring::FENCE_HI, iova + fence_off as u64),
+    ] {
+        let (l, h) = split(v);
+        dev.write32(ring_reg(r, lo), l);
+        dev.write32(ring_reg(r, hi), h);
+    }
+    dev.write32(ring_reg(r, ring::SIZE_LOG2), N.trailing_zeros());
+    dev.write32(ring_reg(r, ring::CONTROL), ring::CONTROL_ENABLE);
+    assert_eq!(dev.read32(ring_reg(r, ring::ERROR)), 0);
+    // The process's view of the ring goes; the pin keeps the old pages.
+    // SAFETY: the test's own mapping; nothing holds a reference into it across this.
+    let rc = unsafe { libc::madvise(a.addr as *mut libc::c_void, a.len, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
+    dev.write32(ring_reg(r, ring::SQ_TAIL), 1);
+    let deadline = std::time::Instant::now() + T;
+    while dev.read32(ring_reg(r, ring::CQ_TAIL)) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device never completed"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(dev.read32(ring_reg(r, ring::ERROR)), 0);
+    // SAFETY: as above; reads of the process's (fresh, zero) pages.
+    let buf = unsafe { std::slice::from_raw_parts(a.addr as *const u8, a.len) };
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "the device wrote the process's current pages: the ring was not reached through its pins"
+    );
+    dev.write32(ring_reg(r, ring::CONTROL), 0);
+    drop((m, dev, drv));
+    pins.check();
+}

@@ -287,8 +287,43 @@ impl Driver {
         }
     }
 
+    /// Map driver-owned coherent ring memory at a freshly allocated IOVA
+    /// ([`IommuDomain::map_coherent`](crate::iommu::IommuDomain::map_coherent)), asking
+    /// the reclaimers for room as [`Driver::map_reclaiming`] does; returns the IOVA.
+    pub(crate) fn map_coherent_reclaiming(
+        &self,
+        mem: &Arc<crate::dma_memory::DmaMemory>,
+        perm: Perm,
+    ) -> Result<u64> {
+        let len = mem.len() as u64;
+        let mut rounds = 0;
+        loop {
+            let r = self.map_at_fresh_iova(mem.addr(), len, |iova| {
+                self.inner.domain.map_coherent(iova, mem, perm)
+            });
+            match r {
+                Err(e) if exhausted(&e) && rounds < RECLAIM_ROUNDS && self.reclaim(len, 1) => {
+                    rounds += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Map whole pages at a freshly allocated IOVA; returns the IOVA.
     pub(crate) fn map_raw(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+        self.map_at_fresh_iova(host, len, |iova| {
+            self.inner.domain.map(iova, host, len, perm)
+        })
+    }
+
+    /// Allocate an IOVA range for `[host, host + len)` and `map` it there.
+    fn map_at_fresh_iova(
+        &self,
+        host: u64,
+        len: u64,
+        map: impl FnOnce(u64) -> Result<()>,
+    ) -> Result<u64> {
         self.release_quarantine();
         // Large ranges get an IOVA congruent to the host address modulo 2 MiB, so
         // that huge-page-backed memory can be mapped with 2 MiB IOMMU pages.
@@ -299,7 +334,7 @@ impl Driver {
         };
         let iova =
             crate::driver_section::lock(&self.inner.iova).alloc_congruent(len, align, phase)?;
-        if let Err(e) = self.inner.domain.map(iova, host, len, perm) {
+        if let Err(e) = map(iova) {
             self.free_iova(iova, len);
             return Err(e);
         }

@@ -7,8 +7,10 @@
 //! reference device's io_uring-backed domain (`reference::uring_iommu::UringIommu`) and
 //! VFIO type1v2 (`vfio::VfioDomain`).
 
+use crate::dma_memory::DmaMemory;
 use crate::error::Result;
 use std::ops::Range;
+use std::sync::Arc;
 
 /// Device access permissions of a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,6 +56,16 @@ pub trait IommuDomain: Send + Sync {
     /// at `iova` with `perm`. `host`, `iova` and `len` must be aligned to the smallest
     /// page size; the IOVA range must be free and inside [`IommuDomain::iova_ranges`].
     fn map(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<()>;
+
+    /// Map driver-owned coherent memory (ring structures: descriptors, completions,
+    /// fences) at `iova`: pinned and permission-checked exactly as [`IommuDomain::map`]
+    /// maps `[mem.addr(), mem.addr() + mem.len())`. A domain whose device can reach
+    /// such memory through a view of its own (the reference device) keeps `mem` alive
+    /// while it is mapped; the default is a plain `map` (a real device reaches it by
+    /// DMA like any memory). Never used for application memory.
+    fn map_coherent(&self, iova: u64, mem: &Arc<DmaMemory>, perm: Perm) -> Result<()> {
+        self.map(iova, mem.addr(), mem.len() as u64, perm)
+    }
 
     /// Remove the mapping that starts at `iova` with length `len` and release its pin.
     /// Device accesses already in flight finish against the old pages.

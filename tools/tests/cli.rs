@@ -114,6 +114,8 @@ fn bench_writes_the_contract_names_as_json() {
         ("ring", "fence_roundtrip_blocking", false),
         ("ring", "fence_roundtrip_limit", false),
         ("ring", "eventfd_wakeup_limit", false),
+        ("ring", "submit_overhead_per_descriptor", true),
+        ("ring", "reap_overhead_per_descriptor", true),
         ("cache", "hit_per_ref", false),
         ("cache", "lookup_100k", false),
         ("invalidate", "idle_2MiB_discard", true),

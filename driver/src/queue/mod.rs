@@ -3,8 +3,11 @@
 //!
 //! Memory: one page-aligned [`DmaMemory`] block holds the submission queue (64-byte
 //! descriptors), the completion queue (32-byte entries) and the fence word. It is
-//! mapped into the device's IOMMU like any user buffer, and the device is given only
-//! IOVAs.
+//! mapped into the device's IOMMU (pinned, permission-checked) like any buffer, as
+//! driver-owned *coherent* memory ([`crate::iommu::IommuDomain::map_coherent`]), and the
+//! device is given only IOVAs. The reference device reaches it through a view of its
+//! own after the IOMMU's translation and permission check instead of a DMA transfer
+//! (datasheet section 5.1); the protocol is the same either way.
 //!
 //! Completion: the fence word is the cheap "is it done" signal, but the driver never
 //! trusts it alone: the device writes it by DMA, which the CPU may observe torn, and it
@@ -113,7 +116,8 @@ pub struct QueueCore {
     dev: Arc<dyn Device>,
     ring: u32,
     geo: Geometry,
-    mem: DmaMemory,
+    /// Shared with the device's IOMMU entry (its coherent view) while mapped.
+    mem: Arc<DmaMemory>,
     iova: u64,
     cq_off: usize,
     fence_off: usize,
@@ -170,8 +174,11 @@ impl CommandQueue {
         }
         let cq_off = size as usize * DESCRIPTOR_SIZE;
         let fence_off = cq_off + size as usize * COMPLETION_SIZE;
-        let mem = DmaMemory::new(fence_off + 8)?;
-        let iova = driver.map_reclaiming(mem.addr(), mem.len() as u64, Perm::READ_WRITE)?;
+        let mem = Arc::new(DmaMemory::new(fence_off + 8)?);
+        // Driver-owned for the queue's whole life: mapped as coherent memory (pinned
+        // and permission-checked like any mapping; the reference device reaches it
+        // through a view of its own instead of a DMA transfer).
+        let iova = driver.map_coherent_reclaiming(&mem, Perm::READ_WRITE)?;
         let q = QueueCore {
             driver,
             dev: dev.clone(),
@@ -306,6 +313,13 @@ impl QueueCore {
         let mut st = self.lock();
         let _ = self.reap(&mut st);
         st.done.entries()
+    }
+
+    /// The IOVA range of this queue's ring memory (descriptors, completions, fence:
+    /// one block, mapped as coherent memory). For tests and diagnostics: what the
+    /// device reaches there is subject to that mapping's translation and permission.
+    pub fn ring_memory(&self) -> std::ops::Range<u64> {
+        self.iova..self.iova + self.mem.len() as u64
     }
 
     /// The IOMMU domain this queue's device translates through.

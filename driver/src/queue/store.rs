@@ -55,7 +55,8 @@ pub(super) struct TakenRange {
     pub(super) maybe_lost: Option<u64>,
 }
 
-fn plain(c: &Completion) -> bool {
+/// Whether `c` is plain (status OK, nothing else): kept as part of a run.
+pub(super) fn plain(c: &Completion) -> bool {
     c.status == Status::Ok && c.result == 0 && c.detail == 0 && c.fault.is_none()
 }
 
@@ -89,23 +90,35 @@ impl Store {
         } else if !plain(&c) {
             self.results.insert(c.seqno, c);
         } else {
-            let s = c.seqno;
-            let before = self
-                .runs
-                .range(..=s)
-                .next_back()
-                .map(|(&start, &end)| (start, end));
-            let (start, mut end) = match before {
-                Some((start, end)) if end == s => (start, s + 1),
-                Some((_, end)) if end > s => return, // held already
-                _ => (s, s + 1),
-            };
-            // A run that starts right after joins (completions out of order).
-            if let Some(next_end) = self.runs.remove(&end) {
-                end = next_end;
-            }
-            self.runs.insert(start, end);
+            self.insert_plain_run(c.seqno..c.seqno + 1);
+            return;
         }
+        self.trim();
+    }
+
+    /// Keep the plain completions of every seqno in `r` (the reap path hands over a
+    /// batch's plain completions as one run: one map update instead of one per
+    /// completion).
+    pub(super) fn insert_plain_run(&mut self, r: Range<u64>) {
+        if r.is_empty() {
+            return;
+        }
+        let before = self
+            .runs
+            .range(..=r.start)
+            .next_back()
+            .map(|(&start, &end)| (start, end));
+        let (start, mut end) = match before {
+            // Joins (or lies within, if held already) the run before it.
+            Some((start, end)) if end >= r.start => (start, end.max(r.end)),
+            _ => (r.start, r.end),
+        };
+        // Runs that start inside or right after join (completions out of order).
+        while let Some((&s, &e)) = self.runs.range(start + 1..=end).next() {
+            self.runs.remove(&s);
+            end = end.max(e);
+        }
+        self.runs.insert(start, end);
         self.trim();
     }
 
@@ -281,6 +294,26 @@ mod tests {
         assert_eq!(s.entries(), 1);
         s.insert(Completion::ok(3, 0));
         assert_eq!(s.entries(), 1, "inserted twice, held once");
+    }
+
+    #[test]
+    fn runs_inserted_whole_join_their_neighbours_and_are_claimed_one_by_one() {
+        let mut s = Store::new(4);
+        s.insert_plain_run(10..20);
+        s.insert_plain_run(30..40);
+        s.insert(Completion::ok(20, 0));
+        assert_eq!(s.entries(), 2);
+        // Fills the gap, overlapping what is held: one run 10..40.
+        s.insert_plain_run(15..35);
+        assert_eq!(s.entries(), 1);
+        s.insert_plain_run(5..5);
+        assert_eq!(s.entries(), 1);
+        for seq in (10..40).rev() {
+            assert_eq!(s.take(seq), Some(Completion::ok(seq, 0)), "seqno {seq}");
+        }
+        assert_eq!(s.take(40), None);
+        assert_eq!(s.take(9), None);
+        assert_eq!(s.entries(), 0);
     }
 
     fn dma_fault(seq: u64) -> Completion {

@@ -65,7 +65,8 @@ impl QueueCore {
                 size: self.geo.size(),
             });
         }
-        let deadline = deadline_after(self.timeout());
+        // Taken only once the ring is found full (the clock is not free).
+        let mut deadline = None;
         let mut first = None;
         let mut last = 0;
         let mut rest = count;
@@ -108,6 +109,7 @@ impl QueueCore {
                 });
             }
             self.check_ring()?;
+            let deadline = *deadline.get_or_insert_with(|| deadline_after(self.timeout()));
             if Instant::now() > deadline {
                 return Err(Error::Timeout {
                     ring: self.ring,

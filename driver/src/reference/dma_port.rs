@@ -1,11 +1,13 @@
 //! The device side of the reference IOMMU: a [`DmaPort`] translates IOVAs through the
 //! [`UringIommu`]'s table (permission-checked) and moves data between the pinned pages
 //! and device memory with `IORING_OP_READ_FIXED` / `WRITE_FIXED`, several requests in
-//! flight. The translate-then-submit rule (under the table's shared lock) is written
+//! flight. Ring structures in driver-owned coherent memory are moved instead through
+//! the device's own view of it, after the same check ([`DmaPort::run_coherent`]). The translate-then-submit rule (under the table's shared lock) is written
 //! down in `uring_iommu`'s module doc.
 
 use super::uring_iommu::{UringIommu, CHUNK};
 use super::vram::Vram;
+use crate::dma_memory::DmaMemory;
 use crate::iommu::Perm;
 use io_uring::{opcode, squeue, types};
 use std::io;
@@ -107,6 +109,68 @@ impl DmaPort {
             at = start + e.len;
         }
         Ok(())
+    }
+
+    /// Ring structures: run `batch` through the device's coherent view of driver-owned
+    /// ring memory ([`IommuDomain::map_coherent`](crate::iommu::IommuDomain::map_coherent))
+    /// with plain loads and stores, after the same translation and permission check as
+    /// [`DmaPort::run`], all under the table's shared lock (an `unmap` waits for it,
+    /// and the entry keeps the view alive meanwhile). On a fault nothing is moved.
+    /// Returns `Ok(false)`, having moved nothing, when some transfer is not wholly
+    /// inside one coherent mapping (a ring placed in any other memory): the caller
+    /// then runs the batch through [`DmaPort::run`], the pinned pages.
+    ///
+    /// Order: transfers run one after the other, in batch order (which satisfies every
+    /// `then`). An 8-byte, 8-aligned write (a fence word) is one atomic Release store,
+    /// so a driver that loads it with Acquire sees every earlier write of the batch
+    /// (the completion entries) and never a torn value; everything else is a plain
+    /// copy, ordered for the driver by the Release of the index registers published
+    /// after it (and for the device by its Acquire load of SQ_TAIL before it reads).
+    pub fn run_coherent(&self, vram: &mut Vram, batch: &[Transfer]) -> Result<bool, DmaError> {
+        const MOST: usize = 4;
+        if batch.len() > MOST {
+            return Ok(false);
+        }
+        let table = crate::driver_section::read(&self.iommu.table);
+        let mut views: [Option<(&DmaMemory, usize)>; MOST] = [None; MOST];
+        let mut coherent = true;
+        for (tr, view) in batch.iter().zip(views.iter_mut()) {
+            let (need, access) = match tr.dir {
+                Direction::ToDevice => (Perm::READ, AccessKind::Read),
+                Direction::FromDevice => (Perm::WRITE, AccessKind::Write),
+            };
+            let fault = |iova| DmaError::Fault(FaultRecord { iova, access });
+            let end = tr.iova.checked_add(tr.len).ok_or(fault(tr.iova))?;
+            let (start, e) = table.lookup(tr.iova).ok_or(fault(tr.iova))?;
+            if !e.perm.allows(need) {
+                return Err(fault(tr.iova));
+            }
+            match &e.coherent {
+                // `map_coherent` maps the view whole at `start`.
+                Some(mem) if end <= start + e.len => {
+                    *view = Some((&**mem, (tr.iova - start) as usize));
+                }
+                // Not ring memory, or the range runs on into another mapping (whose
+                // translation `run` checks): the pinned pages, as for any access.
+                _ => coherent = false,
+            }
+        }
+        if !coherent {
+            return Ok(false);
+        }
+        for (tr, view) in batch.iter().zip(views) {
+            let (mem, off) = view.expect("every transfer translated above");
+            match tr.dir {
+                Direction::ToDevice => mem.read(off, vram.bytes_mut(tr.vram_off, tr.len)),
+                Direction::FromDevice if tr.len == 8 && off % 8 == 0 => {
+                    let word = vram.bytes(tr.vram_off, 8).try_into().expect("8 bytes");
+                    mem.store_u64(off, u64::from_le_bytes(word));
+                }
+                Direction::FromDevice => mem.write(off, vram.bytes(tr.vram_off, tr.len)),
+            }
+        }
+        drop(table);
+        Ok(true)
     }
 
     /// Run `batch` against device memory `vram` and return when every transfer has

@@ -11,13 +11,21 @@
 //!    (ordered: the fence never lands before the entries it covers);
 //! 4. publish SQ_HEAD and CQ_TAIL (Release) and signal the ring's eventfd.
 //!
-//! Idle, it spins briefly and then parks; a doorbell write unparks it.
+//! Ring structures in driver-owned coherent memory (every queue's) are fetched and
+//! written through the device's own view of it, after the IOMMU's translation and
+//! permission check (`DmaPort::run_coherent`, datasheet section 5.1); everything a
+//! command addresses, and a ring placed in any other memory, goes through the pinned
+//! pages (io_uring transfers).
+//!
+//! Idle, it spins for `SPIN` (looking at the clock and yielding the CPU every few
+//! rounds only) and then parks; a doorbell write unparks it.
 //!
 //! A ring bound to a VM (datasheet section 10) translates its commands' addresses
 //! through the VM's page table first and may hold a command on a replayable fault:
 //! that part is `vm_exec`; every DMA round starts at a TLB-invalidation safe point.
 
-use super::mmu::{GpuFault, Mmu};
+use super::commands::Exec;
+use super::mmu::Mmu;
 use super::vm_exec::{Hold, Piece, Progress};
 use super::Shared;
 use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
@@ -28,8 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use userptr_ring::regs::{self, ring};
 use userptr_ring::{
-    AccessKind, Completion, Consumer, Descriptor, FaultRecord, Geometry, Opcode, Producer, Status,
-    COMPLETION_SIZE, DESCRIPTOR_SIZE,
+    Completion, Consumer, Descriptor, FaultRecord, Geometry, Producer, Status, COMPLETION_SIZE,
+    DESCRIPTOR_SIZE,
 };
 
 /// Most descriptors fetched and completed per batch.
@@ -37,14 +45,16 @@ pub const BATCH: u32 = 64;
 const FETCH_OFF: u64 = 0;
 const CQE_OFF: u64 = FETCH_OFF + BATCH as u64 * DESCRIPTOR_SIZE as u64;
 const FENCE_OFF: u64 = CQE_OFF + BATCH as u64 * COMPLETION_SIZE as u64;
-const SCRATCH_OFF: u64 = FENCE_OFF + 64;
+pub(super) const SCRATCH_OFF: u64 = FENCE_OFF + 64;
 /// Where a fault-queue record is built before its DMA (datasheet section 10.6).
 pub(super) const FAULTREC_OFF: u64 = SCRATCH_OFF + 64;
-const FILL_OFF: u64 = 1 << 20;
+pub(super) const FILL_OFF: u64 = 1 << 20;
 /// Where data staging starts in VRAM; everything above is staging.
 pub const STAGING_OFF: u64 = FILL_OFF + CHUNK;
 /// How long the engine spins on the doorbells before parking.
 const SPIN: Duration = Duration::from_micros(50);
+/// Idle rounds between two looks at the clock while spinning.
+const SPIN_CLOCK_EVERY: u32 = 32;
 
 struct RingState {
     generation: u32,
@@ -62,7 +72,7 @@ pub(super) struct Engine {
     pub(super) vram: Vram,
     rings: Vec<Option<RingState>>,
     pub(super) transfers: Vec<Transfer>,
-    fill_byte: Option<u8>,
+    pub(super) fill_byte: Option<u8>,
     pub(super) staging: u64,
     /// Stage 1 of VM rings: the TLB and the page walker.
     pub(super) mmu: Mmu,
@@ -74,14 +84,6 @@ pub(super) struct Engine {
     /// A VM round's translated pieces, and the IOVA transfers among them.
     pub(super) pieces: Vec<Piece>,
     pub(super) xlated: Vec<Transfer>,
-}
-
-/// What executing a command came to.
-enum Exec {
-    /// It completed (whatever its status).
-    Done(Completion),
-    /// It faulted replayably: hold it.
-    Fault(Progress, GpuFault),
 }
 
 impl Engine {
@@ -109,6 +111,9 @@ impl Engine {
         // must pass through a monitor, which may be waiting for this very engine.
         let _section = crate::driver_section::enter();
         let mut idle_since = Instant::now();
+        // Idle rounds since the last check of the clock: reading it on every round
+        // would cost more than the round itself.
+        let mut idle_rounds = 0u32;
         loop {
             // Acquire: pairs with the Release stores of the device's owner / register
             // writers; nothing else is published through these flags.
@@ -128,11 +133,26 @@ impl Engine {
                 }
             }
             if busy {
+                idle_rounds = 0;
+                continue;
+            }
+            idle_rounds += 1;
+            // The spin is timed from the first look at the clock, SPIN_CLOCK_EVERY
+            // rounds in: a doorbell that comes sooner (a driver's next command) costs
+            // no clock reading at all.
+            if idle_rounds == SPIN_CLOCK_EVERY {
                 idle_since = Instant::now();
-            } else if idle_since.elapsed() < SPIN {
+            }
+            if idle_rounds % SPIN_CLOCK_EVERY != 0 {
                 std::hint::spin_loop();
+            } else if idle_since.elapsed() < SPIN {
+                // Give the CPU away now and then: on a machine whose other cores are
+                // busy the driver thread may be waiting for this very core, and would
+                // otherwise get it only when the spin ends (tens of µs a command).
+                std::thread::yield_now();
             } else {
                 std::thread::park_timeout(Duration::from_millis(20));
+                idle_rounds = 0;
             }
         }
         let status = &self.shared.status;
@@ -214,6 +234,9 @@ impl Engine {
 
     /// Process one batch on ring `r`. Returns whether there was work.
     fn service(&mut self, r: u32, abort: bool) -> bool {
+        if !abort && self.nothing_to_do(r) {
+            return false;
+        }
         let shared = self.shared.clone();
         let rr = &shared.ring[r as usize];
         // SeqCst: see ring_control; after this the driver's disable waits for us.
@@ -223,6 +246,27 @@ impl Engine {
         // Release: our DMA to the ring's memory is done before the disable returns.
         rr.busy.store(false, Ordering::Release);
         worked
+    }
+
+    /// The idle pass's cheap look, at registers only (no ring memory, so no busy
+    /// handshake): a disabled ring, or an enabled one with no hold whose SQ_TAIL has
+    /// not moved since its last batch, has nothing to do. Anything else takes the full
+    /// path of `service`, which looks again under the handshake.
+    fn nothing_to_do(&self, r: u32) -> bool {
+        let rr = &self.shared.ring[r as usize];
+        // Acquire: as in `ring_state`; a stale answer only delays the full path by a
+        // pass (the doorbell's Release store is seen on a later load).
+        if rr.control.load(Ordering::Acquire) & ring::CONTROL_ENABLE == 0 {
+            return true;
+        }
+        match &self.rings[r as usize] {
+            Some(st) => {
+                self.holds[r as usize].is_none()
+                    && st.generation == rr.generation.load(Ordering::Acquire)
+                    && rr.sq.tail() == st.sq.head()
+            }
+            None => false,
+        }
     }
 
     fn service_batch(&mut self, r: u32, abort: bool) -> bool {
@@ -276,7 +320,7 @@ impl Engine {
                 then: false,
             });
         }
-        if let Err(e) = self.dma() {
+        if let Err(e) = self.ring_dma() {
             self.ring_error(r, dma_ring_error(&e, ring::ERROR_SQ_FAULT));
             return true;
         }
@@ -373,7 +417,7 @@ impl Engine {
             vram_off: FENCE_OFF,
             then: false,
         });
-        if let Err(e) = self.dma() {
+        if let Err(e) = self.ring_dma() {
             self.ring_error(r, dma_ring_error(&e, ring::ERROR_CQ_FAULT));
             return true;
         }
@@ -401,7 +445,7 @@ impl Engine {
 
     /// One DMA round: a safe point for TLB invalidations, then the transfers (through
     /// the VM first on a VM ring).
-    fn dma(&mut self) -> Result<(), DmaError> {
+    pub(super) fn dma(&mut self) -> Result<(), DmaError> {
         self.tlb_sync();
         if self.vm_id != 0 {
             return self.dma_vm();
@@ -409,194 +453,18 @@ impl Engine {
         self.port.run(&self.vram, &self.transfers)
     }
 
-    fn execute(&mut self, d: &Descriptor, prog: &mut Progress) -> Exec {
-        let r = match d.opcode {
-            Opcode::Nop => Ok(0),
-            Opcode::WriteFence => self.write_fence(d),
-            Opcode::Fill => self.fill(d, prog),
-            Opcode::Copy => self.copy(d, prog),
-            Opcode::Saxpy => self.saxpy(d, prog),
-            Opcode::Crc32c => self.crc32c(d, prog),
-        };
-        Exec::Done(match r {
-            Ok(result) => Completion::ok(d.seqno, result),
-            Err(DmaError::Fault(f)) => Completion::fault(d.seqno, f),
-            Err(DmaError::Translation(g)) => {
-                if g.kind != userptr_ring::regs::fault_kind::IOMMU {
-                    self.shared.gpu.count_fault(g.vm);
-                }
-                if g.replayable {
-                    return Exec::Fault(*prog, g);
-                }
-                super::vm_exec::fault_completion(d.seqno, &g)
-            }
-            Err(DmaError::Io(e)) => Completion::error(
-                d.seqno,
-                Status::DeviceError,
-                e.raw_os_error().unwrap_or(0) as u32,
-            ),
-        })
-    }
-
-    fn write_fence(&mut self, d: &Descriptor) -> Result<u64, DmaError> {
-        self.vram
-            .bytes_mut(SCRATCH_OFF, 8)
-            .copy_from_slice(&d.arg0.to_le_bytes());
-        self.transfers.clear();
-        self.transfers.push(Transfer {
-            dir: Direction::FromDevice,
-            iova: d.dst_iova,
-            len: 8,
-            vram_off: SCRATCH_OFF,
-            then: false,
-        });
-        self.dma().map(|_| 0)
-    }
-
-    /// Check a whole operand range before touching any of it, so a command that
-    /// faults writes nothing. On a VM ring: both translation stages.
-    fn precheck(&mut self, iova: u64, len: u64, access: AccessKind) -> Result<(), DmaError> {
-        if self.vm_id != 0 {
-            return self.precheck_vm(iova, len, access);
+    /// A DMA round on ring structures (descriptors, completions, the fence; never on
+    /// a VM: their addresses are IOVAs): through the device's coherent view where the
+    /// ring lies in driver-owned coherent memory, after the same translation and
+    /// permission check (datasheet section 5.1); otherwise, as any other memory,
+    /// through the IOMMU's transfers.
+    fn ring_dma(&mut self) -> Result<(), DmaError> {
+        debug_assert_eq!(self.vm_id, 0, "ring structures are IOVAs");
+        self.tlb_sync();
+        if self.port.run_coherent(&mut self.vram, &self.transfers)? {
+            return Ok(());
         }
-        self.port.check(iova, len, access).map_err(DmaError::Fault)
-    }
-
-    // The multi-round commands keep their position in `prog`, updated after each round
-    // that completed, so that a command held on a fault between rounds continues where
-    // it stopped (a fresh command starts at 0: the 1.0 behaviour).
-
-    fn fill(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
-        self.precheck(d.dst_iova + prog.done, d.len - prog.done, AccessKind::Write)?;
-        let byte = d.arg0 as u8;
-        if self.fill_byte != Some(byte) {
-            self.vram.bytes_mut(FILL_OFF, CHUNK).fill(byte);
-            self.fill_byte = Some(byte);
-        }
-        let mut done = prog.done;
-        while done < d.len {
-            self.transfers.clear();
-            // Up to 64 chunks in flight per round.
-            while done < d.len && self.transfers.len() < 64 {
-                let n = (d.len - done).min(CHUNK);
-                self.transfers.push(Transfer {
-                    dir: Direction::FromDevice,
-                    iova: d.dst_iova + done,
-                    len: n,
-                    vram_off: FILL_OFF,
-                    then: false,
-                });
-                done += n;
-            }
-            self.dma()?;
-            prog.done = done;
-        }
-        Ok(0)
-    }
-
-    fn copy(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
-        let rest = d.len - prog.done;
-        self.precheck(d.src_iova + prog.done, rest, AccessKind::Read)?;
-        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Write)?;
-        if self.vm_id == 0 {
-            return self.copy_rolling(d, prog);
-        }
-        let mut done = prog.done;
-        while done < d.len {
-            self.transfers.clear();
-            let mut staged = 0;
-            // One window of staging: each chunk is read in and written out as an
-            // ordered pair; pairs run in parallel.
-            while done < d.len && staged + CHUNK <= self.staging {
-                let n = (d.len - done).min(CHUNK);
-                let v = STAGING_OFF + staged;
-                self.transfers.push(Transfer {
-                    dir: Direction::ToDevice,
-                    iova: d.src_iova + done,
-                    len: n,
-                    vram_off: v,
-                    then: true,
-                });
-                self.transfers.push(Transfer {
-                    dir: Direction::FromDevice,
-                    iova: d.dst_iova + done,
-                    len: n,
-                    vram_off: v,
-                    then: false,
-                });
-                done += n;
-                staged += CHUNK;
-            }
-            self.dma()?;
-            prog.done = done;
-        }
-        Ok(0)
-    }
-
-    fn saxpy(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
-        let bytes = d.len * 4;
-        let rest = bytes - prog.done;
-        self.precheck(d.src_iova + prog.done, rest, AccessKind::Read)?;
-        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Read)?;
-        self.precheck(d.dst_iova + prog.done, rest, AccessKind::Write)?;
-        let a = f32::from_bits(d.arg0 as u32);
-        if self.vm_id == 0 {
-            return self.saxpy_rolling(d, a, prog);
-        }
-        let half = (self.staging / 2) & !(CHUNK - 1);
-        let (x_off, y_off) = (STAGING_OFF, STAGING_OFF + half);
-        let mut done = prog.done;
-        while done < bytes {
-            let n = (bytes - done).min(half);
-            self.transfers.clear();
-            self.push_chunks(Direction::ToDevice, d.src_iova + done, n, x_off);
-            self.push_chunks(Direction::ToDevice, d.dst_iova + done, n, y_off);
-            self.dma()?;
-            let (x, y) = self.vram.f32_pair_mut(x_off, y_off, n / 4);
-            for (y, x) in y.iter_mut().zip(x) {
-                *y += a * *x;
-            }
-            self.transfers.clear();
-            self.push_chunks(Direction::FromDevice, d.dst_iova + done, n, y_off);
-            // A fault here leaves y untouched (nothing of a round is submitted before
-            // all of it translated): the round is redone whole on a replay.
-            self.dma()?;
-            done += n;
-            prog.done = done;
-        }
-        Ok(0)
-    }
-
-    fn crc32c(&mut self, d: &Descriptor, prog: &mut Progress) -> Result<u64, DmaError> {
-        self.precheck(d.src_iova + prog.done, d.len - prog.done, AccessKind::Read)?;
-        let mut crc = prog.crc;
-        let window = self.staging & !(CHUNK - 1);
-        let mut done = prog.done;
-        while done < d.len {
-            let n = (d.len - done).min(window);
-            self.transfers.clear();
-            self.push_chunks(Direction::ToDevice, d.src_iova + done, n, STAGING_OFF);
-            self.dma()?;
-            crc = crc32c::crc32c_append(crc, self.vram.bytes(STAGING_OFF, n));
-            done += n;
-            (prog.done, prog.crc) = (done, crc);
-        }
-        Ok(crc as u64)
-    }
-
-    fn push_chunks(&mut self, dir: Direction, iova: u64, len: u64, vram_off: u64) {
-        let mut off = 0;
-        while off < len {
-            let n = (len - off).min(CHUNK);
-            self.transfers.push(Transfer {
-                dir,
-                iova: iova + off,
-                len: n,
-                vram_off: vram_off + off,
-                then: false,
-            });
-            off += n;
-        }
+        self.port.run(&self.vram, &self.transfers)
     }
 }
 

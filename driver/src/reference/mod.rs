@@ -8,7 +8,8 @@
 //! * [`fault_injection`]: [`PinFaults`](fault_injection::PinFaults), failing the IOMMU's
 //!   pin attempts on purpose (`userptr torture --inject`);
 //! * [`vram`]: device-local memory in a memfd;
-//! * `engine`: the engine thread that executes the ring protocol;
+//! * `engine`: the engine thread that executes the ring protocol; `commands`: what it
+//!   does for each opcode;
 //! * GPU virtual memory (datasheet section 10): `gpu_regs` (its registers), [`mmu`]
 //!   (stage 1: the page walk), [`tlb`] (the TLB and its invalidation handshake),
 //!   `vm_exec` (the engine's VM rounds: translation, device memory, hold and replay).
@@ -20,6 +21,7 @@
 //! effect, such as waking the engine on a doorbell, happens in the writing thread, the
 //! way a trapped MMIO write would be handled.
 
+mod commands;
 pub mod dma_port;
 mod engine;
 pub mod fault_injection;

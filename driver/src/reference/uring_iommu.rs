@@ -18,10 +18,21 @@
 //! io_uring has accepted a request it holds its own reference to the buffer node, so
 //! an in-flight access completes against the old pages and the pin is released after.
 //!
+//! Ring structures are the one exception to "every access is an io_uring transfer":
+//! driver-owned coherent memory mapped with [`IommuDomain::map_coherent`] (a queue's
+//! descriptors, completions and fence) is pinned and entered in the table like any
+//! mapping, and its entry also holds the device's own view of it (an
+//! `Arc<DmaMemory>`, the way `dma_alloc_coherent` gives both sides a view). The
+//! engine translates and permission-checks a ring access exactly as a transfer, then
+//! moves the bytes with plain loads and stores through that view, all under the
+//! table's shared lock, so an `unmap` (exclusive lock) never races it. User memory
+//! and buffer objects never have a view: they are reached only through their pins.
+//!
 //! Written over the `io-uring` crate's typed builders; the `unsafe` here is the
 //! crate's buffer-registration and submission contract, justified at each block.
 
 use super::dma_port::DmaPort;
+use crate::dma_memory::DmaMemory;
 use crate::error::{Error, Result};
 use crate::iommu::{IommuDomain, Perm, PAGE_1G, PAGE_2M, PAGE_4K};
 use crate::reference::fault_injection::PinFaults;
@@ -65,7 +76,7 @@ impl Default for UringIommuConfig {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub(super) struct Entry {
     pub(super) len: u64,
     pub(super) host: u64,
@@ -73,6 +84,12 @@ pub(super) struct Entry {
     pub(super) slot: u16,
     /// False while the pin is being taken: visible to overlap checks, not to the device.
     pub(super) ready: bool,
+    /// Driver-owned coherent memory ([`IommuDomain::map_coherent`]: ring structures):
+    /// the device's own view of the pinned pages, kept alive by this entry. The
+    /// device reaches it with plain loads and stores, after the same translation and
+    /// permission check, under the table's shared lock. `None`: every other mapping
+    /// (user memory, buffer objects), reached only through the pin (io_uring).
+    pub(super) coherent: Option<Arc<DmaMemory>>,
 }
 
 #[derive(Debug, Default)]
@@ -91,9 +108,9 @@ impl Table {
     }
 
     /// The ready entry containing `iova`.
-    pub(super) fn lookup(&self, iova: u64) -> Option<(u64, Entry)> {
+    pub(super) fn lookup(&self, iova: u64) -> Option<(u64, &Entry)> {
         let (&s, e) = self.entries.range(..=iova).next_back()?;
-        (e.ready && iova < s + e.len).then_some((s, *e))
+        (e.ready && iova < s + e.len).then_some((s, e))
     }
 }
 
@@ -311,8 +328,16 @@ fn is_file_mapping(host: u64, len: u64) -> bool {
     })
 }
 
-impl IommuDomain for UringIommu {
-    fn map(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<()> {
+impl UringIommu {
+    /// `map`, with the device's coherent view of the range where there is one.
+    fn map_entry(
+        &self,
+        iova: u64,
+        host: u64,
+        len: u64,
+        perm: Perm,
+        coherent: Option<Arc<DmaMemory>>,
+    ) -> Result<()> {
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
@@ -333,6 +358,7 @@ impl IommuDomain for UringIommu {
                     perm,
                     slot,
                     ready: false,
+                    coherent,
                 },
             );
             slot
@@ -358,22 +384,40 @@ impl IommuDomain for UringIommu {
             }
         }
     }
+}
+
+impl IommuDomain for UringIommu {
+    fn map(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<()> {
+        self.map_entry(iova, host, len, perm, None)
+    }
+
+    /// Pinned and entered in the table exactly as [`IommuDomain::map`] does, and the
+    /// entry keeps `mem` (the device's view of it) alive until it is unmapped: the
+    /// engine reaches ring structures there with plain loads and stores instead of an
+    /// io_uring transfer (datasheet section 5.1).
+    fn map_coherent(&self, iova: u64, mem: &Arc<DmaMemory>, perm: Perm) -> Result<()> {
+        self.map_entry(iova, mem.addr(), mem.len() as u64, perm, Some(mem.clone()))
+    }
 
     fn unmap(&self, iova: u64, len: u64) -> Result<()> {
         if crate::fork::in_forked_child() {
             return Err(Error::ForkedChild);
         }
-        let slot = {
+        let (slot, view) = {
             let mut t = crate::driver_section::write(&self.table);
             match t.entries.get(&iova) {
                 Some(e) if e.len == len && e.ready => {
                     let slot = e.slot;
-                    t.entries.remove(&iova);
-                    slot
+                    let e = t.entries.remove(&iova).expect("entry just looked up");
+                    (slot, e.coherent)
                 }
                 _ => return Err(Error::NotMapped { iova, len }),
             }
         };
+        // The device's coherent view (if any) is out of the table: no access through
+        // it can start now, and none is running (they run under the shared lock). Our
+        // reference goes here, outside the lock; the owner's keeps the memory.
+        drop(view);
         // The translation is gone, so no new access can start; wait for those already
         // submitted (io_uring holds its own reference to the buffer and would finish
         // them into the old pages after the unregistration).

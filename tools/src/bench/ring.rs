@@ -2,7 +2,8 @@
 //! fence round trip (one command, polling). With `--device`, the same on an NVMe I/O
 //! queue, with Flush (no data) as the NOP: `flush_batch_<n>` and `fence_roundtrip`.
 //! On the reference device also the blocking round trip and, next to them, the
-//! machine's floors for both ([`limits`]).
+//! machine's floors for both ([`limits`]); and the driver's own cost per descriptor
+//! on submit and on reap next to the device's ([`overhead`]).
 
 use super::limits;
 use super::measure::{repeat, time_us, Sample};
@@ -10,7 +11,8 @@ use super::target::{nvme_flush, nvme_wait, Target};
 use super::{Ctx, Measurement};
 use std::time::{Duration, Instant};
 use userptr::driver::vfio::nvme::IoQueue;
-use userptr::{Backpressure, Descriptor, WaitMode};
+use userptr::ring::regs::{ring, ring_reg};
+use userptr::{Backpressure, CommandQueue, Descriptor, Driver, WaitMode};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -83,6 +85,15 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         "us",
         rt,
     ));
+    let (submit, reap, device) = overhead(ctx, &drv, &q)?;
+    out.push(
+        Measurement::new("ring", "submit_overhead_per_descriptor", "ns", submit)
+            .with_baseline("device_per_descriptor", device.clone()),
+    );
+    out.push(
+        Measurement::new("ring", "reap_overhead_per_descriptor", "ns", reap)
+            .with_baseline("device_per_descriptor", device),
+    );
     drop(q);
     // The machine's floors for the two rows above, in the same run.
     out.push(Measurement::new(
@@ -129,6 +140,69 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         ));
     }
     Ok(out)
+}
+
+/// The driver's cost per descriptor, batches of 64 NOPs, next to the device's, one
+/// sample of each per round:
+/// * submit: `submit_batch` with the device paused (so the engine takes nothing
+///   meanwhile): encoding, the stores into the SQ, the doorbell;
+/// * device: from resuming the device until it published the 64 completions
+///   (`CQ_TAIL`): fetch, execute, completions, fence, interrupt;
+/// * reap: `wait_batch` once they are published: draining the CQ into the store and
+///   claiming the batch.
+///
+/// A round in which the engine took part of the batch before the pause held (seen in
+/// `SQ_HEAD`) is measured again.
+fn overhead(ctx: &Ctx, drv: &Driver, q: &CommandQueue) -> Result<(Sample, Sample, Sample), String> {
+    const N: usize = 64;
+    let dev = drv.device().ok_or("the ring suite needs a device")?.clone();
+    let reg = |r| dev.read32(ring_reg(q.ring(), r));
+    let descs = vec![Descriptor::nop(); N];
+    let per = |d: Duration| d.as_secs_f64() * 1e9 / N as f64;
+    let (mut submit, mut reap, mut device) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rounds = 0;
+    while device.len() < ctx.samples {
+        rounds += 1;
+        if rounds > 10 * ctx.samples + 10 {
+            return Err("ring overhead: the device kept taking work while paused".into());
+        }
+        drv.set_enabled(false);
+        // Any engine pass that saw the device enabled is over by now.
+        std::thread::sleep(Duration::from_micros(200));
+        let (sq0, cq0) = (reg(ring::SQ_HEAD), reg(ring::CQ_TAIL));
+        let t = Instant::now();
+        let f = q
+            .submit_batch(&descs, Backpressure::WouldBlock)
+            .map_err(|e| crate::explain(&e))?;
+        let s = t.elapsed();
+        let raced = reg(ring::SQ_HEAD) != sq0;
+        let t = Instant::now();
+        drv.set_enabled(true);
+        while reg(ring::CQ_TAIL).wrapping_sub(cq0) < N as u32 {
+            if t.elapsed() > Duration::from_secs(5) {
+                return Err("ring overhead: the device did not complete 64 NOPs in 5 s".into());
+            }
+            std::hint::spin_loop();
+        }
+        let d = t.elapsed();
+        let t = Instant::now();
+        q.wait_batch(f, WaitMode::Poll, T)
+            .map_err(|e| crate::explain(&e))?;
+        let r = t.elapsed();
+        // The first two rounds warm up.
+        if raced || rounds <= 2 {
+            continue;
+        }
+        submit.push(per(s));
+        device.push(per(d));
+        reap.push(per(r));
+        crate::progress::tick(1);
+    }
+    Ok((
+        Sample { values: submit },
+        Sample { values: reap },
+        Sample { values: device },
+    ))
 }
 
 /// The NVMe form: batches of Flush commands per doorbell, and one command's round trip.
