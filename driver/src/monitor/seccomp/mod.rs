@@ -443,7 +443,10 @@ impl SeccompMonitor {
             wake_worker();
             std::thread::yield_now();
         }
-        self.stop.store(true, Ordering::Release);
+        // SeqCst: the worker stores its futex word ASLEEP (SeqCst) and then loads
+        // `stop` (SeqCst): either it sees `stop`, or wake_worker's store of AWAKE
+        // comes after its ASLEEP and its futex wait returns at once.
+        self.stop.store(true, Ordering::SeqCst);
         wake_worker();
         if let Some(w) = self.worker.take() {
             let _ = w.join();

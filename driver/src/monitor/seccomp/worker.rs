@@ -257,8 +257,9 @@ pub(super) fn worker(shared: &'static Shared, stop: Arc<AtomicBool>) {
             // SeqCst: the handshake above.
             matches!(s.state.load(Ordering::SeqCst), START | START_WAITING | END)
         });
-        // Acquire: pairs with stop()'s Release store (its wake_worker follows it).
-        if posted || stop.load(Ordering::Acquire) {
+        // SeqCst: the same handshake with shutdown's store of `stop` (SeqCst), which
+        // its wake_worker follows.
+        if posted || stop.load(Ordering::SeqCst) {
             // SeqCst: the handshake above.
             WORKER_WORD.store(AWAKE, Ordering::SeqCst);
             continue;
