@@ -369,13 +369,33 @@ fn kvm() -> Check {
         return check(
             "/dev/kvm",
             State::Info,
-            "absent: virtual machines run without KVM (tools/vfio-guest runs its guest under TCG either way)".into(),
+            "absent: virtual machines run without KVM (tools/vfio-guest then runs its guest under TCG)".into(),
             Some("load kvm_intel or kvm_amd, or enable nested virtualisation, to run VMs with KVM"),
         );
     }
     use rustix::fs::{access, Access};
     match access(&p, Access::READ_OK | Access::WRITE_OK) {
-        Ok(()) => check("/dev/kvm", State::Ok, "present and accessible".into(), None),
+        Ok(())
+            if crate::sys_root().root().join("sys/module/kvm_pvm").exists()
+                && !["kvm_intel", "kvm_amd"]
+                    .iter()
+                    .any(|m| crate::sys_root().root().join("sys/module").join(m).exists()) =>
+        {
+            check(
+                "/dev/kvm",
+                State::Info,
+                "present, but kvm-pvm (software nested KVM): it runs only PVM guest kernels, \
+                 so tools/vfio-guest runs its guest under TCG"
+                    .into(),
+                Some("enable nested VMX/SVM on the host to run ordinary guests under KVM"),
+            )
+        }
+        Ok(()) => check(
+            "/dev/kvm",
+            State::Ok,
+            "present and accessible (tools/vfio-guest runs its guest under KVM)".into(),
+            None,
+        ),
         Err(e) => check(
             "/dev/kvm",
             State::Info,

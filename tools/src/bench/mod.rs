@@ -265,12 +265,18 @@ fn bench(a: Args) -> Result<(), (String, Option<Doc>)> {
     };
     tracing::info!(?suites, samples, budget = ?ctx.budget, device = %target.describe(), "bench starting");
     let vfio = matches!(target, target::Target::Vfio { .. });
+    if vfio {
+        say(&format!("device: {}", target.describe()));
+    }
     let total: u64 = suites.iter().map(|s| steps(s, &ctx, vfio)).sum();
     let bar = crate::progress::start(total, "bench {bar:30} {percent:>3}% eta {eta} {msg}");
     let mut results = Vec::new();
     let doc = |results: &[Measurement], ctx: &Ctx| -> Doc {
         let mut d = crate::output::envelope("bench", settings.clone());
         d.insert("device".into(), target.describe().into());
+        if let Some(accel) = target::guest_accel() {
+            d.insert("guest_accel".into(), accel.into());
+        }
         d.insert(
             "results".into(),
             results

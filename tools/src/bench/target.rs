@@ -23,6 +23,14 @@ pub enum Target {
     },
 }
 
+/// The accelerator of the QEMU guest this runs in (`kvm` or `tcg`), as
+/// tools/vfio-guest/run.sh exports it; `None` outside such a guest.
+pub fn guest_accel() -> Option<String> {
+    std::env::var("USERPTR_GUEST_ACCEL")
+        .ok()
+        .filter(|a| !a.is_empty())
+}
+
 impl Target {
     /// Open `--device BDF`, or the reference device without one.
     pub fn open(device: Option<&str>) -> Result<Target, String> {
@@ -48,7 +56,11 @@ impl Target {
         match self {
             Target::Reference => "reference (embedded, io_uring IOMMU)".to_string(),
             Target::Vfio { bdf, nvme, .. } => {
-                format!("vfio {bdf} (NVMe {})", nvme.info().model.trim())
+                let mut d = format!("vfio {bdf} (NVMe {})", nvme.info().model.trim());
+                if let Some(accel) = guest_accel() {
+                    d += &format!(", in a QEMU guest under {accel}");
+                }
+                d
             }
         }
     }

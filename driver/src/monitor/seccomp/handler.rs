@@ -21,7 +21,7 @@
 use super::abi::{self, Abi, Op, AUDIT_ARCH_I386, AUDIT_ARCH_X86_64};
 use super::bpf::TRAP_DATA;
 use super::decode::{decode, Change};
-use super::worker::{start_invalidation, wake_worker, END};
+use super::worker::{start_invalidation, wake_worker_if_sleeping, END};
 use super::{exec_ranges, io_uring, signals, User, ACTIVE, COUNTERS};
 use crate::trampoline;
 use std::ffi::c_void;
@@ -175,10 +175,11 @@ fn monitored(abi: Abi, op: Op, nr: i64, a: [u64; 6]) -> i64 {
     ];
     let r = perform_tracked(abi, op, nr, a);
     for slot in slots.into_iter().flatten() {
-        // Release: hand the slot back for invalidate_end.
-        slot.state.store(END, Ordering::Release);
+        // SeqCst (a Release at least): hand the slot back for invalidate_end; SeqCst
+        // for the handshake of wake_worker_if_sleeping.
+        slot.state.store(END, Ordering::SeqCst);
     }
-    wake_worker();
+    wake_worker_if_sleeping();
     r
 }
 

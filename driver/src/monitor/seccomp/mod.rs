@@ -34,7 +34,7 @@
 //! Why a worker thread: the handler may interrupt a thread inside `malloc` (glibc
 //! trims its heap with `brk`/`madvise` while holding an arena lock), so the handler
 //! itself never allocates or locks: it talks to the worker through a fixed table of
-//! slots with atomics, an eventfd and futexes, all async-signal-safe.
+//! slots with atomics and futexes, all async-signal-safe.
 //!
 //! **Whose calls pass through.** Only the driver's own: a thread inside a
 //! [`crate::driver_section`], and the driver's own threads (the worker, the reference
@@ -97,7 +97,6 @@
 
 use crate::error::{Error, Result};
 use crate::registry::Registry;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -117,7 +116,7 @@ pub use trap_floor::install_trap_floor;
 
 use handler::on_sigsys;
 use signals::SIGSYS_BIT;
-use worker::{wake_worker, FREE, TABLE, WAKE_FD};
+use worker::{wake_worker, FREE, TABLE};
 
 /// The active monitor's shared state; null when stopped (pass-through).
 static ACTIVE: AtomicPtr<Shared> = AtomicPtr::new(std::ptr::null_mut());
@@ -365,18 +364,12 @@ impl SeccompMonitor {
         preflight()?;
         user_memory::map_low_scratch();
         io_uring::probe_kernel();
-        let wake = rustix::event::eventfd(
-            0,
-            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-        )
-        .map_err(|e| Error::sys("eventfd(seccomp monitor)", e.into()))?;
         // Leaked: a handler may still touch it after `shutdown` (see `handler`); the
         // registry inside is taken out on shutdown or on a failed install.
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             registry: std::cell::UnsafeCell::new(Some(registry.clone())),
             users: AtomicU32::new(0),
         }));
-        WAKE_FD.store(wake.as_raw_fd(), Ordering::Release);
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -385,12 +378,11 @@ impl SeccompMonitor {
             .spawn(move || {
                 crate::driver_section::block_signals_for_thread();
                 let _ = ready_tx.send(());
-                worker::worker(shared, wake, stop2)
+                worker::worker(shared, stop2)
             });
         let worker = match spawned {
             Ok(w) => w,
             Err(e) => {
-                WAKE_FD.store(-1, Ordering::Release);
                 // SAFETY: never published: no handler or worker uses it.
                 drop(unsafe { (*shared.registry.get()).take() });
                 return Err(Error::sys("spawn(seccomp worker)", e));
@@ -451,12 +443,14 @@ impl SeccompMonitor {
             wake_worker();
             std::thread::yield_now();
         }
-        self.stop.store(true, Ordering::Release);
+        // SeqCst: the worker stores its futex word ASLEEP (SeqCst) and then loads
+        // `stop` (SeqCst): either it sees `stop`, or wake_worker's store of AWAKE
+        // comes after its ASLEEP and its futex wait returns at once.
+        self.stop.store(true, Ordering::SeqCst);
         wake_worker();
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
-        WAKE_FD.store(-1, Ordering::Release);
         // Nobody uses the registry any more (no handler inside, worker joined): drop
         // this handle to it, so the registry can release its pins.
         // SAFETY: see `Shared`'s Sync.
