@@ -17,16 +17,75 @@ use super::uring_iommu::CHUNK;
 use super::vm_exec::Progress;
 use userptr_ring::Descriptor;
 
-/// Advance the all-done prefix `done` over the chunks in `past` (offset, length) that
-/// finished out of order and now join it.
-fn advance(done: &mut u64, past: &mut Vec<(u64, u64)>) {
-    past.sort_unstable();
-    let mut k = 0;
-    while k < past.len() && past[k].0 == *done {
-        *done += past[k].1;
-        k += 1;
+/// The bookkeeping both pipelined commands share: the free slots, the chunk
+/// (offset, length) each busy slot carries, the next chunk to hand out, the first
+/// error, and the chunks finished past the all-done prefix (chunks finish out of
+/// order; the prefix is what `Progress::done` may say).
+struct Window {
+    free: Vec<u16>,
+    carrying: [(u64, u64); TAGS as usize],
+    past: Vec<(u64, u64)>,
+    next: u64,
+    total: u64,
+    err: Option<DmaError>,
+}
+
+impl Window {
+    fn new(slots: u16, done: u64, total: u64) -> Window {
+        Window {
+            free: (0..slots).rev().collect(),
+            carrying: [(0, 0); TAGS as usize],
+            past: Vec::new(),
+            next: done,
+            total,
+            err: None,
+        }
     }
-    past.drain(..k);
+
+    /// The next chunk for a free slot: `(slot, offset, length)`; none once the
+    /// command is all handed out, has failed, or every slot is busy.
+    fn take(&mut self) -> Option<(u16, u64, u64)> {
+        if self.err.is_some() || self.next >= self.total {
+            return None;
+        }
+        let slot = self.free.pop()?;
+        let (off, n) = (self.next, (self.total - self.next).min(CHUNK));
+        self.carrying[slot as usize] = (off, n);
+        self.next += n;
+        Some((slot, off, n))
+    }
+
+    /// The first stage of `slot`'s chunk did not start: nothing of it runs; no new
+    /// chunk starts after this.
+    fn not_started(&mut self, slot: u16, e: DmaError) {
+        self.free.push(slot);
+        self.err.get_or_insert(e);
+    }
+
+    /// `slot`'s chunk is over (`ok`: all its bytes are where they belong); the slot
+    /// is free again, and `done` advances over every chunk that now joins the prefix.
+    fn finished(&mut self, slot: u16, ok: Result<(), DmaError>, done: &mut u64) {
+        match ok {
+            Ok(()) => {
+                self.past.push(self.carrying[slot as usize]);
+                self.past.sort_unstable();
+                let mut k = 0;
+                while k < self.past.len() && self.past[k].0 == *done {
+                    *done += self.past[k].1;
+                    k += 1;
+                }
+                self.past.drain(..k);
+            }
+            Err(e) => {
+                self.err.get_or_insert(e);
+            }
+        }
+        self.free.push(slot);
+    }
+
+    fn result(self) -> Result<u64, DmaError> {
+        self.err.map_or(Ok(0), Err)
+    }
 }
 
 impl Engine {
@@ -42,30 +101,22 @@ impl Engine {
         d: &Descriptor,
         prog: &mut Progress,
     ) -> Result<u64, DmaError> {
-        let slots = ((self.staging / CHUNK) as usize).min(TAGS as usize);
-        // Per slot: the chunk (offset, length) it carries; the chunks done past the
-        // prefix, to advance `prog.done` over.
-        let mut carrying: [(u64, u64); TAGS as usize] = [(0, 0); TAGS as usize];
-        let mut done_past: Vec<(u64, u64)> = Vec::new();
-        let mut free: Vec<u16> = (0..slots as u16).rev().collect();
-        let mut next = prog.done;
-        let mut err = None;
+        let slots = ((self.staging / CHUNK) as usize).min(TAGS as usize) as u16;
+        let mut w = Window::new(slots, prog.done, d.len);
         loop {
-            while err.is_none() && next < d.len {
-                let Some(slot) = free.pop() else { break };
-                let n = (d.len - next).min(CHUNK);
+            while let Some((slot, off, n)) = w.take() {
                 let v = STAGING_OFF + slot as u64 * CHUNK;
                 let pair = [
                     Transfer {
                         dir: Direction::ToDevice,
-                        iova: d.src_iova + next,
+                        iova: d.src_iova + off,
                         len: n,
                         vram_off: v,
                         then: true,
                     },
                     Transfer {
                         dir: Direction::FromDevice,
-                        iova: d.dst_iova + next,
+                        iova: d.dst_iova + off,
                         len: n,
                         vram_off: v,
                         then: false,
@@ -73,105 +124,63 @@ impl Engine {
                 ];
                 // Each stage starts at a TLB-invalidation safe point, as a round does.
                 self.tlb_sync();
-                match self.port.start(&self.vram, &pair, slot) {
-                    Ok(()) => {
-                        carrying[slot as usize] = (next, n);
-                        next += n;
-                    }
-                    Err(e) => {
-                        free.push(slot);
-                        err = Some(e);
-                    }
+                if let Err(e) = self.port.start(&self.vram, &pair, slot) {
+                    w.not_started(slot, e);
                 }
             }
             let Some((slot, r)) = self.port.finish() else {
                 break;
             };
-            if let Err(e) = r {
-                err.get_or_insert(DmaError::Io(e));
-            } else {
-                done_past.push(carrying[slot as usize]);
-                advance(&mut prog.done, &mut done_past);
-            }
-            free.push(slot);
+            w.finished(slot, r.map_err(DmaError::Io), &mut prog.done);
         }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(0),
-        }
+        w.result()
     }
 
     /// SAXPY of IOVAs, pipelined: each pair of staging slots carries one chunk of x
-    /// and y in (one stage), then the engine computes on it while the other chunks'
-    /// transfers run, then y goes out (a second stage); a slot pair whose y is out
-    /// takes the next chunk. Errors and `prog.done` as in `copy_rolling`: a chunk's y
-    /// is written back whole or not at all, so a replay from `prog.done` is exact.
+    /// and y in (one stage, tagged with the pair), then the engine computes on it
+    /// while the other chunks' transfers run, then y goes out (a second stage, tagged
+    /// with the pair plus `slots`); a pair whose y is out takes the next chunk. Errors
+    /// and `prog.done` as in `copy_rolling`: a chunk's y is written back whole or not
+    /// at all, so a replay from `prog.done` is exact.
     pub(super) fn saxpy_rolling(
         &mut self,
         d: &Descriptor,
         a: f32,
         prog: &mut Progress,
     ) -> Result<u64, DmaError> {
-        let bytes = d.len * 4;
         let slots = ((self.staging / (2 * CHUNK)) as usize).min(TAGS as usize / 2) as u16;
-        let mut carrying: [(u64, u64); TAGS as usize] = [(0, 0); TAGS as usize];
-        let mut done_past: Vec<(u64, u64)> = Vec::new();
-        let mut free: Vec<u16> = (0..slots).rev().collect();
-        let mut next = prog.done;
-        let mut err = None;
+        let mut w = Window::new(slots, prog.done, d.len * 4);
         let x_of = |k: u16| STAGING_OFF + 2 * k as u64 * CHUNK;
+        let in_stage = |k: u16, off: u64, n: u64| {
+            [(d.src_iova, x_of(k)), (d.dst_iova, x_of(k) + CHUNK)].map(|(iova, v)| Transfer {
+                dir: Direction::ToDevice,
+                iova: iova + off,
+                len: n,
+                vram_off: v,
+                then: false,
+            })
+        };
         loop {
-            while err.is_none() && next < bytes {
-                let Some(k) = free.pop() else { break };
-                let n = (bytes - next).min(CHUNK);
-                let stage = [
-                    Transfer {
-                        dir: Direction::ToDevice,
-                        iova: d.src_iova + next,
-                        len: n,
-                        vram_off: x_of(k),
-                        then: false,
-                    },
-                    Transfer {
-                        dir: Direction::ToDevice,
-                        iova: d.dst_iova + next,
-                        len: n,
-                        vram_off: x_of(k) + CHUNK,
-                        then: false,
-                    },
-                ];
+            while let Some((k, off, n)) = w.take() {
                 self.tlb_sync();
-                match self.port.start(&self.vram, &stage, k) {
-                    Ok(()) => {
-                        carrying[k as usize] = (next, n);
-                        next += n;
-                    }
-                    Err(e) => {
-                        free.push(k);
-                        err = Some(e);
-                    }
+                if let Err(e) = self.port.start(&self.vram, &in_stage(k, off, n), k) {
+                    w.not_started(k, e);
                 }
             }
             let Some((tag, r)) = self.port.finish() else {
                 break;
             };
-            let (k, out) = (tag % slots.max(1), tag >= slots);
-            let (off, n) = carrying[k as usize];
+            let (k, out) = (tag % slots, tag >= slots);
             match r {
-                Err(e) => {
-                    err.get_or_insert(DmaError::Io(e));
-                    free.push(k);
-                }
-                Ok(()) if out => {
-                    done_past.push((off, n));
-                    advance(&mut prog.done, &mut done_past);
-                    free.push(k);
-                }
+                // y is out, or a stage failed: the chunk is over either way.
+                Err(e) => w.finished(k, Err(DmaError::Io(e)), &mut prog.done),
+                Ok(()) if out => w.finished(k, Ok(()), &mut prog.done),
+                // x and y are in, but the command has already failed: y stays.
+                Ok(()) if w.err.is_some() => w.free.push(k),
                 // x and y are in: compute (this slot pair only; the transfers in
-                // flight use other slots), then send y out, unless the command has
-                // already failed.
-                Ok(()) if err.is_some() => free.push(k),
+                // flight use other slots), then send y out.
                 Ok(()) => {
+                    let (off, n) = w.carrying[k as usize];
                     let (x, y) = self.vram.f32_pair_mut(x_of(k), x_of(k) + CHUNK, n / 4);
                     for (y, x) in y.iter_mut().zip(x) {
                         *y += a * *x;
@@ -185,15 +194,11 @@ impl Engine {
                     }];
                     self.tlb_sync();
                     if let Err(e) = self.port.start(&self.vram, &stage, k + slots) {
-                        err = Some(e);
-                        free.push(k);
+                        w.not_started(k, e);
                     }
                 }
             }
         }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(0),
-        }
+        w.result()
     }
 }
