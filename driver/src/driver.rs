@@ -11,7 +11,7 @@
 //! An IOVA is never handed out again while device work submitted against its previous
 //! mapping may still run: whoever unmaps a range that such work may still reach
 //! (the registry, after a device that would not finish or reset in time) unmaps it with
-//! its pending work attached (`Driver::unmap_fenced`); the translation goes at once
+//! its pending work attached (`Driver::release_iova`); the translation goes at once
 //! (a late access faults instead of reaching new memory) but the IOVA range is
 //! *quarantined*, out of the allocator, until every attached batch is proven finished
 //! (checked again on every later allocation). What cannot be proven finished for good
@@ -324,16 +324,7 @@ impl Driver {
         len: u64,
         map: impl FnOnce(u64) -> Result<()>,
     ) -> Result<u64> {
-        self.release_quarantine();
-        // Large ranges get an IOVA congruent to the host address modulo 2 MiB, so
-        // that huge-page-backed memory can be mapped with 2 MiB IOMMU pages.
-        let (align, phase) = if len >= PAGE_2M {
-            (PAGE_2M, host % PAGE_2M)
-        } else {
-            (PAGE_4K, 0)
-        };
-        let iova =
-            crate::driver_section::lock(&self.inner.iova).alloc_congruent(len, align, phase)?;
+        let iova = self.reserve_iova(host, len)?;
         if let Err(e) = map(iova) {
             self.free_iova(iova, len);
             return Err(e);
@@ -341,18 +332,67 @@ impl Driver {
         Ok(iova)
     }
 
-    /// Map user memory: [`Driver::map_raw`], then the backing policy
-    /// ([`crate::backing::check`]) on the pinned range; a refused range is unmapped
-    /// again and the refusal returned. Every pin of application memory (a
-    /// [`UserMapping`], the registry's) goes through here; driver-owned DMA memory
-    /// (rings, NVMe queues) uses `map_raw` directly.
-    pub(crate) fn map_user_pages(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
-        let iova = self.map_raw(host, len, perm)?;
-        self.check_user_pages(iova, host, len, perm)
+    /// Reserve an IOVA range for `[host, host + len)` without mapping anything there:
+    /// a chunked registration maps its pieces into it one by one
+    /// ([`Driver::map_user_at`]) and gives it back whole ([`Driver::release_iova`]).
+    /// Ranges of 2 MiB or more get an IOVA congruent to `host` modulo 2 MiB, so that
+    /// huge-page-backed memory can be mapped with 2 MiB IOMMU pages.
+    pub(crate) fn reserve_iova(&self, host: u64, len: u64) -> Result<u64> {
+        self.release_quarantine();
+        let (align, phase) = if len >= PAGE_2M {
+            (PAGE_2M, host % PAGE_2M)
+        } else {
+            (PAGE_4K, 0)
+        };
+        crate::driver_section::lock(&self.inner.iova).alloc_congruent(len, align, phase)
     }
 
-    /// [`Driver::map_user_pages`], reclaiming idle cached mappings first when the domain
-    /// is out of room (see [`Driver::map_reclaiming`]).
+    /// Map and pin user memory `[host, host + len)` at `iova`, inside a range the
+    /// caller reserved ([`Driver::reserve_iova`]) and has not mapped there yet, then
+    /// apply the backing policy ([`crate::backing::check`]): a refused range is unmapped
+    /// again and the refusal returned.
+    pub(crate) fn map_user_at(&self, iova: u64, host: u64, len: u64, perm: Perm) -> Result<()> {
+        self.inner.domain.map(iova, host, len, perm)?;
+        if let Err(e) = crate::backing::check(host..host + len, perm) {
+            if let Err(u) = self.inner.domain.unmap(iova, len) {
+                tracing::error!("unmapping refused range {host:#x} + {len:#x}: {u}");
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Take away the translation [`Driver::map_user_at`] made; the IOVA stays reserved.
+    pub(crate) fn unmap_at(&self, iova: u64, len: u64) -> Result<()> {
+        self.inner.domain.unmap(iova, len)
+    }
+
+    /// Give back a reservation ([`Driver::reserve_iova`]) with nothing mapped in it any
+    /// more: to the allocator, or, if the batches in `work` may still reach it, into
+    /// quarantine until they are proven finished (see the module docs). Returns whether
+    /// it was quarantined.
+    pub(crate) fn release_iova(&self, iova: u64, len: u64, work: Vec<PendingWork>) -> bool {
+        if work.iter().all(PendingWork::done) {
+            self.free_iova(iova, len);
+            return false;
+        }
+        tracing::warn!(
+            "IOVA {iova:#x} + {len:#x} quarantined: device work submitted against it may \
+             still run"
+        );
+        let mut q = crate::driver_section::lock(&self.inner.quarantine);
+        q.push(Quarantined { iova, len, work });
+        // Relaxed: a hint for the allocation path, which re-reads under the lock.
+        self.inner.quarantined.fetch_add(len, Ordering::Relaxed);
+        true
+    }
+
+    /// Map user memory: [`Driver::map_raw`], reclaiming idle cached mappings first when
+    /// the domain is out of room (see [`Driver::map_reclaiming`]), then the backing
+    /// policy ([`crate::backing::check`]) on the pinned range; a refused range is
+    /// unmapped again and the refusal returned. Every pin of application memory goes
+    /// through here (a [`UserMapping`]) or through [`Driver::map_user_at`] (the
+    /// registry's chunks); driver-owned DMA memory (rings, NVMe queues) uses `map_raw`.
     pub(crate) fn map_user_reclaiming(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
         let iova = self.map_reclaiming(host, len, perm)?;
         self.check_user_pages(iova, host, len, perm)
@@ -374,26 +414,6 @@ impl Driver {
         self.inner.domain.unmap(iova, len)?;
         self.free_iova(iova, len);
         Ok(())
-    }
-
-    /// Undo `map_raw` for a range that the batches in `work` may still reach: the
-    /// translation goes now, the IOVA range only once all of them are finished
-    /// (quarantine, see the module docs). Returns whether the range was quarantined.
-    pub(crate) fn unmap_fenced(&self, iova: u64, len: u64, work: Vec<PendingWork>) -> Result<bool> {
-        self.inner.domain.unmap(iova, len)?;
-        if work.iter().all(PendingWork::done) {
-            self.free_iova(iova, len);
-            return Ok(false);
-        }
-        tracing::warn!(
-            "IOVA {iova:#x} + {len:#x} quarantined: device work submitted against it may \
-             still run"
-        );
-        let mut q = crate::driver_section::lock(&self.inner.quarantine);
-        q.push(Quarantined { iova, len, work });
-        // Relaxed: a hint for the allocation path, which re-reads under the lock.
-        self.inner.quarantined.fetch_add(len, Ordering::Relaxed);
-        Ok(true)
     }
 
     /// Bytes of IOVA space quarantined now: unmapped while device work submitted
@@ -418,7 +438,7 @@ impl Driver {
         crate::driver_section::lock(&self.inner.quarantine).extend(keep);
         for q in free {
             self.free_iova(q.iova, q.len);
-            // Relaxed: see unmap_fenced.
+            // Relaxed: see release_iova.
             self.inner.quarantined.fetch_sub(q.len, Ordering::Relaxed);
         }
     }

@@ -273,7 +273,9 @@ impl VmInner {
         let Ok(iova) = reg.iova(&u) else {
             return transient();
         };
-        // The region holding the chunk now; its parts without a binding get one.
+        // The region holding the chunk now; its mapped parts around the chunk without
+        // a binding get one (not its chunks a partial invalidation took: entries there
+        // would reach an unmapped IOVA; the next fault there re-pins them).
         let region = reg
             .regions()
             .into_iter()
@@ -283,7 +285,11 @@ impl VmInner {
                     && chunk.end <= r.range.end
                     && r.iova + (chunk.start - r.range.start) == iova
             })
-            .map_or((chunk.clone(), iova), |r| (r.range, r.iova));
+            .map_or((chunk.clone(), iova), |r| {
+                let run = r.mapped_run(&chunk);
+                let at = r.iova + (run.start - r.range.start);
+                (run, at)
+            });
         let mut st = self.lock();
         let mut gaps = Vec::new();
         let mut at = region.0.start;

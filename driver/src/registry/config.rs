@@ -27,6 +27,13 @@ pub struct RegistryConfig {
     /// Split partially invalidated regions (re-map the surviving parts) instead of
     /// dropping them whole.
     pub split: bool,
+    /// Map regions larger than this as chunks of this size, each its own IOMMU
+    /// mapping inside one IOVA range, so that a partial invalidation unmaps (and the
+    /// next use re-pins) only the chunks it touches instead of the whole region. A
+    /// power of two, at least a page; 0 maps every region whole. Default 2 MiB. A
+    /// region never takes more than a 32nd of the mapping limit: on a domain with few
+    /// slots the chunks grow (and with fewer than 64, a region is one mapping).
+    pub chunk_size: u64,
     /// Validation mode: on every cache hit, check via `/proc/self/pagemap` that the
     /// pinned pages are still the ones the process maps (root only; a debugging aid).
     pub validate: bool,
@@ -41,6 +48,7 @@ impl Default for RegistryConfig {
             window_timeout: Duration::from_secs(30),
             submit_retries: 64,
             split: true,
+            chunk_size: 2 << 20,
             validate: false,
         }
     }

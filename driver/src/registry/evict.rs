@@ -3,7 +3,7 @@
 //! is reached; regions with device work in flight never do, and neither do regions a
 //! batch is resolving now (held: see `region::Held`).
 
-use super::region::Region;
+use super::region::{perm_slot, Region};
 use super::stats::Stats;
 use super::Inner;
 use crate::error::{Error, Result};
@@ -51,30 +51,58 @@ impl Inner {
             .retain(|r| !regions.iter().any(|v| Arc::ptr_eq(v, r)));
     }
 
-    /// Domain mappings beyond what this registry may let the domain hold (0: room for
-    /// one more).
-    fn domain_excess(&self) -> usize {
-        (self.driver.domain().mappings() + 1).saturating_sub(self.domain_cap)
+    /// Take `regions` out of the index (those still in it: one another path took out
+    /// is that path's to unmap) and retire them whole.
+    pub(super) fn retire_whole(
+        &self,
+        regions: impl Iterator<Item = Arc<Region>>,
+        why: super::UnmapReason,
+    ) {
+        let out: Vec<Arc<Region>> = {
+            let mut g = self.notifier.write();
+            let mut out = Vec::new();
+            for r in regions {
+                let slot = perm_slot(r.perm);
+                let here = g.maps[slot]
+                    .covering(r.range.start..r.range.start + 1)
+                    .is_some_and(|(_, x)| Arc::ptr_eq(x, &r));
+                if here {
+                    g.maps[slot].remove(r.range.start);
+                    r.epoch.bump(&g);
+                    // Listed as retiring until unmapped: see `retire`.
+                    g.retiring.push(r.clone());
+                    out.push(r);
+                }
+            }
+            out
+        };
+        self.retire(&out, why);
     }
 
-    /// Evict idle regions (clock order) until `len` more bytes and one more mapping fit
-    /// the budget, the registry's mapping limit and the domain's; when this registry
-    /// has nothing idle left and the domain is still full, the other caches on the
-    /// driver are asked too ([`crate::driver::Reclaim`]).
-    pub(super) fn make_room(&self, len: u64) -> Result<()> {
+    /// Domain mappings beyond what this registry may let the domain hold with `n`
+    /// more (0: room for them).
+    fn domain_excess(&self, n: usize) -> usize {
+        (self.driver.domain().mappings() + n).saturating_sub(self.domain_cap)
+    }
+
+    /// Evict idle regions (clock order) until `len` more bytes and `n` more mappings
+    /// fit the budget, the registry's mapping limit and the domain's; when this
+    /// registry has nothing idle left and the domain is still full, the other caches on
+    /// the driver are asked too ([`crate::driver::Reclaim`]).
+    pub(super) fn make_room(&self, len: u64, n: usize) -> Result<()> {
         let bytes_fit = || self.pinned.load(Ordering::Relaxed).saturating_add(len) <= self.budget;
-        let maps_fit = || self.mappings.load(Ordering::Relaxed) < self.max_mappings;
-        if bytes_fit() && maps_fit() && self.domain_excess() == 0 {
+        let maps_fit = || self.mappings.load(Ordering::Relaxed) + n <= self.max_mappings;
+        if bytes_fit() && maps_fit() && self.domain_excess(n) == 0 {
             return Ok(());
         }
         self.reclaim_draining();
         let need_bytes =
             (self.pinned.load(Ordering::Relaxed).saturating_add(len)).saturating_sub(self.budget);
-        let need_maps = (self.mappings.load(Ordering::Relaxed) + 1)
+        let need_maps = (self.mappings.load(Ordering::Relaxed) + n)
             .saturating_sub(self.max_mappings)
-            .max(self.domain_excess());
+            .max(self.domain_excess(n));
         self.evict(need_bytes, need_maps);
-        let excess = self.domain_excess();
+        let excess = self.domain_excess(n);
         if excess > 0 {
             self.driver.reclaim(0, excess);
         }
@@ -87,7 +115,7 @@ impl Inner {
             Err(Error::TooManyMappings {
                 limit: self.max_mappings,
             })
-        } else if self.domain_excess() > 0 {
+        } else if self.domain_excess(n) > 0 {
             Err(Error::TooManyMappings {
                 limit: self.domain_cap,
             })
@@ -135,7 +163,7 @@ impl Inner {
                         g.maps[slot].remove(r.start);
                         region.epoch.bump(&g);
                         need_bytes = need_bytes.saturating_sub(region.len());
-                        need_maps = need_maps.saturating_sub(1);
+                        need_maps = need_maps.saturating_sub(region.chunks.count());
                         victims.push(region);
                     }
                     g.hands[slot] = hand;

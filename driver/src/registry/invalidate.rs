@@ -80,6 +80,10 @@ impl Registry {
         let mut others_downgrading = Vec::new();
         let mut fences = Vec::new();
         let mut survivors = Vec::new();
+        // Chunked regions the range covers only part of: (region, the chunks whose
+        // present bit this call cleared). Their other chunks stay mapped.
+        let mut chunked: Vec<(Arc<Region>, Vec<usize>)> = Vec::new();
+        let mut stale_chunks: Vec<(Arc<Region>, usize)> = Vec::new();
         let stale = {
             let mut g = inner.notifier.write();
             g.invalidations.record(range.clone());
@@ -89,6 +93,31 @@ impl Registry {
                     .map(|(r, _)| r.start)
                     .collect();
                 for s in hits {
+                    if action == Action::Drop {
+                        let (rr, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
+                        let inside = range.start <= rr.start && rr.end <= range.end;
+                        if !inside && r.chunks.count() > 1 {
+                            // Only the chunks the range touches go; the region stays in
+                            // the index. The bump fails every submission that looked it
+                            // up before (its chunks may be among them); the next use
+                            // re-pins the missing chunks (`repin`).
+                            let r = r.clone();
+                            r.epoch.bump(&g);
+                            fences.extend(r.inflight());
+                            let mut mine = Vec::new();
+                            for k in r.chunks.touching(&range) {
+                                if r.chunks.take_present(k) {
+                                    mine.push(k);
+                                } else {
+                                    // Another invalidation is unmapping it (or did): its
+                                    // mirror entries go before this call returns too.
+                                    stale_chunks.push((r.clone(), k));
+                                }
+                            }
+                            chunked.push((r, mine));
+                            continue;
+                        }
+                    }
                     if action == Action::Downgrade {
                         let (rr, r) = g.maps[slot].covering(s..s + 1).expect("hit is present");
                         if !r.perm.write() {
@@ -170,13 +199,27 @@ impl Registry {
         inner.tell_invalidating(&range, cause);
         let waited = inner.wait_work(&fences, &range);
         inner.tell_stale(&stale, cause);
+        let why = super::UnmapReason::Invalidation(cause);
+        for (r, k) in &stale_chunks {
+            let (host, iova) = r.chunk(*k);
+            inner.tell_unmapping_range(host.clone(), iova, host.end - host.start, why);
+        }
         // Unmapped whatever the wait says: a region whose work may still run keeps its
         // IOVA range out of circulation (quarantined) until the work is proven done.
-        inner.retire(&victims, super::UnmapReason::Invalidation(cause));
+        inner.retire(&victims, why);
+        if waited.is_ok() {
+            for (r, ks) in &chunked {
+                inner.unmap_some_chunks(r, ks, why);
+            }
+        } else {
+            // The work may still run: a chunk re-pinned at the same IOVA could be
+            // reached by it. The regions go whole instead, their IOVA ranges quarantined.
+            inner.retire_whole(chunked.into_iter().map(|(r, _)| r), why);
+        }
         for r in &downgrades {
             inner.tell_downgrading(r);
             let ro = read_only(r.perm).expect("only readable regions are downgraded");
-            match inner.driver.domain().set_perm(r.iova, r.len(), ro) {
+            match inner.set_region_perm(r, ro, false) {
                 Ok(()) => Stats::add(&inner.stats.downgrades, 1),
                 Err(e) => tracing::error!("downgrading region: {e}"),
             }
@@ -234,20 +277,30 @@ impl Registry {
 
     pub(super) fn restore(&self, range: &Range<u64>) {
         let inner = &*self.inner;
-        let g = inner.notifier.read();
-        for slot in 0..3 {
-            for (rr, r) in g.maps[slot].overlapping(range.clone()) {
-                // Only a region wholly inside the upgraded range gets write back: part
-                // of one that sticks out may still be read-only in the process.
-                let inside = range.start <= rr.start && rr.end <= range.end;
-                // Relaxed: a flag; set_perm's own lock orders the device update.
-                if inside && r.downgraded.swap(false, Ordering::Relaxed) {
-                    if let Err(e) = inner.driver.domain().set_perm(r.iova, r.len(), r.perm) {
-                        tracing::error!("restoring region permissions: {e}");
-                    } else {
-                        Stats::add(&inner.stats.restores, 1);
+        let mut up = Vec::new();
+        {
+            let g = inner.notifier.read();
+            for slot in 0..3 {
+                for (rr, r) in g.maps[slot].overlapping(range.clone()) {
+                    // Only a region wholly inside the upgraded range gets write back:
+                    // part of one that sticks out may still be read-only in the process.
+                    let inside = range.start <= rr.start && rr.end <= range.end;
+                    // Relaxed: a flag; the region's mutex orders the device update.
+                    if inside && r.downgraded.swap(false, Ordering::Relaxed) {
+                        up.push(r.clone());
                     }
                 }
+            }
+        }
+        // Outside the notifier lock (a region's mutex is never taken under it). A
+        // downgrade that came in between has set the flag again: it makes the mapping
+        // read-only after taking the same mutex, or already did, and then this skips.
+        for r in up {
+            let perm = r.perm;
+            if let Err(e) = inner.set_region_perm(&r, perm, true) {
+                tracing::error!("restoring region permissions: {e}");
+            } else {
+                Stats::add(&inner.stats.restores, 1);
             }
         }
     }

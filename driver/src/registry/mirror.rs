@@ -71,8 +71,19 @@ impl super::Inner {
     }
 
     pub(super) fn tell_unmapping(&self, r: &super::region::Region, why: UnmapReason) {
+        self.tell_unmapping_range(r.range.clone(), r.iova, r.len(), why);
+    }
+
+    /// Part of a region (chunks) is about to be unmapped: `host` at `iova`.
+    pub(super) fn tell_unmapping_range(
+        &self,
+        host: Range<u64>,
+        iova: u64,
+        len: u64,
+        why: UnmapReason,
+    ) {
         for m in self.live_mirrors() {
-            m.unmapping(r.range.clone(), r.iova, r.len(), why);
+            m.unmapping(host.clone(), iova, len, why);
         }
     }
 

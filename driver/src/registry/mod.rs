@@ -5,7 +5,10 @@
 //!   application asked for. It is resolved, on every submission, to a **region**: a
 //!   pinned, IOVA-mapped range of one permission. Regions of one permission never
 //!   overlap; a registration over, next to, or partly over existing regions pins their
-//!   union and retires them (*merge*), so the mapping count stays low.
+//!   union and retires them (*merge*), so the mapping count stays low. A large region
+//!   is mapped as chunks (`chunks`: 2 MiB by default, inside one IOVA range), so a
+//!   small invalidation inside it unmaps one chunk, which the next use re-pins, instead
+//!   of the whole region.
 //! * Regions outlive submissions (lazy unpin) until an invalidation or an eviction
 //!   (clock/LRU under a pinned-bytes budget and the domain's mapping-count limit;
 //!   regions with device work in flight are never evicted).
@@ -66,7 +69,8 @@
 //! Files, one concept each: this one (the types: [`Registry`], [`Userptr`],
 //! [`Invalidation`], the index), [`notifier`] (the contract and its primitives),
 //! `cause` (the policy per cause), `config` ([`RegistryConfig`]), `region` (a pinned
-//! region, its fences and holds), `pin` (the miss path: resolve, merge, pin, install),
+//! region, its fences and holds), `chunks` (how a region is mapped in pieces), `pin` (the miss path: resolve, merge, pin, install),
+//! `repin` (re-pinning the chunks a partial invalidation took),
 //! `submit` (the read side), `invalidate` (the write side: retire, downgrade, wait,
 //! split, restore), `evict` (clock eviction under the budget and the domain's limits),
 //! `teardown` (waiting for the device, resetting it, unmapping, the registry's drop),
@@ -74,6 +78,7 @@
 //! cross-check).
 
 mod cause;
+mod chunks;
 mod config;
 mod evict;
 pub mod interval;
@@ -82,6 +87,7 @@ pub mod mirror;
 pub mod notifier;
 mod pin;
 mod region;
+mod repin;
 mod stats;
 mod submit;
 mod teardown;
@@ -139,6 +145,11 @@ struct Inner {
     /// The most mappings the whole domain may hold before this registry maps no more
     /// (its limit less [`RESERVED_MAPPINGS`]).
     domain_cap: usize,
+    /// The chunk size (`RegistryConfig::chunk_size` rounded up to a power of two of
+    /// at least a page; 0: no chunks) and the most chunks one region is mapped as
+    /// (`chunks::geometry`).
+    chunk: u64,
+    chunk_cap: usize,
     pinned: AtomicU64,
     mappings: AtomicUsize,
     stats: Stats,
@@ -192,6 +203,25 @@ pub struct RegionInfo {
     pub iova: u64,
     /// Made device-read-only by a protection downgrade.
     pub device_read_only: bool,
+    /// Host ranges of the region's chunks that a partial invalidation unmapped and no
+    /// use has re-pinned yet (ascending): the device reaches nothing there until then.
+    pub missing: Vec<Range<u64>>,
+}
+
+impl RegionInfo {
+    /// The largest part of the region around `within` (which must lie in it) that has
+    /// no missing chunk: where the device can reach the memory now.
+    pub fn mapped_run(&self, within: &Range<u64>) -> Range<u64> {
+        let mut run = self.range.clone();
+        for m in &self.missing {
+            if m.end <= within.start {
+                run.start = run.start.max(m.end);
+            } else if within.end <= m.start {
+                run.end = run.end.min(m.start);
+            }
+        }
+        run
+    }
 }
 
 /// An open invalidation (between `invalidate_start` and `invalidate_end`). Dropping
@@ -257,6 +287,10 @@ impl Registry {
             .saturating_sub(RESERVED_MAPPINGS)
             .max(1);
         let max_mappings = cfg.max_mappings.unwrap_or(domain_cap).clamp(1, domain_cap);
+        let chunk = match cfg.chunk_size {
+            0 => 0,
+            c => c.max(PAGE).checked_next_power_of_two().unwrap_or(1 << 63),
+        };
         let inner = Arc::new(Inner {
             driver,
             notifier: Notifier::new(Index::default()),
@@ -264,6 +298,8 @@ impl Registry {
             budget,
             max_mappings,
             domain_cap,
+            chunk,
+            chunk_cap: max_mappings / 32,
             pinned: AtomicU64::new(0),
             mappings: AtomicUsize::new(0),
             stats: Stats::default(),
@@ -358,6 +394,10 @@ impl Registry {
                 iova: r.iova,
                 // Relaxed: a reading for display.
                 device_read_only: r.downgraded.load(Ordering::Relaxed),
+                missing: (0..r.chunks.count())
+                    .filter(|&k| !r.chunks.is_present(k))
+                    .map(|k| r.chunks.range_of(k))
+                    .collect(),
             })
             .collect()
     }
@@ -502,6 +542,13 @@ impl Registry {
         self.check_owner(u)?;
         let (r, _) = self.resolve(u)?;
         Ok(r.iova + (u.addr - r.range.start))
+    }
+}
+
+impl Inner {
+    /// How a new region over `range` is mapped.
+    fn chunks_for(&self, range: &Range<u64>) -> chunks::Chunks {
+        chunks::Chunks::new(range.clone(), self.chunk, self.chunk_cap)
     }
 }
 

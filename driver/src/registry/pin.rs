@@ -2,6 +2,7 @@
 //! neighbours) outside every lock, and installing the pin unless an invalidation
 //! raced it (the fresh-pin half of the notifier contract).
 
+use super::chunks::Chunks;
 use super::region::{perm_slot, read_only, Held, Region};
 use super::stats::Stats;
 use super::{validate, Cause, Registry, Userptr, PAGE};
@@ -33,14 +34,15 @@ impl Registry {
         let inner = &*self.inner;
         let slot = perm_slot(u.perm);
         let mut downgrade_waits = 0;
+        let mut gone = 0;
         loop {
             let hit = {
                 let g = inner.notifier.read();
                 g.maps[slot]
                     .covering(u.pages.clone())
-                    .map(|(_, r)| (Held::new(r), r.epoch.get()))
+                    .map(|(_, r)| (Held::new(r), r.epoch.get(), r.chunks.present(&u.pages)))
             };
-            let Some((r, seq)) = hit else { break };
+            let Some((r, seq, present)) = hit else { break };
             // Relaxed: the clock bit is a hint for eviction.
             r.accessed.store(true, Ordering::Relaxed);
             // A downgrade in progress: no submission until the device mapping is
@@ -58,6 +60,25 @@ impl Registry {
                 let inv = self.invalidate_start(u.pages.clone(), Cause::Release)?;
                 self.invalidate_end(inv);
                 break;
+            }
+            if !present {
+                // A partial invalidation unmapped chunks the reference needs: re-pin
+                // them at the same IOVA. `None`: the region left the index meanwhile.
+                Stats::add(&inner.stats.misses, 1);
+                match self.repin(&r, &u.pages)? {
+                    Some(seq) => return Ok((r, seq)),
+                    None => {
+                        drop(r);
+                        gone += 1;
+                        if gone > inner.cfg.submit_retries.max(1) {
+                            return Err(Error::TooManyRetries {
+                                what: "a lookup of a region that keeps going away",
+                                retries: gone - 1,
+                            });
+                        }
+                        continue;
+                    }
+                }
             }
             Stats::add(&inner.stats.hits, 1);
             return Ok((r, seq));
@@ -103,8 +124,43 @@ impl Registry {
         let off = ((pages.start - r.range.start) / PAGE) as usize;
         let n = ((pages.end - pages.start) / PAGE) as usize;
         match validate::pfns(pages.start, pages.end) {
-            Ok(now) => now == pinned[off..off + n],
+            Ok(now) => now == crate::driver_section::lock(pinned)[off..off + n],
             Err(_) => true,
+        }
+    }
+
+    /// Wait (bounded) until no invalidation window is open over `want`; with `may_wait`
+    /// false, an open window is an error instead.
+    pub(super) fn wait_window(&self, want: &Range<u64>, may_wait: bool) -> Result<()> {
+        let inner = &*self.inner;
+        if !inner.notifier.window_open(want) {
+            return Ok(());
+        }
+        if !may_wait {
+            return Err(Error::InvalidationFailed {
+                start: want.start,
+                end: want.end,
+                reason: "an invalidation window is open on the range".into(),
+            });
+        }
+        let _span =
+            tracing::debug_span!("window_wait", start = want.start, end = want.end).entered();
+        let t0 = Instant::now();
+        match inner
+            .notifier
+            .wait_no_window_for(want, inner.cfg.window_timeout)
+        {
+            Some(true) => {
+                Stats::add(&inner.stats.window_waits, 1);
+                Stats::add(&inner.stats.window_wait_ns, t0.elapsed().as_nanos() as u64);
+                Ok(())
+            }
+            Some(false) => Ok(()),
+            None => Err(Error::WindowTimeout {
+                start: want.start,
+                end: want.end,
+                waited_ms: millis(inner.cfg.window_timeout),
+            }),
         }
     }
 
@@ -143,35 +199,7 @@ impl Registry {
         loop {
             // The generation first, then the window wait: see InvalidationLog.
             let gen = inner.notifier.read().invalidations.generation();
-            if !may_wait && inner.notifier.window_open(&want) {
-                return Err(Error::InvalidationFailed {
-                    start: want.start,
-                    end: want.end,
-                    reason: "an invalidation window is open on the range".into(),
-                });
-            }
-            if inner.notifier.window_open(&want) {
-                let _span = tracing::debug_span!("window_wait", start = want.start, end = want.end)
-                    .entered();
-                let t0 = Instant::now();
-                match inner
-                    .notifier
-                    .wait_no_window_for(&want, inner.cfg.window_timeout)
-                {
-                    Some(true) => {
-                        Stats::add(&inner.stats.window_waits, 1);
-                        Stats::add(&inner.stats.window_wait_ns, t0.elapsed().as_nanos() as u64);
-                    }
-                    Some(false) => {}
-                    None => {
-                        return Err(Error::WindowTimeout {
-                            start: want.start,
-                            end: want.end,
-                            waited_ms: millis(inner.cfg.window_timeout),
-                        })
-                    }
-                }
-            }
+            self.wait_window(&want, may_wait)?;
             let mut range = want.clone();
             if merge {
                 let g = inner.notifier.read();
@@ -203,28 +231,32 @@ impl Registry {
                     budget: inner.budget,
                 });
             }
-            inner.make_room(len)?;
+            let mut chunks = inner.chunks_for(&range);
+            inner.make_room(len, chunks.count())?;
             let pin_span =
                 tracing::debug_span!("pin", start = range.start, end = range.end).entered();
-            let iova = match self.map_pinned(range.start, len, map_perm) {
+            let iova = match self.map_region(&range, &chunks, map_perm) {
                 Ok(iova) => iova,
                 // A merged neighbour may cover memory that is gone: pin just the range.
                 Err(Error::BadAddress { .. }) if range != want => {
                     range = want.clone();
-                    self.map_pinned(range.start, range.end - range.start, map_perm)?
+                    chunks = inner.chunks_for(&range);
+                    self.map_region(&range, &chunks, map_perm)?
                 }
                 Err(e) => return Err(e),
             };
             drop(pin_span);
             let len = range.end - range.start;
             let pfns = if inner.cfg.validate {
-                validate::pfns(range.start, range.end).ok()
+                validate::pfns(range.start, range.end)
+                    .ok()
+                    .map(std::sync::Mutex::new)
             } else {
                 None
             };
             let region = Arc::new(Region {
                 pfns,
-                ..Region::new(range.clone(), perm, iova, device_ro)
+                ..Region::new(range.clone(), perm, iova, device_ro, chunks)
             });
             // Widen the pre-check bounds before the region becomes visible.
             // Release: see may_overlap.
@@ -233,7 +265,8 @@ impl Registry {
             let mut g = inner.notifier.write();
             if g.invalidations.invalidated_since(gen, &range) {
                 drop(g);
-                let _ = inner.driver.unmap_raw(iova, len);
+                // Never installed, never counted: unmapped and given back at once.
+                let _ = inner.unmap_chunks(&region, Vec::new());
                 Stats::add(&inner.stats.retries, 1);
                 retries += 1;
                 if retries > inner.cfg.submit_retries {
@@ -284,7 +317,9 @@ impl Registry {
             // Counted before the lock is released: once it is, an invalidation may
             // unmap the region and uncount it.
             inner.pinned.fetch_add(len, Ordering::Relaxed);
-            inner.mappings.fetch_add(1, Ordering::Relaxed);
+            inner
+                .mappings
+                .fetch_add(region.chunks.count(), Ordering::Relaxed);
             drop(g);
             Stats::add(&inner.stats.pins, 1);
             Stats::add(&inner.stats.pinned_bytes, len);
@@ -300,7 +335,7 @@ impl Registry {
 
     /// Call the observers of new regions: outside every lock and outside the driver
     /// section (an observer may be application code).
-    fn tell_observers(&self, range: &Range<u64>) {
+    pub(super) fn tell_observers(&self, range: &Range<u64>) {
         let observers: Vec<_> = self
             .inner
             .observers
@@ -314,22 +349,52 @@ impl Registry {
         }
     }
 
-    /// Map and pin `[host, host + len)`, handling the kernel's and the domain's
-    /// refusals: `EAGAIN` ([`Error::PinAgain`]) is retried a few times with a short
-    /// back-off; no room ([`Error::PinLimit`]: the locked-memory limit or the kernel's
-    /// memory; [`Error::TooManyMappings`], [`Error::IovaExhausted`]: the domain's
-    /// slots or IOVA space) evicts idle regions worth `len` bytes and a mapping (this
-    /// registry's first, then those of the other caches on the driver) and tries
-    /// again, a bounded number of times. What still fails is returned, counted in
-    /// `pin_failures`.
-    pub(super) fn map_pinned(&self, host: u64, len: u64, perm: Perm) -> Result<u64> {
+    /// Reserve the IOVA range of a new region over `range` and map its chunks there
+    /// (see [`Registry::with_room`] for the refusals handled). On an error nothing is
+    /// left mapped or reserved.
+    fn map_region(&self, range: &Range<u64>, chunks: &Chunks, perm: Perm) -> Result<u64> {
+        let inner = &*self.inner;
+        let len = range.end - range.start;
+        let iova = self.with_room(len, || inner.driver.reserve_iova(range.start, len))?;
+        for k in 0..chunks.count() {
+            let host = chunks.range_of(k);
+            let at = iova + chunks.offset_of(k);
+            let clen = host.end - host.start;
+            if let Err(e) = self.with_room(clen, || {
+                inner.driver.map_user_at(at, host.start, clen, perm)
+            }) {
+                for j in 0..k {
+                    let h = chunks.range_of(j);
+                    if let Err(u) = inner
+                        .driver
+                        .unmap_at(iova + chunks.offset_of(j), h.end - h.start)
+                    {
+                        tracing::error!("unmapping a chunk of a failed pin: {u}");
+                    }
+                }
+                inner.driver.release_iova(iova, len, Vec::new());
+                return Err(e);
+            }
+        }
+        Ok(iova)
+    }
+
+    /// Run `op` (an IOVA reservation or a mapping of `len` bytes), handling the
+    /// kernel's and the domain's refusals: `EAGAIN` ([`Error::PinAgain`]) is retried a
+    /// few times with a short back-off; no room ([`Error::PinLimit`]: the locked-memory
+    /// limit or the kernel's memory; [`Error::TooManyMappings`],
+    /// [`Error::IovaExhausted`]: the domain's slots or IOVA space) evicts idle regions
+    /// worth `len` bytes and a mapping (this registry's first, then those of the other
+    /// caches on the driver) and tries again, a bounded number of times. What still
+    /// fails is returned, counted in `pin_failures`.
+    pub(super) fn with_room<T>(&self, len: u64, mut op: impl FnMut() -> Result<T>) -> Result<T> {
         const AGAIN_TRIES: u32 = 4;
         let inner = &*self.inner;
         let mut again = 0;
         let mut reclaims = 0;
         loop {
-            match inner.driver.map_user_pages(host, len, perm) {
-                Ok(iova) => return Ok(iova),
+            match op() {
+                Ok(v) => return Ok(v),
                 Err(Error::PinAgain { .. }) if again < AGAIN_TRIES => {
                     again += 1;
                     Stats::add(&inner.stats.pin_retries, 1);
@@ -345,7 +410,7 @@ impl Registry {
                 }
                 Err(e) => {
                     Stats::add(&inner.stats.pin_failures, 1);
-                    let _slow = tracing::debug_span!("pin_failed", host, len, %e).entered();
+                    let _slow = tracing::debug_span!("pin_failed", len, %e).entered();
                     return Err(e);
                 }
             }

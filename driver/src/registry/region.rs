@@ -1,6 +1,8 @@
-//! A region: a pinned, IOVA-mapped range of one permission, the fences of the device
-//! work that may still reach it, and the holds of the batches resolving it now.
+//! A region: a pinned, IOVA-mapped range of one permission (mapped as one or more
+//! chunks, `chunks`), the fences of the device work that may still reach it, and the
+//! holds of the batches resolving it now.
 
+use super::chunks::Chunks;
 use super::notifier::Epoch;
 use crate::iommu::Perm;
 use crate::submitter::FenceTracker;
@@ -39,15 +41,25 @@ pub(super) struct Region {
     /// resolving one reference of a batch never evicts another reference of it.
     pub(super) users: AtomicUsize,
     pub(super) inflight: Mutex<Vec<InFlight>>,
-    pub(super) pfns: Option<Vec<u64>>,
+    /// Validation mode: the frames pinned, per page (a chunk re-pin updates its part).
+    pub(super) pfns: Option<Mutex<Vec<u64>>>,
+    /// How the region is mapped: chunks at `iova + offset` inside one reservation.
+    pub(super) chunks: Chunks,
 }
 
 impl Region {
-    pub(super) fn new(range: Range<u64>, perm: Perm, iova: u64, device_ro: bool) -> Region {
+    pub(super) fn new(
+        range: Range<u64>,
+        perm: Perm,
+        iova: u64,
+        device_ro: bool,
+        chunks: Chunks,
+    ) -> Region {
         Region {
             range,
             perm,
             iova,
+            chunks,
             epoch: Epoch::new(),
             downgraded: AtomicBool::new(device_ro),
             perm_pending: AtomicBool::new(false),
@@ -60,6 +72,25 @@ impl Region {
 
     pub(super) fn len(&self) -> u64 {
         self.range.end - self.range.start
+    }
+
+    /// Chunk `k`'s host range and IOVA.
+    pub(super) fn chunk(&self, k: usize) -> (Range<u64>, u64) {
+        (
+            self.chunks.range_of(k),
+            self.iova + self.chunks.offset_of(k),
+        )
+    }
+
+    /// What the device may do through the region's mappings now: read-only once
+    /// downgraded (see `read_only`). Read under the notifier lock.
+    pub(super) fn map_perm(&self) -> Option<Perm> {
+        // Relaxed: downgraded is written only under the exclusive lock.
+        if self.downgraded.load(Ordering::Relaxed) {
+            read_only(self.perm)
+        } else {
+            Some(self.perm)
+        }
     }
 
     pub(super) fn idle(&self) -> bool {

@@ -58,6 +58,8 @@ counters! {
     unpinned_bytes: "Bytes unpinned, cumulative.",
     merges: "Regions merged into a larger new one.",
     splits: "Regions split by a partial invalidation (surviving parts re-mapped).",
+    chunk_unmaps: "Chunks of a region unmapped by a partial invalidation (the rest stays mapped).",
+    chunk_repins: "Chunks of a region re-pinned at their IOVA after a partial invalidation unmapped them.",
     downgrades: "Regions made device-read-only by a protection downgrade.",
     restores: "Downgraded regions given their write permission back by an upgrade.",
     retries: "Submissions or pins retried because an invalidation hit them.",

@@ -152,7 +152,9 @@ impl Registry {
             for r in runs {
                 let len = r.end - r.start;
                 need = need.saturating_add(len);
-                mappings = mappings.saturating_add(len.div_ceil(max_len) as usize);
+                // As many mappings as its regions are mapped as (their chunks).
+                let n = super::chunks::geometry(&r, inner.chunk, inner.chunk_cap).2;
+                mappings = mappings.saturating_add(n.max(len.div_ceil(max_len) as usize));
             }
         }
         if need > inner.budget || mappings > inner.max_mappings {
@@ -189,6 +191,10 @@ impl Registry {
             // Relaxed: under the shared lock, which orders it after the downgrade's
             // exclusive section that set it; the general path waits for it to clear.
             if r.perm_pending.load(Ordering::Relaxed) {
+                return None;
+            }
+            // A chunk a partial invalidation took: the general path re-pins it.
+            if !r.chunks.present(&u.pages) {
                 return None;
             }
             hits.push((Held::new(r), r.epoch.get()));

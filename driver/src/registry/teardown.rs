@@ -29,16 +29,15 @@ impl Inner {
         );
         self.tell_unmapping(r, why);
         let pending: Vec<InFlight> = r.inflight().into_iter().filter(|w| !w.done()).collect();
-        let res = if pending.is_empty() {
-            self.driver.unmap_raw(r.iova, r.len()).map(|()| false)
-        } else {
-            self.driver.unmap_fenced(r.iova, r.len(), pending)
-        };
-        match res {
-            Ok(quarantined) => {
+        match self.unmap_chunks(r, pending) {
+            Ok((bytes, n, quarantined)) => {
                 if quarantined {
                     Stats::add(&self.stats.quarantined, 1);
                 }
+                self.pinned.fetch_sub(bytes, Ordering::Relaxed);
+                self.mappings.fetch_sub(n, Ordering::Relaxed);
+                Stats::add(&self.stats.unpins, 1);
+                Stats::add(&self.stats.unpinned_bytes, bytes);
             }
             Err(e) => {
                 if !crate::fork::in_forked_child() {
@@ -48,13 +47,108 @@ impl Inner {
                         r.range.end
                     );
                 }
-                return;
             }
         }
-        self.pinned.fetch_sub(r.len(), Ordering::Relaxed);
-        self.mappings.fetch_sub(1, Ordering::Relaxed);
-        Stats::add(&self.stats.unpins, 1);
-        Stats::add(&self.stats.unpinned_bytes, r.len());
+    }
+
+    /// Unmap every mapped chunk of `r` and give its IOVA range back (quarantined while
+    /// `pending` may still run); after this nothing maps into it again. Returns the
+    /// bytes and mappings unmapped, and whether the range was quarantined. A chunk whose
+    /// unmap fails keeps the whole range out of the allocator (leaked, never reused).
+    pub(super) fn unmap_chunks(
+        &self,
+        r: &Region,
+        pending: Vec<InFlight>,
+    ) -> Result<(u64, usize, bool)> {
+        let mut maps = r.chunks.maps();
+        if maps.released {
+            return Ok((0, 0, false));
+        }
+        maps.released = true;
+        let (mut bytes, mut n, mut failed) = (0, 0, None);
+        for k in 0..r.chunks.count() {
+            if !maps.mapped[k] {
+                continue;
+            }
+            let (host, iova) = r.chunk(k);
+            let len = host.end - host.start;
+            match self.driver.unmap_at(iova, len) {
+                Ok(()) => {
+                    maps.mapped[k] = false;
+                    bytes += len;
+                    n += 1;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            None => Ok((bytes, n, self.driver.release_iova(r.iova, r.len(), pending))),
+            Some(e) => Err(e),
+        }
+    }
+
+    /// Unmap chunks `ks` of `r`, whose present bits the caller cleared (a partial
+    /// invalidation, after its fence wait), telling the mirrors first; the IOVA range
+    /// stays reserved for their re-pin. Nothing if the region was unmapped whole
+    /// meanwhile.
+    pub(super) fn unmap_some_chunks(&self, r: &Region, ks: &[usize], why: super::UnmapReason) {
+        for &k in ks {
+            let (host, iova) = r.chunk(k);
+            self.tell_unmapping_range(host.clone(), iova, host.end - host.start, why);
+        }
+        let mut maps = r.chunks.maps();
+        if maps.released {
+            return;
+        }
+        for &k in ks {
+            if !maps.mapped[k] {
+                continue;
+            }
+            let (host, iova) = r.chunk(k);
+            let len = host.end - host.start;
+            match self.driver.unmap_at(iova, len) {
+                Ok(()) => {
+                    maps.mapped[k] = false;
+                    self.pinned.fetch_sub(len, Ordering::Relaxed);
+                    self.mappings.fetch_sub(1, Ordering::Relaxed);
+                    Stats::add(&self.stats.chunk_unmaps, 1);
+                    Stats::add(&self.stats.unpinned_bytes, len);
+                }
+                // Left mapped (and not present): the region's unmap tries again.
+                Err(e) => tracing::error!("unmapping chunk {host:#x?} of a region: {e}"),
+            }
+        }
+    }
+
+    /// Set the device permission of every mapped chunk of `r` (a downgrade, or with
+    /// `restoring` its restore), under the region's mutex so that it never interleaves
+    /// with a chunk's re-pin or unmap. A restore finding the region downgraded again
+    /// does nothing: that downgrade sets its read-only permission after taking the same
+    /// mutex, or already has.
+    pub(super) fn set_region_perm(
+        &self,
+        r: &Region,
+        perm: crate::iommu::Perm,
+        restoring: bool,
+    ) -> Result<()> {
+        let maps = r.chunks.maps();
+        // Relaxed: the downgrade's swap comes before its own set_region_perm, ordered
+        // for this reading by the mutex when that one ran first.
+        if maps.released || (restoring && r.downgraded.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
+        let mut result = Ok(());
+        for k in (0..r.chunks.count()).filter(|&k| maps.mapped[k]) {
+            let (host, iova) = r.chunk(k);
+            if let Err(e) = self
+                .driver
+                .domain()
+                .set_perm(iova, host.end - host.start, perm)
+            {
+                result = Err(e);
+            }
+        }
+        result
     }
 
     /// Wait for `work` with one deadline (`fence_timeout`) for all of it; on timeout
