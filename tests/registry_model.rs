@@ -14,9 +14,16 @@
 //!   by the domain's mapping length and the pin budget; both are far above the test
 //!   buffer (asserted), so the union is always taken. The new region is not
 //!   device-read-only.
+//! * **chunks** (the registry runs with 4-page chunks here, so both kinds of region
+//!   occur): a region of more than 4 pages is mapped as aligned 4-page chunks (the
+//!   buffer starts on a chunk boundary), one of at most 4 pages as one mapping. A
+//!   registration that one region covers but that touches chunks of it a partial
+//!   invalidation took re-pins exactly those (a miss, the regions otherwise unchanged).
 //! * **invalidate** `[a, b)` (rounded out to pages), per cause:
-//!   - unmap, discard, remap, release, `mprotect` without read and write: every region
-//!     of every permission that overlaps the range is dropped; its parts outside the
+//!   - unmap, discard, remap, release, `mprotect` without read and write: a chunked
+//!     region the range does not wholly cover stays, less every chunk the range
+//!     touches; every other region of every permission that overlaps the range is
+//!     dropped; its parts outside the
 //!     range come back as new regions (split), device-read-only if the region was
 //!     (re-pinned writable they would hand the device write access to write-protected
 //!     memory);
@@ -39,9 +46,11 @@
 //! (the miss counter moves exactly on the model's misses, and `Registry::iova` of the
 //! registration lies in its region); regions of one permission never overlap and
 //! neither do their IOVA ranges; every page registered since its last invalidation is
-//! still covered; nothing survives an invalidation that drops; `pinned_bytes` is the
-//! sum of the regions, `mappings` their number, and so is the domain's own mapping
-//! count; `may_overlap` has no false negative; and `VmPin`, the kernel's count, moved
+//! still covered (mapped, or in a chunk its next use re-pins); a registration's pages
+//! are all mapped once it returns; nothing of the range stays mapped after an
+//! invalidation that drops; `pinned_bytes` is the sum of the regions less their
+//! missing chunks, `mappings` the number of chunks mapped, and so is the domain's own
+//! mapping count; `may_overlap` has no false negative; and `VmPin`, the kernel's count, moved
 //! since the driver and registry were created by exactly `pinned_bytes`.
 //!
 //! `VmPin` is exact here: the buffer is `MADV_NOHUGEPAGE` (io_uring accounts a large
@@ -65,6 +74,9 @@ use userptr::{Cause, Driver, Perm, Registry, RegistryConfig};
 
 const PAGES: usize = 64;
 const PAGE: usize = 4096;
+/// The registry's chunk size in the model's runs, in pages: small, so that regions of
+/// more than 4 pages are chunked and those of 4 or fewer are not (both paths run).
+const CHUNK: usize = 4;
 /// Model permission slots, in the registry's order.
 const PERMS: [Perm; 3] = [Perm::READ, Perm::WRITE, Perm::READ_WRITE];
 const PERM_NAMES: [&str; 3] = ["read", "write", "read-write"];
@@ -76,13 +88,55 @@ fn slot_of(p: Perm) -> usize {
         .expect("a modelled permission")
 }
 
-/// A region in the model: pages `start..end` of the buffer.
+/// A region in the model: pages `start..end` of the buffer, and its chunks a partial
+/// invalidation unmapped (page ranges, ascending).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct MRegion {
     slot: usize,
     start: usize,
     end: usize,
     read_only: bool,
+    missing: Vec<(usize, usize)>,
+}
+
+impl MRegion {
+    /// The region's chunks (pages; the buffer starts on a chunk boundary): one if it
+    /// is no larger than a chunk, else aligned pieces, the ends clipped.
+    fn chunks(&self) -> Vec<(usize, usize)> {
+        if self.end - self.start <= CHUNK {
+            return vec![(self.start, self.end)];
+        }
+        let mut v = Vec::new();
+        let mut at = self.start;
+        while at < self.end {
+            let e = ((at / CHUNK + 1) * CHUNK).min(self.end);
+            v.push((at, e));
+            at = e;
+        }
+        v
+    }
+
+    fn is_missing(&self, page: usize) -> bool {
+        self.missing.iter().any(|&(s, e)| s <= page && page < e)
+    }
+
+    /// Pages mapped now, and mappings (chunks) mapped now.
+    fn mapped(&self) -> (usize, usize) {
+        let gone: usize = self.missing.iter().map(|(s, e)| e - s).sum();
+        (
+            self.end - self.start - gone,
+            self.chunks().len() - self.missing.len(),
+        )
+    }
+}
+
+/// What a registration did in the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Hit,
+    /// A region covered it but some chunks it touches were missing: re-pinned.
+    Repin,
+    Miss,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,12 +198,14 @@ fn ro_leftovers(r: &MRegion, start: usize, end: usize) -> Vec<MRegion> {
     if r.start < start {
         v.push(MRegion {
             end: start,
+            missing: Vec::new(),
             ..r.clone()
         });
     }
     if end < r.end {
         v.push(MRegion {
             start: end,
+            missing: Vec::new(),
             ..r.clone()
         });
     }
@@ -176,10 +232,20 @@ impl Model {
             .any(|r| r.slot == slot && r.start <= want.start && want.end <= r.end)
     }
 
-    /// Register pages `want` with permission `slot`; returns whether it was a miss.
-    fn register(&mut self, slot: usize, want: std::ops::Range<usize>) -> bool {
-        if self.covered(slot, &want) {
-            return false;
+    /// Register pages `want` with permission `slot`.
+    fn register(&mut self, slot: usize, want: std::ops::Range<usize>) -> Outcome {
+        if let Some(r) = self
+            .regions
+            .iter_mut()
+            .find(|r| r.slot == slot && r.start <= want.start && want.end <= r.end)
+        {
+            let before = r.missing.len();
+            r.missing.retain(|&(s, e)| e <= want.start || want.end <= s);
+            return if r.missing.len() == before {
+                Outcome::Hit
+            } else {
+                Outcome::Repin
+            };
         }
         let (mut start, mut end) = (want.start, want.end);
         self.regions.retain(|r| {
@@ -208,8 +274,9 @@ impl Model {
             start,
             end,
             read_only: false,
+            missing: Vec::new(),
         });
-        true
+        Outcome::Miss
     }
 
     fn invalidate(&mut self, range: std::ops::Range<usize>, action: Action) {
@@ -232,6 +299,18 @@ impl Model {
                         kept.push(r);
                         continue;
                     }
+                    // A partial drop of a chunked region: the chunks the range touches
+                    // go, the region stays.
+                    if action == Action::Drop && !inside(&r) && r.chunks().len() > 1 {
+                        for c in r.chunks() {
+                            if c.0 < range.end && range.start < c.1 && !r.missing.contains(&c) {
+                                r.missing.push(c);
+                            }
+                        }
+                        r.missing.sort();
+                        kept.push(r);
+                        continue;
+                    }
                     if action == Action::Downgrade {
                         if PERMS[r.slot] == Perm::READ {
                             kept.push(r);
@@ -249,12 +328,14 @@ impl Model {
                     if r.start < range.start {
                         survivors.push(MRegion {
                             end: range.start,
+                            missing: Vec::new(),
                             ..r.clone()
                         });
                     }
                     if range.end < r.end {
                         survivors.push(MRegion {
                             start: range.end,
+                            missing: Vec::new(),
                             ..r
                         });
                     }
@@ -377,8 +458,15 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
     settle_vm_pin();
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
-    let reg = Registry::new(drv.clone(), RegistryConfig::default());
-    let buf = Anon::new(PAGES * PAGE);
+    let reg = Registry::new(
+        drv.clone(),
+        RegistryConfig {
+            chunk_size: (CHUNK * PAGE) as u64,
+            ..RegistryConfig::default()
+        },
+    );
+    // One chunk more than the model's pages, so that they can start on a chunk boundary.
+    let buf = Anon::new((PAGES + CHUNK) * PAGE);
     // 4 KiB pages only, so that VmPin counts what the registry counts (see the top).
     buf.madvise(libc::MADV_NOHUGEPAGE);
     // The model takes every union; make sure the limits cannot refuse one: all
@@ -396,7 +484,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
     // themselves is not the registry's regions.
     let vm_pin0 = pinned_bytes().expect("VmPin readable");
     let dom_maps0 = drv.domain().mappings();
-    let base = buf.addr;
+    let base = buf.addr.next_multiple_of(CHUNK * PAGE);
     let page_addr = |p: usize| (base + p * PAGE) as u64;
     let mut model = Model::default();
     // Pages a registration made since their last invalidation need covered, per
@@ -471,18 +559,18 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let u = reg
                     .register_test(base + start, end - start, PERMS[slot])
                     .unwrap();
-                let miss = model.register(slot, want.clone());
+                let outcome = model.register(slot, want.clone());
                 needed[slot].extend(want.clone());
                 let s = reg.stats();
                 prop_assert_eq!(
                     s.misses - stats0.misses,
-                    miss as u64,
+                    (outcome != Outcome::Hit) as u64,
                     "step {}: the lookup disagrees on hit/miss for pages {:?} ({})",
                     step,
                     want,
                     PERM_NAMES[slot]
                 );
-                registered = Some((u, slot, want, miss));
+                registered = Some((u, slot, want, outcome));
             }
             Op::Beside { .. } | Op::Around { .. } => unreachable!("resolved above"),
             Op::Invalidate { start, end, cause } => {
@@ -502,16 +590,23 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 if action == Action::Drop {
+                    // Nothing of the range stays mapped: a region overlapping it is
+                    // chunked and has lost every chunk there.
                     for r in reg.regions() {
-                        prop_assert!(
-                            r.range.end <= page_addr(pages.start)
-                                || page_addr(pages.end) <= r.range.start,
-                            "step {}: region {:x?} survived the invalidation ({:?}) of pages {:?}",
-                            step,
-                            r.range,
-                            cause,
-                            pages
-                        );
+                        for p in pages.clone() {
+                            let at = page_addr(p);
+                            prop_assert!(
+                                !r.range.contains(&at) || r.missing.iter().any(|m| m.contains(&at)),
+                                "step {}: page {} of region {:x?} survived the invalidation \
+                                 ({:?}) of pages {:?} (missing {:x?})",
+                                step,
+                                p,
+                                r.range,
+                                cause,
+                                pages,
+                                r.missing
+                            );
+                        }
                     }
                 }
             }
@@ -527,11 +622,17 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 step,
                 r.range
             );
+            let page_of = |a: u64| (a - page_addr(0)) as usize / PAGE;
             actual.push(MRegion {
                 slot: slot_of(r.perm),
-                start: (r.range.start - page_addr(0)) as usize / PAGE,
-                end: (r.range.end - page_addr(0)) as usize / PAGE,
+                start: page_of(r.range.start),
+                end: page_of(r.range.end),
                 read_only: r.device_read_only,
+                missing: r
+                    .missing
+                    .iter()
+                    .map(|m| (page_of(m.start), page_of(m.end)))
+                    .collect(),
             });
         }
         actual.sort();
@@ -546,7 +647,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             );
         }
         // The merge property, stated on its own before the model comparison.
-        if let Some((u, slot, want, miss)) = &registered {
+        if let Some((u, slot, want, outcome)) = &registered {
             let holder = actual
                 .iter()
                 .find(|r| r.slot == *slot && r.start <= want.start && want.end <= r.end);
@@ -559,7 +660,14 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 actual
             );
             let holder = holder.unwrap().clone();
-            if *miss {
+            prop_assert!(
+                want.clone().all(|p| !holder.is_missing(p)),
+                "step {}: pages {:?} registered but a chunk of them is not mapped: {:?}",
+                step,
+                want,
+                holder
+            );
+            if *outcome == Outcome::Miss {
                 let (absorbed, others): (Vec<_>, Vec<_>) = before.iter().cloned().partition(|r| {
                     r.slot == *slot && !r.read_only && r.start <= want.end && want.start <= r.end
                 });
@@ -616,7 +724,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     "step {}: a miss changed more than the merged regions",
                     step
                 );
-            } else {
+            } else if *outcome == Outcome::Hit {
                 prop_assert_eq!(
                     &actual,
                     &before,
@@ -656,6 +764,8 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             for &p in &needed[slot] {
                 prop_assert!(
+                    // (Mapped, or in a chunk the invalidation of a neighbouring page
+                    // took, which its next use re-pins.)
                     mine.iter().any(|r| r.start <= p && p < r.end),
                     "step {}: page {} ({}) is not covered",
                     step,
@@ -692,22 +802,21 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
             "step {}: VmPin moved by other than the registry's pinned bytes",
             step
         );
-        let sum: u64 = regions.iter().map(|r| r.range.end - r.range.start).sum();
+        // What is mapped: the regions less their missing chunks.
+        let (pages, maps) = actual
+            .iter()
+            .map(MRegion::mapped)
+            .fold((0, 0), |(p, m), (a, b)| (p + a, m + b));
         prop_assert_eq!(
             reg.pinned_bytes(),
-            sum,
-            "step {}: pinned bytes are not the regions' sum",
+            (pages * PAGE) as u64,
+            "step {}: pinned bytes are not the regions' mapped sum",
             step
         );
-        prop_assert_eq!(
-            reg.mappings(),
-            regions.len(),
-            "step {}: mapping count",
-            step
-        );
+        prop_assert_eq!(reg.mappings(), maps, "step {}: mapping count", step);
         prop_assert_eq!(
             drv.domain().mappings() - dom_maps0,
-            regions.len(),
+            maps,
             "step {}: domain mapping count",
             step
         );
