@@ -24,6 +24,7 @@ export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom
 cargo test -p userptr-ring --test loom --release
 cargo test -p userptr-driver --test loom_notifier --release
 cargo test -p userptr-driver --test loom_registry --release
+cargo test -p userptr-driver --test loom_chunks --release
 cargo test -p userptr-driver --test loom_gpuvm --release
 cargo test -p userptr-driver --test loom_bo --release
 unset RUSTFLAGS CARGO_TARGET_DIR

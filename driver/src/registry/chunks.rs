@@ -27,7 +27,14 @@
 //! a mutex its caller holds.
 //!
 //! A region of one chunk (small, or chunking off, or a domain with few mapping slots)
-//! behaves as a region always did: a partial invalidation drops and splits it.
+//! behaves as a region always did: a partial invalidation drops and splits it. A
+//! partial permission downgrade drops and splits a chunked region too (a chunk re-pinned
+//! writable over newly write-protected pages would fail).
+//!
+//! `driver/tests/loom_chunks.rs` model-checks a chunk's invalidation against a spanning
+//! submission and its re-pin; `tests/registry_chunks.rs` and the proptest model
+//! (`tests/registry_model.rs`, run with 4-page chunks) check the behaviour on the
+//! reference device.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -104,9 +104,15 @@ impl Registry {
                 let here = g.maps[slot]
                     .covering(r.range.start..r.range.start + 1)
                     .is_some_and(|(_, x)| Arc::ptr_eq(x, r));
+                // Every chunk the reference touches is present once this installs:
+                // freshly mapped here, or present all along (a clear since then would
+                // have been logged over `want` and failed the check before it).
                 let ok = here
                     && !g.invalidations.invalidated_since(gen, &want)
-                    && r.map_perm() == Some(perm);
+                    && r.map_perm() == Some(perm)
+                    && ks
+                        .clone()
+                        .all(|k| fresh.contains(&k) || r.chunks.is_present(k));
                 if ok {
                     for &k in &fresh {
                         r.chunks.set_present(k);
