@@ -225,13 +225,6 @@ impl Model {
         v
     }
 
-    /// Whether one region of `slot` covers every page of `want`.
-    fn covered(&self, slot: usize, want: &std::ops::Range<usize>) -> bool {
-        self.regions
-            .iter()
-            .any(|r| r.slot == slot && r.start <= want.start && want.end <= r.end)
-    }
-
     /// Register pages `want` with permission `slot`.
     fn register(&mut self, slot: usize, want: std::ops::Range<usize>) -> Outcome {
         if let Some(r) = self
