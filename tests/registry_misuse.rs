@@ -175,7 +175,7 @@ fn a_batch_hitting_an_oversized_cached_region_is_trimmed_once_and_fits() {
     reg.register_test(big.addr, 6 * MIB, Perm::READ_WRITE)
         .unwrap();
     let small = reg.register_test(big.addr, PAGE, Perm::READ_WRITE).unwrap();
-    assert_eq!(reg.mappings(), 1, "only the big region is cached");
+    assert_eq!(reg.regions().len(), 1, "only the big region is cached");
     let f = reg
         .submit(&q, &[&small, &u], |i| {
             vec![

@@ -340,7 +340,8 @@ impl Registry {
         self.inner.pinned.load(Ordering::Relaxed)
     }
 
-    /// Regions mapped now.
+    /// IOMMU mappings the registry holds now: one per mapped chunk of each region (a
+    /// region larger than [`RegistryConfig::chunk_size`] is mapped as several).
     pub fn mappings(&self) -> usize {
         self.inner.mappings.load(Ordering::Relaxed)
     }
