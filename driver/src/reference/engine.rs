@@ -29,6 +29,7 @@ use super::mmu::Mmu;
 use super::vm_exec::{Hold, Piece, Progress};
 use super::Shared;
 use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
+use crate::reference::fifo::Fifos;
 use crate::reference::uring_iommu::CHUNK;
 use crate::reference::vram::Vram;
 use std::sync::atomic::Ordering;
@@ -74,6 +75,8 @@ pub(super) struct Engine {
     pub(super) transfers: Vec<Transfer>,
     pub(super) fill_byte: Option<u8>,
     pub(super) staging: u64,
+    /// COPY's staging FIFOs, one per staging slot (none: COPY stages in VRAM).
+    pub(super) fifos: Fifos,
     /// Stage 1 of VM rings: the TLB and the page walker.
     pub(super) mmu: Mmu,
     /// The VM of the command executing now (0: none, addresses are IOVAs; always 0
@@ -87,7 +90,13 @@ pub(super) struct Engine {
 }
 
 impl Engine {
-    pub(super) fn new(shared: Arc<Shared>, port: DmaPort, vram: Vram, staging: u64) -> Engine {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        port: DmaPort,
+        vram: Vram,
+        staging: u64,
+        fifos: Fifos,
+    ) -> Engine {
         let g = &shared.gpu;
         let mmu = Mmu::new(g.pt.clone(), g.layout, g.tlb_entries as usize);
         Engine {
@@ -99,6 +108,7 @@ impl Engine {
             transfers: Vec::with_capacity(256),
             fill_byte: None,
             staging,
+            fifos,
             mmu,
             vm_id: 0,
             pieces: Vec::with_capacity(256),
