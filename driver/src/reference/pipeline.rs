@@ -18,6 +18,15 @@ use super::uring_iommu::CHUNK;
 use super::vm_exec::Progress;
 use userptr_ring::Descriptor;
 
+/// Most slot pairs a SAXPY keeps in flight. Enough for the kernel's workers to bring
+/// the next pairs in and send the last ones out while the engine computes on one
+/// (both cores busy), and no more: every pair more in flight costs CPU time per byte
+/// here, as the staging the pairs cycle through falls out of the caches (measured
+/// for 16 M elements: 16 pairs 57-61 ms of CPU, 8 pairs 48-54, 4 pairs 40-49).
+const SAXPY_PAIRS: u16 = 4;
+// Both stages of every pair have a tag of their own.
+const _: () = assert!(2 * SAXPY_PAIRS <= TAGS);
+
 /// The bookkeeping both pipelined commands share: the free slots, the chunk
 /// (offset, length) each busy slot carries, the next chunk to hand out, the first
 /// error, and the chunks finished past the all-done prefix (chunks finish out of
@@ -169,11 +178,11 @@ impl Engine {
         a: f32,
         prog: &mut Progress,
     ) -> Result<u64, DmaError> {
-        let slots = ((self.staging / (2 * CHUNK)) as usize).min(TAGS as usize / 2) as u16;
+        let slots = ((self.staging / (2 * CHUNK)) as usize).min(SAXPY_PAIRS as usize) as u16;
         let mut w = Window::new(slots, CHUNK, prog.done, d.len * 4);
-        // Pair k's x in slot k, its y in slot `slots + k`: with as many pairs as a
-        // multiple of the staging lanes (the default), both in the same lane, so
-        // that the kernel's worker on that lane brings a pair in whole before it
+        // Pair k's x in slot k, its y in slot `slots + k`: when the pairs are a
+        // multiple of the staging lanes (4 and 4 by default), both in the same lane,
+        // so that the kernel's worker on that lane brings a pair in whole before it
         // moves on, and the pairs of different lanes come in on different workers.
         let x_of = |k: u16| STAGING_OFF + k as u64 * CHUNK;
         let y_of = |k: u16| STAGING_OFF + (slots + k) as u64 * CHUNK;
