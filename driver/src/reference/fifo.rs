@@ -1,5 +1,5 @@
 //! The reference device's staging FIFOs: the buffers a COPY of IOVAs goes through
-//! (datasheet section 4.2). Each is a pipe, sized with `F_SETPIPE_SZ` to hold one
+//! (datasheet section 4.1). Each is a pipe, sized with `F_SETPIPE_SZ` to hold one
 //! copy chunk: the device reads a chunk of the source through the IOMMU into the FIFO
 //! (`WRITE_FIXED` from the source's pinned pages into the pipe), then writes it from
 //! the FIFO to the destination through the IOMMU (`READ_FIXED` from the pipe into the

@@ -63,7 +63,7 @@ pub struct ReferenceConfig {
     /// several files run in parallel (`vram` module doc).
     pub staging_lanes: usize,
     /// Whether COPY of IOVAs goes through staging FIFOs (pipes, one per 1 MiB of
-    /// staging; datasheet section 4.2) rather than the staging area of VRAM: the
+    /// staging; datasheet section 4.1) rather than the staging area of VRAM: the
     /// kernel's workers run transfers through different pipes in parallel.
     pub copy_fifos: bool,
     /// GPU virtual memory: page-table memory, device memory, the TLB.
