@@ -31,11 +31,14 @@ struct Fifo {
     write: OwnedFd,
 }
 
-/// The staging FIFOs of a device's COPY pipeline.
+/// The staging FIFOs of a device's COPY pipeline, made on first use
+/// ([`Fifos::ready`]).
 pub struct Fifos {
     fifos: Vec<Fifo>,
     broken: Vec<bool>,
     chunk: u64,
+    /// FIFOs to make on first use (0: made, or none wanted).
+    want: usize,
 }
 
 /// A fresh blocking pipe holding at least `want` bytes if the kernel lets it (else
@@ -71,8 +74,33 @@ fn pipe(want: u64) -> io::Result<(Fifo, u64)> {
 }
 
 impl Fifos {
-    /// `count` FIFOs of up to `chunk` bytes each (a power of two). The chunk the
-    /// pipeline uses is the least any of them holds, rounded down to a power of two.
+    /// `count` FIFOs of up to `chunk` bytes each (a power of two), made when the
+    /// first COPY asks for them ([`Fifos::ready`]): a pipe's capacity counts against
+    /// its user's pipe-page quota (`fs.pipe-user-pages-soft`) from the moment it is
+    /// sized, so a device that never copies takes none of it.
+    pub fn lazy(count: usize, chunk: u64) -> Fifos {
+        Fifos {
+            fifos: Vec::new(),
+            broken: Vec::new(),
+            chunk,
+            want: count,
+        }
+    }
+
+    /// Make the FIFOs if that is still to do. If the kernel refuses a pipe, there
+    /// are none (COPY stages in device memory) and the error is returned, once.
+    pub fn ready(&mut self) -> Result<()> {
+        if self.want == 0 {
+            return Ok(());
+        }
+        let want = std::mem::take(&mut self.want);
+        *self = Fifos::new(want, self.chunk)?;
+        Ok(())
+    }
+
+    /// `count` FIFOs of up to `chunk` bytes each (a power of two), made now. The
+    /// chunk the pipeline uses is the least any of them holds, rounded down to a
+    /// power of two.
     pub fn new(count: usize, chunk: u64) -> Result<Fifos> {
         let mut fifos = Vec::with_capacity(count);
         let mut least = chunk;
@@ -92,6 +120,7 @@ impl Fifos {
             broken: vec![false; fifos.len()],
             fifos,
             chunk,
+            want: 0,
         })
     }
 
@@ -165,6 +194,19 @@ fn drain(fd: RawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lazy FIFOs are made on the first `ready` only.
+    #[test]
+    fn lazy_fifos_are_made_when_first_ready() {
+        let mut f = Fifos::lazy(3, 1 << 20);
+        assert!(f.is_empty() && !f.usable(0));
+        f.ready().unwrap();
+        assert_eq!(f.len(), 3);
+        assert!(f.usable(2) && !f.usable(3));
+        let ends = f.ends(0);
+        f.ready().unwrap();
+        assert_eq!(f.ends(0), ends, "made once");
+    }
 
     /// A FIFO holds a whole chunk without a reader (the write half of a pair must
     /// never wait for the read half linked behind it), and a cleared one is empty.

@@ -63,8 +63,9 @@ pub struct ReferenceConfig {
     /// several files run in parallel (`vram` module doc).
     pub staging_lanes: usize,
     /// Whether COPY of IOVAs goes through staging FIFOs (pipes, one per 1 MiB of
-    /// staging; datasheet section 4.1) rather than the staging area of VRAM: the
-    /// kernel's workers run transfers through different pipes in parallel.
+    /// staging up to 16, made at the first COPY; datasheet section 4.1) rather than
+    /// the staging area of VRAM: the kernel's workers run transfers through different
+    /// pipes in parallel.
     pub copy_fifos: bool,
     /// GPU virtual memory: page-table memory, device memory, the TLB.
     pub gpu: GpuConfig,
@@ -356,10 +357,10 @@ impl ReferenceDevice {
         let mut vram = Vram::new((devmem_base + devmem_size) as usize)?;
         vram.stripe(engine::STAGING_OFF, staging, cfg.staging_lanes.clamp(1, 16))?;
         let fifos = if cfg.copy_fifos {
-            let slots = ((staging / uring_iommu::CHUNK) as usize).min(dma_port::TAGS as usize);
-            fifo::Fifos::new(slots, uring_iommu::CHUNK)?
+            let slots = ((staging / uring_iommu::CHUNK) as usize).min(engine::FIFOS);
+            fifo::Fifos::lazy(slots, uring_iommu::CHUNK)
         } else {
-            fifo::Fifos::new(0, uring_iommu::CHUNK)?
+            fifo::Fifos::lazy(0, uring_iommu::CHUNK)
         };
         let pt = Arc::new(vram.page_table_view(pt_base, pt_size)?);
         let aperture = crate::device::Aperture {

@@ -115,7 +115,14 @@ impl Engine {
         d: &Descriptor,
         prog: &mut Progress,
     ) -> Result<u64, DmaError> {
-        let slots = ((self.staging / CHUNK) as usize).min(TAGS as usize) as u16;
+        if let Err(e) = self.fifos.ready() {
+            tracing::warn!(error = %e, "no staging FIFOs: COPY stages in device memory");
+        }
+        let mut slots = ((self.staging / CHUNK) as usize).min(TAGS as usize) as u16;
+        if !self.fifos.is_empty() {
+            // One slot per FIFO: a slot without one would stage in device memory.
+            slots = slots.min(self.fifos.len() as u16);
+        }
         let chunk = if self.fifos.is_empty() {
             CHUNK
         } else {
