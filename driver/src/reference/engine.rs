@@ -304,6 +304,15 @@ impl Engine {
                 return true;
             }
         };
+        // A pause (CONTROL.ENABLE cleared) written before the doorbell of these
+        // descriptors is seen here, however late the pass that read ENABLE set at its
+        // top: `available` loads SQ_TAIL with Acquire, pairing with the doorbell's
+        // Release store, which follows the pause in the writer's order. Such
+        // descriptors wait for the resume (datasheet section 7); a reset's abort pass
+        // runs paused or not.
+        if !abort && shared.control.load(Ordering::Acquire) & regs::CONTROL_ENABLE == 0 {
+            return false;
+        }
         // A CQ_HEAD written past CQ_TAIL would read as "no room" forever: an error.
         if rr.cq.tail().wrapping_sub(rr.cq.head()) > st.geo.size() {
             self.ring_error(r, ring::ERROR_INDEX);
