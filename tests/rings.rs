@@ -332,6 +332,234 @@ fn long_copy_and_saxpy_reuse_every_staging_slot() {
     pins.check();
 }
 
+/// Write `bytes` into an `Anon` buffer.
+fn put(a: &Anon, bytes: &[u8]) {
+    assert_eq!(a.len, bytes.len());
+    // SAFETY: the buffer is mapped read-write for `len` bytes; no command writes it
+    // meanwhile.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), a.addr as *mut u8, a.len) };
+}
+
+/// A COPY whose source and destination are each several IOVA mappings, with
+/// boundaries that fall inside staging chunks and differ between the two sides: a
+/// chunk's read-in and write-out are then split into different pieces, all of which
+/// must pass through the chunk's staging FIFO (or VRAM slot) in order, for an odd
+/// length, many times over a small staging area. Both staging kinds.
+#[test]
+fn a_copy_whose_chunks_straddle_mapping_boundaries_is_exact() {
+    let pins = PinCheck::start();
+    for fifos in [true, false] {
+        let drv = Driver::with_reference(userptr::ReferenceConfig {
+            staging_bytes: 4 << 20,
+            copy_fifos: fifos,
+            ..Default::default()
+        })
+        .unwrap();
+        let q = drv.queue(0, 8).unwrap();
+        let d = drv.domain();
+        let len = (9 << 20) + 5 * 4096;
+        let (src, dst) = (Anon::new(len), Anon::new(len));
+        let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8 ^ 0x5a).collect();
+        put(&src, &bytes);
+        dst.fill(0);
+        // IOVAs far from the driver's own allocations; three pieces of the source,
+        // two of the destination, cut at page (not chunk) boundaries.
+        let (s0, d0) = (1u64 << 37, (1u64 << 37) + (1 << 30));
+        let cuts = |bounds: &[usize]| -> Vec<(usize, usize)> {
+            let mut v = Vec::new();
+            let mut at = 0;
+            for &b in bounds.iter().chain([len].iter()) {
+                v.push((at, b - at));
+                at = b;
+            }
+            v
+        };
+        let src_parts = cuts(&[(1 << 20) + 3 * 4096, (5 << 20) + 4096]);
+        let dst_parts = cuts(&[(2 << 20) + 2 * 4096]);
+        for &(off, n) in &src_parts {
+            d.map(
+                s0 + off as u64,
+                (src.addr + off) as u64,
+                n as u64,
+                Perm::READ,
+            )
+            .unwrap();
+        }
+        for &(off, n) in &dst_parts {
+            d.map(
+                d0 + off as u64,
+                (dst.addr + off) as u64,
+                n as u64,
+                Perm::WRITE,
+            )
+            .unwrap();
+        }
+        let n = len as u64 - 100;
+        for _ in 0..3 {
+            q.run(Descriptor::copy(s0, d0, n)).unwrap();
+        }
+        let got = dst.read();
+        assert!(
+            got[..n as usize] == bytes[..n as usize],
+            "fifos {fifos}: first wrong byte at {:?}",
+            got.iter().zip(&bytes).position(|(a, b)| a != b)
+        );
+        assert!(got[n as usize..].iter().all(|&b| b == 0), "past the end");
+        for &(off, n) in &src_parts {
+            d.unmap(s0 + off as u64, n as u64).unwrap();
+        }
+        for &(off, n) in &dst_parts {
+            d.unmap(d0 + off as u64, n as u64).unwrap();
+        }
+        drop((q, drv));
+    }
+    pins.check();
+}
+
+/// A COPY that fails half way through its rolling window (an injected kernel failure
+/// of one chunk's write-out, after its read-in filled the chunk's staging FIFO) fails
+/// that command only: the chunks in flight are reaped, the command completes with a
+/// device error, the command queued behind it completes exactly, and so do the
+/// COPYs after it through every FIFO again (a FIFO left holding the failed chunk
+/// would hand those bytes to the next chunk through it, or stall it for good). The
+/// same for SAXPY, whose staging is VRAM. In a child process, bounded: a stalled
+/// engine is a failure that reports, never a hung test.
+#[test]
+fn a_command_failing_mid_window_fails_alone_and_leaves_staging_clean() {
+    let name = "child_a_command_failing_mid_window_fails_alone_and_leaves_staging_clean";
+    let r = common::run_bounded(common::child_command(name), Duration::from_secs(120));
+    assert!(
+        r.success() && r.text().contains("1 passed"),
+        "child {name}: {}\n{}",
+        r.describe(),
+        common::failure_summary(&r)
+    );
+}
+
+#[test]
+#[ignore = "run in a child process by a_command_failing_mid_window_fails_alone_and_leaves_staging_clean"]
+fn child_a_command_failing_mid_window_fails_alone_and_leaves_staging_clean() {
+    if !common::is_child() {
+        return;
+    }
+    use userptr::driver::reference::fault_injection::TransferFaults;
+    let pins = PinCheck::start();
+    // The sixth chunk's write-out of the first command fails; four FIFOs.
+    let faults = TransferFaults::nth(5);
+    let drv = Driver::with_reference(userptr::ReferenceConfig {
+        staging_bytes: 4 << 20,
+        iommu: userptr::UringIommuConfig {
+            transfer_faults: Some(faults.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .unwrap();
+    let q = drv.queue(0, 8).unwrap();
+    let len = (16 << 20) + 4096;
+    let pattern = |seed: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i / 4096 + seed) * 31 + i % 4096) as u8)
+            .collect()
+    };
+    let mut src = pattern(1);
+    let mut dst = vec![0u8; len];
+    let mut src2 = pattern(2);
+    let mut dst2 = vec![0u8; len];
+    {
+        let (ms, md) = (
+            drv.map_slice(&mut src).unwrap(),
+            drv.map_slice(&mut dst).unwrap(),
+        );
+        let (ms2, md2) = (
+            drv.map_slice(&mut src2).unwrap(),
+            drv.map_slice(&mut dst2).unwrap(),
+        );
+        faults.set_enabled(true);
+        let failing = q
+            .submit(
+                Descriptor::copy(ms.iova(), md.iova(), len as u64),
+                Backpressure::Wait,
+            )
+            .unwrap();
+        let behind = q
+            .submit(
+                Descriptor::copy(ms2.iova(), md2.iova(), len as u64),
+                Backpressure::Wait,
+            )
+            .unwrap();
+        let e = q.wait(failing, WaitMode::Block, T).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                userptr::Error::Command {
+                    status: Status::DeviceError,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        q.wait(behind, WaitMode::Block, T).unwrap();
+        faults.set_enabled(false);
+        assert_eq!(faults.injected(), 1);
+    }
+    assert!(dst2 == src2, "the command behind the failed one");
+    // Every FIFO carries chunks again, several times each.
+    for seed in 3..6 {
+        let mut src = pattern(seed);
+        let mut dst = vec![0u8; len];
+        let (ms, md) = (
+            drv.map_slice(&mut src).unwrap(),
+            drv.map_slice(&mut dst).unwrap(),
+        );
+        q.run(Descriptor::copy(ms.iova(), md.iova(), len as u64))
+            .unwrap();
+        drop((ms, md));
+        assert!(
+            dst == src,
+            "COPY {seed} after the failed one: first wrong byte at {:?}",
+            dst.iter().zip(&src).position(|(a, b)| a != b)
+        );
+    }
+
+    // SAXPY: the sixth chunk's y write-out fails; the next SAXPY is exact.
+    let n = (12 << 20) / 4;
+    let x: Vec<f32> = (0..n).map(|i| (i % 991) as f32).collect();
+    let mut xd = x.clone();
+    let mut yd = vec![1.0f32; n];
+    let mx = drv.map_slice(&mut xd).unwrap();
+    let my = drv.map_slice(&mut yd).unwrap();
+    faults.set_enabled(true);
+    let e = q
+        .run(Descriptor::saxpy(2.0, mx.iova(), my.iova(), n as u64))
+        .unwrap_err();
+    faults.set_enabled(false);
+    assert!(
+        matches!(
+            e,
+            userptr::Error::Command {
+                status: Status::DeviceError,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(faults.injected(), 2);
+    drop(my);
+    let mut y = vec![1.0f32; n];
+    let mut yd = y.clone();
+    let my = drv.map_slice(&mut yd).unwrap();
+    q.run(Descriptor::saxpy(2.0, mx.iova(), my.iova(), n as u64))
+        .unwrap();
+    drop((mx, my));
+    for (y, x) in y.iter_mut().zip(&x) {
+        *y += 2.0 * *x;
+    }
+    assert!(yd == y, "the SAXPY after the failed one");
+    drop((q, drv));
+    pins.check();
+}
+
 /// Ring memory goes to the device through its own coherent view, but only after the
 /// IOMMU's translation and permission check: taking the write permission away stops
 /// the ring at its completion write, unmapping it stops the ring at the next fetch.

@@ -1,9 +1,11 @@
 //! The device side of the reference IOMMU: a [`DmaPort`] translates IOVAs through the
 //! [`UringIommu`]'s table (permission-checked) and moves data between the pinned pages
 //! and device memory with `IORING_OP_READ_FIXED` / `WRITE_FIXED`, several requests in
-//! flight. Ring structures in driver-owned coherent memory are moved instead through
-//! the device's own view of it, after the same check ([`DmaPort::run_coherent`]). The translate-then-submit rule (under the table's shared lock) is written
-//! down in `uring_iommu`'s module doc.
+//! flight. The device side of a transfer is device memory or, for a COPY's chunk, a
+//! staging FIFO ([`Staging`]). Ring structures in driver-owned coherent memory are
+//! moved instead through the device's own view of it, after the same check
+//! ([`DmaPort::run_coherent`]). The translate-then-submit rule (under the table's
+//! shared lock) is written down in `uring_iommu`'s module doc.
 
 use super::uring_iommu::{UringIommu, CHUNK};
 use super::vram::Vram;
@@ -11,7 +13,7 @@ use crate::dma_memory::DmaMemory;
 use crate::iommu::Perm;
 use io_uring::{opcode, squeue, types};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use userptr_ring::{AccessKind, FaultRecord};
@@ -52,16 +54,37 @@ pub enum DmaError {
     Io(io::Error),
 }
 
+/// Where the device side of a batch's transfers lies.
+#[derive(Clone, Copy)]
+pub enum Staging<'a> {
+    /// Device memory, at each transfer's `vram_off` (through the file that holds it:
+    /// [`Vram::file_at`]).
+    Vram(&'a Vram),
+    /// A staging FIFO ([`super::fifo`]): `ToDevice` transfers write into its write
+    /// end and `FromDevice` ones read from its read end, in batch order (`vram_off`
+    /// is not used).
+    Fifo {
+        /// The end the device writes into.
+        write: RawFd,
+        /// The end the device reads from.
+        read: RawFd,
+    },
+}
+
 #[derive(Clone, Copy)]
 pub(super) struct Sqe {
     slot: u16,
     host: u64,
     len: u32,
-    /// The device-memory side: a file (VRAM or a staging lane) and an offset in it.
-    fd: std::os::fd::RawFd,
+    /// The device-memory side: a file (VRAM, a staging lane, a FIFO's end) and an
+    /// offset in it (`u64::MAX`, the current position, for a FIFO).
+    fd: RawFd,
     file_off: u64,
     dir: Direction,
     link: bool,
+    /// Straight to the kernel's workers as concurrent work (`IOSQE_ASYNC`): the
+    /// pipeline stages ([`DmaPort::start`]).
+    worker: bool,
     tag: u16,
 }
 
@@ -179,7 +202,7 @@ impl DmaPort {
     /// [`DmaPort::start`] may be in flight.
     pub fn run(&mut self, vram: &Vram, batch: &[Transfer]) -> Result<(), DmaError> {
         debug_assert_eq!(self.in_flight(), 0, "run with a pipeline in flight");
-        let started = self.submit(vram, batch, RUN_TAG);
+        let started = self.submit(Staging::Vram(vram), batch, RUN_TAG);
         // Reap everything that was accepted, even after an error: no transfer may be
         // left running into device memory the engine is about to reuse.
         let mut first_err = None;
@@ -196,16 +219,31 @@ impl DmaPort {
     }
 
     /// Start `batch` as a pipeline stage named `tag` (below [`TAGS`], not in flight)
-    /// and return without waiting; [`DmaPort::finish`] says when it is done. Checked
+    /// and return without waiting; [`DmaPort::finish`] says when it is done.
+    ///
+    /// A stage's requests go to the kernel's io-wq workers at once, marked
+    /// `IOSQE_ASYNC`, which is what makes io-wq treat them as *concurrent* work: for
+    /// that it starts another worker whenever none is free, where for other work it
+    /// starts one only when none of its kind is running, so that all the transfers
+    /// of a pipeline (every memfd access is punted to io-wq anyway) would run on one
+    /// worker, one core. Buffered writes to one file still run one at a time (io-wq
+    /// hashes them by inode): the staging lanes and FIFOs spread them. Checked
     /// and translated like [`DmaPort::run`] (on a fault nothing of it starts). The
     /// caller reaps every started stage before it touches the device memory the
-    /// stage uses or lets the engine go on to another command.
-    pub fn start(&mut self, vram: &Vram, batch: &[Transfer], tag: u16) -> Result<(), DmaError> {
+    /// stage uses or lets the engine go on to another command. `staging` says where
+    /// the device side lies: device memory, or a staging FIFO (which the stage must
+    /// leave empty: as many bytes in as out, the ins ordered before the outs).
+    pub fn start(
+        &mut self,
+        staging: Staging<'_>,
+        batch: &[Transfer],
+        tag: u16,
+    ) -> Result<(), DmaError> {
         assert!(
             tag < TAGS && self.left[tag as usize] == 0,
             "a free pipeline tag"
         );
-        self.submit(vram, batch, tag)
+        self.submit(staging, batch, tag)
     }
 
     /// Stages (and `run`'s batch) in flight.
@@ -270,7 +308,12 @@ impl DmaPort {
     }
 
     /// Translate `batch` and submit it under `tag`, all under the table's shared lock.
-    fn submit(&mut self, vram: &Vram, batch: &[Transfer], tag: u16) -> Result<(), DmaError> {
+    fn submit(
+        &mut self,
+        staging: Staging<'_>,
+        batch: &[Transfer],
+        tag: u16,
+    ) -> Result<(), DmaError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -295,16 +338,39 @@ impl DmaPort {
                 }
                 let seg_end = end.min(start + e.len);
                 while iova < seg_end {
-                    let (file, file_off, run) = vram.file_at(vram_off);
+                    let (fd, file_off, run) = match staging {
+                        Staging::Vram(vram) => {
+                            let (file, file_off, run) = vram.file_at(vram_off);
+                            (file.as_raw_fd(), file_off, run)
+                        }
+                        Staging::Fifo { write, read } => {
+                            let fd = match tr.dir {
+                                Direction::ToDevice => write,
+                                Direction::FromDevice => read,
+                            };
+                            (fd, u64::MAX, u64::MAX)
+                        }
+                    };
                     let n = (seg_end - iova).min(CHUNK).min(run);
+                    // An injected failure (`TransferFaults`): no file, so the kernel
+                    // fails the request when it issues it.
+                    let fd = match &self.iommu.cfg.transfer_faults {
+                        Some(f)
+                            if tag != RUN_TAG && tr.dir == Direction::FromDevice && f.next() =>
+                        {
+                            -1
+                        }
+                        _ => fd,
+                    };
                     self.scratch.push(Sqe {
                         slot: e.slot,
                         host: e.host + (iova - start),
                         len: n as u32,
-                        fd: file.as_raw_fd(),
+                        fd,
                         file_off,
                         dir: tr.dir,
                         link: tr.then,
+                        worker: tag != RUN_TAG,
                         tag,
                     });
                     iova += n;
@@ -368,11 +434,14 @@ impl DmaPort {
                             .build()
                     }
                 };
-                let flags = if s.link {
+                let mut flags = if s.link {
                     squeue::Flags::IO_LINK
                 } else {
                     squeue::Flags::empty()
                 };
+                if s.worker {
+                    flags |= squeue::Flags::ASYNC;
+                }
                 let id = match self.free_ids.pop() {
                     Some(id) => id as usize,
                     None => {
@@ -383,10 +452,12 @@ impl DmaPort {
                 let entry = entry.flags(flags).user_data(id as u64);
                 // SAFETY: the buffer is a registered slot (checked by translation under
                 // the table lock, which is held until submission), the host address lies
-                // inside that registration, and the files (VRAM, its lanes) outlive the
-                // request: the engine reaps every request it started before the command
-                // that started it completes (`run`, or a pipeline's drain), and owns the
-                // files for its whole life.
+                // inside that registration, and the files (VRAM, its lanes, the FIFOs)
+                // outlive the request (io_uring looks a linked request's descriptor up
+                // only when it issues it): the engine reaps every request it started
+                // before the command that started it completes (`run`, or a pipeline's
+                // drain), owns the files for its whole life, and clears a FIFO only
+                // with nothing in flight on it.
                 while unsafe { sq.push(&entry) }.is_err() {
                     drop(sq);
                     if let Err(e) = self.iommu.uring.submit() {

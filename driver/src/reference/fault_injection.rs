@@ -13,6 +13,13 @@
 //!
 //! The counters are shared: keep a clone of the [`PinFaults`] put into
 //! [`crate::UringIommuConfig::pin_faults`] to switch it and read what it injected.
+//!
+//! [`TransferFaults`] does the same for the device's transfers: the Nth request of a
+//! pipelined command that moves data *out of* device memory (into an IOVA) is
+//! submitted against no file (descriptor -1), so the kernel itself fails it
+//! (`EBADF`) and whatever is linked behind it (`ECANCELED`), after the requests it is
+//! linked behind have moved their bytes: a transfer failing half way through a
+//! command, with its staging (a FIFO) holding a chunk that never went out.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -100,9 +107,83 @@ impl PinFaults {
     }
 }
 
+/// A fault-injection point for the device's transfers out of device memory in
+/// pipelined commands (see the module docs). Clones share state.
+#[derive(Clone, Debug)]
+pub struct TransferFaults {
+    inner: Arc<TransferInner>,
+}
+
+#[derive(Debug)]
+struct TransferInner {
+    nth: u64,
+    enabled: AtomicBool,
+    requests: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl TransferFaults {
+    /// Fail request `n` (counting from 0) out of device memory made after each
+    /// enable, and only that one. Starts disabled; requests made while disabled are
+    /// not counted.
+    pub fn nth(n: u64) -> TransferFaults {
+        TransferFaults {
+            inner: Arc::new(TransferInner {
+                nth: n,
+                enabled: AtomicBool::new(false),
+                requests: AtomicU64::new(0),
+                failed: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Switch injection on (counting requests from 0 again) or off.
+    pub fn set_enabled(&self, on: bool) {
+        // Relaxed: a switch, as for PinFaults; a request racing it may go either way.
+        if on {
+            self.inner.requests.store(0, Ordering::Relaxed);
+        }
+        self.inner.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Requests failed so far (over every enable).
+    pub fn injected(&self) -> u64 {
+        self.inner.failed.load(Ordering::Relaxed)
+    }
+
+    /// Called once per request out of device memory: whether this one fails.
+    pub(crate) fn next(&self) -> bool {
+        // Relaxed everywhere: counters that order nothing.
+        if !self.inner.enabled.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.inner.requests.fetch_add(1, Ordering::Relaxed) != self.inner.nth {
+            return false;
+        }
+        self.inner.failed.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transfer_faults_fail_the_nth_request_only_while_enabled() {
+        let f = TransferFaults::nth(2);
+        assert!(!(0..10).any(|_| f.next()), "starts off, uncounted");
+        f.set_enabled(true);
+        let got: Vec<bool> = (0..6).map(|_| f.next()).collect();
+        assert_eq!(got, [false, false, true, false, false, false]);
+        assert_eq!(f.injected(), 1);
+        f.set_enabled(false);
+        assert!(!(0..10).any(|_| f.next()));
+        f.set_enabled(true);
+        let got: Vec<bool> = (0..4).map(|_| f.next()).collect();
+        assert_eq!(got, [false, false, true, false], "counted again from 0");
+        assert_eq!(f.injected(), 2);
+    }
 
     #[test]
     fn fails_every_nth_attempt_alternating_errnos_only_while_enabled() {

@@ -7,7 +7,8 @@
 //! * [`dma_port`]: the device side of that IOMMU: translation and transfers;
 //! * [`fault_injection`]: [`PinFaults`](fault_injection::PinFaults), failing the IOMMU's
 //!   pin attempts on purpose (`userptr torture --inject`);
-//! * [`vram`]: device-local memory in a memfd;
+//! * [`vram`]: device-local memory in a memfd; [`fifo`]: the staging FIFOs (pipes)
+//!   COPY goes through;
 //! * `engine`: the engine thread that executes the ring protocol; `commands`: what it
 //!   does for each opcode;
 //! * GPU virtual memory (datasheet section 10): `gpu_regs` (its registers), [`mmu`]
@@ -25,6 +26,7 @@ mod commands;
 pub mod dma_port;
 mod engine;
 pub mod fault_injection;
+pub mod fifo;
 mod gpu_regs;
 pub mod mmu;
 mod pipeline;
@@ -60,6 +62,11 @@ pub struct ReferenceConfig {
     /// writes to one file one at a time, so transfers into staging spread over
     /// several files run in parallel (`vram` module doc).
     pub staging_lanes: usize,
+    /// Whether COPY of IOVAs goes through staging FIFOs (pipes, one per 1 MiB of
+    /// staging up to 16, made at the first COPY; datasheet section 4.1) rather than
+    /// the staging area of VRAM: the kernel's workers run transfers through different
+    /// pipes in parallel.
+    pub copy_fifos: bool,
     /// GPU virtual memory: page-table memory, device memory, the TLB.
     pub gpu: GpuConfig,
 }
@@ -92,6 +99,7 @@ impl Default for ReferenceConfig {
             rings: 4,
             staging_bytes: 32 << 20,
             staging_lanes: 4,
+            copy_fifos: true,
             gpu: GpuConfig::default(),
         }
     }
@@ -348,6 +356,12 @@ impl ReferenceDevice {
         };
         let mut vram = Vram::new((devmem_base + devmem_size) as usize)?;
         vram.stripe(engine::STAGING_OFF, staging, cfg.staging_lanes.clamp(1, 16))?;
+        let fifos = if cfg.copy_fifos {
+            let slots = ((staging / uring_iommu::CHUNK) as usize).min(engine::FIFOS);
+            fifo::Fifos::lazy(slots, uring_iommu::CHUNK)
+        } else {
+            fifo::Fifos::lazy(0, uring_iommu::CHUNK)
+        };
         let pt = Arc::new(vram.page_table_view(pt_base, pt_size)?);
         let aperture = crate::device::Aperture {
             fd: Arc::new(
@@ -386,7 +400,7 @@ impl ReferenceDevice {
                 // here (see driver_section).
                 crate::driver_section::block_signals_for_thread();
                 let _ = ready_tx.send(());
-                engine::Engine::new(s2, port, vram, staging).run()
+                engine::Engine::new(s2, port, vram, staging, fifos).run()
             })
             .map_err(|e| Error::sys("spawn(engine thread)", e))?;
         // Return only once the engine runs: a thread still starting up has every

@@ -35,7 +35,7 @@ use super::dma_port::DmaPort;
 use crate::dma_memory::DmaMemory;
 use crate::error::{Error, Result};
 use crate::iommu::{IommuDomain, Perm, PAGE_1G, PAGE_2M, PAGE_4K};
-use crate::reference::fault_injection::PinFaults;
+use crate::reference::fault_injection::{PinFaults, TransferFaults};
 use io_uring::IoUring;
 use std::collections::BTreeMap;
 use std::io;
@@ -63,6 +63,9 @@ pub struct UringIommuConfig {
     pub sq_entries: u32,
     /// Fault injection for pin attempts (off by default; see [`PinFaults`]).
     pub pin_faults: Option<PinFaults>,
+    /// Fault injection for the device's transfers out of device memory in pipelined
+    /// commands (off by default; see [`TransferFaults`]).
+    pub transfer_faults: Option<TransferFaults>,
 }
 
 impl Default for UringIommuConfig {
@@ -72,6 +75,7 @@ impl Default for UringIommuConfig {
             iova_ranges: vec![0x1_0000..(1 << 39)],
             sq_entries: 256,
             pin_faults: None,
+            transfer_faults: None,
         }
     }
 }
