@@ -336,3 +336,37 @@ fn a_storm_of_small_discards_never_lets_the_device_write_a_stale_chunk() {
     drop((q, reg));
     pins.check();
 }
+
+/// Registrations merged into one chunked region, each unregistered: the region goes
+/// once its last chunk does (an empty region left in the index would be merged into
+/// the next registration beside it, pinning released pages again, and keep them).
+#[test]
+fn a_region_whose_chunks_all_went_leaves_the_index() {
+    let pins = PinCheck::start();
+    let (_drv, q, reg) = setup();
+    let buf = Aligned::new(8 * MIB);
+    let parts: Vec<_> = (0..3)
+        .map(|i| {
+            reg.register_test(buf.addr + i * 2 * MIB, 2 * MIB, Perm::READ_WRITE)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(reg.regions().len(), 1, "merged");
+    for u in parts {
+        reg.unregister(u).unwrap();
+    }
+    assert!(reg.regions().is_empty(), "{:x?}", reg.regions());
+    assert_eq!(reg.pinned_bytes(), 0);
+    let next = reg
+        .register_test(buf.addr + 6 * MIB, MIB, Perm::READ_WRITE)
+        .unwrap();
+    assert_eq!(
+        reg.pinned_bytes(),
+        MIB as u64,
+        "only the new registration is pinned"
+    );
+    reg.unregister(next).unwrap();
+    assert_eq!(reg.pinned_bytes(), 0);
+    drop((q, reg));
+    pins.check();
+}

@@ -22,7 +22,7 @@
 //! * **invalidate** `[a, b)` (rounded out to pages), per cause:
 //!   - unmap, discard, remap, release, `mprotect` without read and write: a chunked
 //!     region the range does not wholly cover stays, less every chunk the range
-//!     touches; every other region of every permission that overlaps the range is
+//!     touches (unless that leaves none: then it is dropped); every other region of every permission that overlaps the range is
 //!     dropped; its parts outside the
 //!     range come back as new regions (split), device-read-only if the region was
 //!     (re-pinned writable they would hand the device write access to write-protected
@@ -216,6 +216,8 @@ fn ro_leftovers(r: &MRegion, start: usize, end: usize) -> Vec<MRegion> {
 #[derive(Default)]
 struct Model {
     regions: Vec<MRegion>,
+    /// Chunked regions the last invalidation left with no chunk, and dropped.
+    emptied: Vec<MRegion>,
 }
 
 impl Model {
@@ -301,7 +303,13 @@ impl Model {
                             }
                         }
                         r.missing.sort();
-                        kept.push(r);
+                        // Every chunk gone: the region goes too (its pages pin
+                        // afresh on their next use).
+                        if r.missing.len() < r.chunks().len() {
+                            kept.push(r);
+                        } else {
+                            self.emptied.push(r);
+                        }
                         continue;
                     }
                     if action == Action::Downgrade {
@@ -572,6 +580,13 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 reg.invalidate((base + start) as u64..(base + end) as u64, cause)
                     .unwrap();
                 model.invalidate(pages.clone(), action);
+                // A registration whose region lost every chunk is pinned afresh on its
+                // next use: its pages are no longer covered until then.
+                for r in std::mem::take(&mut model.emptied) {
+                    for p in r.start..r.end {
+                        needed[r.slot].remove(&p);
+                    }
+                }
                 let slots: &[usize] = match action {
                     Action::Drop => &[0, 1, 2],
                     Action::Downgrade => &[1, 2],

@@ -114,6 +114,14 @@ impl Registry {
                                     stale_chunks.push((r.clone(), k));
                                 }
                             }
+                            // Nothing of it left mapped: out of the index and retired
+                            // whole, so that no empty region lingers (a merge would pin
+                            // its released pages again).
+                            if (0..r.chunks.count()).all(|k| !r.chunks.is_present(k)) {
+                                g.maps[slot].remove(s);
+                                victims.push(r);
+                                continue;
+                            }
                             chunked.push((r, mine));
                             continue;
                         }
