@@ -22,6 +22,7 @@ capi/test-c.sh
 python/test-python.sh
 export RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target-loom
 cargo test -p userptr-ring --test loom --release
+cargo test -p userptr-ring --test loom_irq_arm --release
 cargo test -p userptr-driver --test loom_notifier --release
 cargo test -p userptr-driver --test loom_registry --release
 cargo test -p userptr-driver --test loom_chunks --release

@@ -89,7 +89,7 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
 fn registers_page_tables_hold_replay_fail_and_a_stale_tlb_entry() {
     let drv = Driver::reference().unwrap();
     let dev = drv.device().unwrap().clone();
-    assert_eq!(dev.read32(regs::VERSION), 0x0001_0001);
+    assert_eq!(dev.read32(regs::VERSION), 0x0001_0002);
     assert_eq!(dev.read32(regs::VM_CAPS), 0x0100_030F);
     let raw = Raw {
         pt_base: dev.read32(regs::PT_BASE) as u64,

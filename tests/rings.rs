@@ -118,7 +118,7 @@ fn paused_blocking_wait(drv: &Driver, q: &CommandQueue, desc: Descriptor) -> (Co
 
 #[test]
 fn blocking_wait_sleeps_on_the_ring_eventfd() {
-    use userptr::ring::regs::IRQ_MASK;
+    use userptr::ring::regs::{IRQ_ARM, IRQ_MASK, IRQ_STATUS};
     const RING: u32 = 2;
     let pins = PinCheck::start();
     let drv = Driver::reference().unwrap();
@@ -129,24 +129,22 @@ fn blocking_wait_sleeps_on_the_ring_eventfd() {
         .unwrap();
     let dev = drv.device().unwrap();
     let mask = dev.read32(IRQ_MASK);
-    assert_ne!(mask & 1 << RING, 0, "an open queue's interrupt is enabled");
+    let bit = 1 << RING;
+    assert_eq!(
+        mask & bit,
+        0,
+        "an open queue arms its interrupt, never masks it on"
+    );
 
-    // Control: with the ring's interrupt masked and no INTERRUPT flag the device does
-    // not signal. The wait still completes (its safety slice re-checks), but counts no
-    // eventfd wake-up: the counter sees only the device's signals.
-    dev.write32(IRQ_MASK, mask & !(1 << RING));
-    let (c, woke) = paused_blocking_wait(&drv, &q, Descriptor::fill(m.iova(), m.len(), 1));
-    assert_eq!(c.status, Status::Ok);
-    assert_eq!(woke, 0, "no interrupt, yet an eventfd wake-up was counted");
-
-    // Masked, but the command asks for an interrupt; then unmasked, every batch
-    // signals. Either way the blocked waiter must be woken through the eventfd. (A
-    // wait that finds its completion on its first check reads no eventfd: a few
-    // tries, in case the resumer thread outran the waiter; a device that does not
-    // signal fails every one.)
+    // The blocking wait arms before it sleeps: with the ring masked and no INTERRUPT
+    // flag its sleeper is still woken through the eventfd; then the command's own
+    // flag, and the mask set (every batch signals), wake it too. (A wait that finds
+    // its completion on its first check reads no eventfd: a few tries, in case the
+    // resumer thread outran the waiter; a wait that never arms fails every one.)
     for (irq_mask, flags) in [
-        (mask & !(1 << RING), Flags::INTERRUPT),
         (mask, Flags::default()),
+        (mask, Flags::INTERRUPT),
+        (mask | bit, Flags::default()),
     ] {
         dev.write32(IRQ_MASK, irq_mask);
         let mut woke = 0;
@@ -165,6 +163,42 @@ fn blocking_wait_sleeps_on_the_ring_eventfd() {
             "the completion ({flags:?}, IRQ_MASK {irq_mask:#x}) was not signalled through the eventfd"
         );
     }
+    // Moderation, at the registers (after the waits above: the interrupts raised here
+    // are read by no waiter, and a count left in the eventfd would give a later wait
+    // a wake-up it did not earn): a batch nobody armed for raises no interrupt
+    // (IRQ_STATUS stays clear); an armed ring raises it for its next batch and the
+    // arm is used up.
+    dev.write32(IRQ_MASK, mask);
+    let nop_and_status = || {
+        dev.write32(IRQ_STATUS, bit);
+        q.submit(Descriptor::nop(), Backpressure::Wait)
+            .and_then(|f| q.wait(f, WaitMode::Poll, T))
+            .unwrap();
+        dev.read32(IRQ_STATUS) & bit
+    };
+    assert_eq!(
+        nop_and_status(),
+        0,
+        "an unarmed, masked ring raised its interrupt"
+    );
+    dev.write32(IRQ_ARM, bit);
+    assert_eq!(
+        dev.read32(IRQ_ARM) & bit,
+        bit,
+        "IRQ_ARM reads back the armed bit"
+    );
+    assert_eq!(
+        nop_and_status(),
+        bit,
+        "an armed ring did not raise its interrupt"
+    );
+    assert_eq!(
+        dev.read32(IRQ_ARM) & bit,
+        0,
+        "the interrupt did not use up the arm"
+    );
+    assert_eq!(nop_and_status(), 0, "an arm raised more than one interrupt");
+
     drop((m, q, drv));
     pins.check();
 }

@@ -72,6 +72,31 @@ impl DmaMemory {
         }
     }
 
+    /// Store `words` at `off` (8-aligned), word `i` at `off + 8i`, little-endian: a
+    /// submission slot's descriptor (`Descriptor::encode_words`), stored from
+    /// registers with whole-word writes.
+    #[inline]
+    pub fn write_words<const N: usize>(&self, off: usize, words: &[u64; N]) {
+        self.check(off, N * 8);
+        assert_eq!(off % 8, 0, "unaligned word store");
+        let words = words.map(u64::to_le);
+        // SAFETY: in bounds (checked) and 8-aligned (the mapping is page-aligned); a
+        // raw store without forming a reference to the destination, as in `write`.
+        unsafe { std::ptr::write(self.ptr.as_ptr().add(off).cast::<[u64; N]>(), words) }
+    }
+
+    /// Load `N` little-endian words from `off` (8-aligned): a completion entry
+    /// (`Completion::decode_words`).
+    #[inline]
+    pub fn read_words<const N: usize>(&self, off: usize) -> [u64; N] {
+        self.check(off, N * 8);
+        assert_eq!(off % 8, 0, "unaligned word load");
+        // SAFETY: in bounds (checked) and 8-aligned; a raw load of plain integers
+        // (any bit pattern is valid), without forming a reference, as in `read`.
+        let w = unsafe { std::ptr::read(self.ptr.as_ptr().add(off).cast::<[u64; N]>()) };
+        w.map(u64::from_le)
+    }
+
     /// Copy out `buf.len()` bytes from `off`.
     pub fn read(&self, off: usize, buf: &mut [u8]) {
         self.check(off, buf.len());

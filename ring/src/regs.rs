@@ -17,9 +17,9 @@ pub const ID: u32 = 0x000;
 pub const ID_VALUE: u32 = 0x5550_5452;
 /// RO: register-map version, major in bits 31:16, minor in 15:0.
 pub const VERSION: u32 = 0x004;
-/// The value of [`VERSION`]: 1.1 (1.0 plus GPU virtual memory: VM contexts, the TLB,
-/// replayable faults; see [`vm`], [`pte`], [`fault_record`]).
-pub const VERSION_VALUE: u32 = 0x0001_0001;
+/// The value of [`VERSION`]: 1.2 (1.0 plus GPU virtual memory: VM contexts, the TLB,
+/// replayable faults, see [`vm`], [`pte`], [`fault_record`]; 1.2 adds [`IRQ_ARM`]).
+pub const VERSION_VALUE: u32 = 0x0001_0002;
 /// RO: capabilities. Bits 7:0 number of rings; 15:8 log2 of the largest ring;
 /// 31:16 bitmap of supported opcodes (bit n: `Opcode` n).
 pub const CAPS: u32 = 0x008;
@@ -41,7 +41,7 @@ pub const STATUS_RESETTING: u32 = 1 << 1;
 pub const IRQ_STATUS: u32 = 0x014;
 /// RW: interrupt enable, bit n for ring n. An enabled ring signals its interrupt (its
 /// eventfd) after every batch of completions; a disabled one only for commands with
-/// the INTERRUPT flag.
+/// the INTERRUPT flag and when armed ([`IRQ_ARM`]).
 pub const IRQ_MASK: u32 = 0x018;
 /// RO: DMA faults since creation.
 pub const FAULT_COUNT: u32 = 0x01C;
@@ -109,6 +109,12 @@ pub const FAULTQ_TAIL: u32 = 0x080;
 pub const FAULTQ_HEAD: u32 = 0x084;
 /// RO: replayable faults that could not be queued; their commands failed instead.
 pub const FAULTQ_LOST: u32 = 0x088;
+/// RW1S: interrupt arm, bit n for ring n (version 1.2). Writing 1s sets those bits,
+/// 0s leave bits alone. An armed ring signals its interrupt once, after the next
+/// batch of completions it publishes, and the device clears the bit as it does: a
+/// driver arms before it sleeps, then looks at the fence once more, and the device
+/// raises no interrupt for batches nobody sleeps on (datasheet section 8).
+pub const IRQ_ARM: u32 = 0x08C;
 /// The interrupt vector of the fault queue (`Device::set_irq_eventfd`) and its bit in
 /// IRQ_STATUS (raised for every record, whatever IRQ_MASK says).
 pub const FAULT_VECTOR: u32 = 16;

@@ -256,7 +256,10 @@ impl QueueCore {
         }
         dev.write32(self.reg(ring::SIZE_LOG2), self.geo.size().trailing_zeros());
         dev.set_irq_eventfd(self.ring, Some(self.eventfd.clone()))?;
-        self.driver.irq_enable(self.ring, true);
+        // Interrupts are armed by a blocking waiter when it is about to sleep
+        // (IRQ_ARM), not raised for every batch: a ring nobody sleeps on costs the
+        // device no eventfd write. Cleared in case something left the bit set.
+        self.driver.irq_enable(self.ring, false);
         dev.write32(self.reg(ring::CONTROL), ring::CONTROL_ENABLE);
         let code = dev.read32(self.reg(ring::ERROR));
         if code != 0 {

@@ -28,10 +28,13 @@ impl QueueCore {
     /// Submit raw descriptor bytes as they are, apart from the seqno field (bytes
     /// 8..16), which the queue assigns. For bring-up and tests of the device's own
     /// validation: a malformed descriptor completes with `BadDescriptor`.
-    pub fn submit_raw(&self, mut raw: [u8; DESCRIPTOR_SIZE], bp: Backpressure) -> Result<Fence> {
-        self.submit_encoded(1, bp, |seq, out| {
-            raw[8..16].copy_from_slice(&seq.to_le_bytes());
-            out.copy_from_slice(&raw);
+    pub fn submit_raw(&self, raw: [u8; DESCRIPTOR_SIZE], bp: Backpressure) -> Result<Fence> {
+        let mut words: [u64; DESCRIPTOR_SIZE / 8] = std::array::from_fn(|i| {
+            u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+        });
+        self.submit_encoded(1, bp, |seq| {
+            words[1] = seq;
+            words
         })
         .map(|f| f.end)
     }
@@ -44,17 +47,20 @@ impl QueueCore {
             d.validate()?;
         }
         let mut i = 0;
-        self.submit_encoded(descs.len(), bp, |seq, out| {
-            out.copy_from_slice(&descs[i].with_seqno(seq).encode());
+        self.submit_encoded(descs.len(), bp, |seq| {
+            let w = descs[i].with_seqno(seq).encode_words();
             i += 1;
+            w
         })
     }
 
+    /// Submit `count` descriptors, `encode(seqno)` giving each one's words
+    /// (`Descriptor::encode_words`) for the seqno it is assigned.
     pub(super) fn submit_encoded(
         &self,
         count: usize,
         bp: Backpressure,
-        mut encode: impl FnMut(u64, &mut [u8; DESCRIPTOR_SIZE]),
+        mut encode: impl FnMut(u64) -> [u64; DESCRIPTOR_SIZE / 8],
     ) -> Result<BatchFences> {
         if count == 0 {
             return Err(Error::ZeroLength { addr: 0 });
@@ -71,7 +77,6 @@ impl QueueCore {
         let mut last = 0;
         let mut rest = count;
         let mut spins = 0u32;
-        let mut bytes = [0u8; DESCRIPTOR_SIZE];
         while rest > 0 {
             let mut st = self.lock();
             self.reap(&mut st)?;
@@ -90,8 +95,7 @@ impl QueueCore {
                         .expect("in-flight bound implies room");
                     let seq = st.next_seqno;
                     st.next_seqno += 1;
-                    encode(seq, &mut bytes);
-                    self.mem.write(slot * DESCRIPTOR_SIZE, &bytes);
+                    self.mem.write_words(slot * DESCRIPTOR_SIZE, &encode(seq));
                     first.get_or_insert(seq);
                     last = seq;
                 }

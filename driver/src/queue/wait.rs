@@ -34,13 +34,14 @@ impl QueueCore {
         if n == 0 {
             return Ok(());
         }
-        let mut raw = [0u8; COMPLETION_SIZE];
         // Consecutive plain completions (most) go into the store as one run.
         let mut run = 0..0;
         for i in 0..n {
-            self.mem
-                .read(self.cq_off + st.cons.slot(i) * COMPLETION_SIZE, &mut raw);
-            let c = Completion::decode(&raw);
+            let c = Completion::decode_words(
+                &self
+                    .mem
+                    .read_words(self.cq_off + st.cons.slot(i) * COMPLETION_SIZE),
+            );
             st.max_reaped = st.max_reaped.max(c.seqno);
             if super::store::plain(&c) && (run.is_empty() || run.end == c.seqno) {
                 if run.is_empty() {
@@ -203,6 +204,16 @@ impl QueueCore {
                 // Spun above.
                 WaitMode::Poll => {}
                 WaitMode::Block => {
+                    // Arm the ring's interrupt, then look at the fence once more: the
+                    // device raises the interrupt only for an armed ring, and the SeqCst
+                    // fence between the arm and this look pairs with the one between
+                    // its fence write and its look at the arm (datasheet section 8):
+                    // either this look sees the fence, or the device sees the arm.
+                    self.dev().write32(regs::IRQ_ARM, 1 << self.ring);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if fence.is_signalled_by(self.completed_seqno()) {
+                        continue;
+                    }
                     // Sleep until the device signals (or a slice passes, so that several
                     // waiters sharing the eventfd all re-check).
                     let slice = (deadline - now).min(Duration::from_millis(5));

@@ -26,6 +26,7 @@
 
 use super::commands::Exec;
 use super::mmu::Mmu;
+use super::placement::Placement;
 use super::vm_exec::{Hold, Piece, Progress};
 use super::Shared;
 use crate::reference::dma_port::{Direction, DmaError, DmaPort, Transfer};
@@ -91,6 +92,8 @@ pub(super) struct Engine {
     /// A VM round's translated pieces, and the IOVA transfers among them.
     pub(super) pieces: Vec<Piece>,
     pub(super) xlated: Vec<Transfer>,
+    /// Keeping off the submitter's CPU (placement.rs).
+    placement: Placement,
 }
 
 impl Engine {
@@ -117,6 +120,7 @@ impl Engine {
             vm_id: 0,
             pieces: Vec::with_capacity(256),
             xlated: Vec::with_capacity(256),
+            placement: Placement::new(),
         }
     }
 
@@ -156,6 +160,9 @@ impl Engine {
             // no clock reading at all.
             if idle_rounds == SPIN_CLOCK_EVERY {
                 idle_since = Instant::now();
+                // Idle: the moment to find out whether this spin is keeping the
+                // submitter from its CPU (placement.rs).
+                self.placement.keep_off(&self.shared.doorbell_cpu);
             }
             if idle_rounds % SPIN_CLOCK_EVERY != 0 {
                 std::hint::spin_loop();
@@ -354,16 +361,20 @@ impl Engine {
         let vm_id = rr.vm.load(Ordering::Acquire);
         let mut executed = n;
         for i in 0..n as u64 {
-            let mut raw = [0u8; DESCRIPTOR_SIZE];
-            raw.copy_from_slice(self.vram.bytes(
+            // Loaded as words (the wire format's little-endian u64s) straight from the
+            // fetched copy, without a byte copy on the stack in between.
+            let raw = self.vram.bytes(
                 FETCH_OFF + i * DESCRIPTOR_SIZE as u64,
                 DESCRIPTOR_SIZE as u64,
-            ));
-            let seqno = Descriptor::raw_seqno(&raw);
+            );
+            let words: [u64; DESCRIPTOR_SIZE / 8] = std::array::from_fn(|k| {
+                u64::from_le_bytes(raw[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+            });
+            let seqno = words[1];
             let aborting = abort || shared.reset_requested.load(Ordering::Acquire);
             // The held command, if this is it: it continues where it stopped.
             let held = if i == 0 { self.take_hold(r) } else { None };
-            let c = match Descriptor::decode(&raw) {
+            let c = match Descriptor::decode_words(&words) {
                 Err(e) => Completion::error(seqno, Status::BadDescriptor, e.code()),
                 Ok(_) if aborting => Completion::error(seqno, Status::Aborted, 0),
                 Ok(d) => {
@@ -397,9 +408,12 @@ impl Engine {
             if let Some(f) = c.fault {
                 self.record_fault(r, f, c.detail);
             }
-            self.vram
-                .bytes_mut(CQE_OFF + i * COMPLETION_SIZE as u64, COMPLETION_SIZE as u64)
-                .copy_from_slice(&c.encode());
+            let cqe = self
+                .vram
+                .bytes_mut(CQE_OFF + i * COMPLETION_SIZE as u64, COMPLETION_SIZE as u64);
+            for (k, w) in c.encode_words().iter().enumerate() {
+                cqe[k * 8..k * 8 + 8].copy_from_slice(&w.to_le_bytes());
+            }
             last_seqno = seqno;
         }
         let n = executed;
@@ -413,17 +427,22 @@ impl Engine {
         let Some(st) = self.rings[r as usize].as_mut() else {
             return true;
         };
-        let mut slots = Vec::with_capacity(2);
+        // At most two runs of slots: the batch is contiguous but for the wrap.
+        let mut slots = [(0u64, 0u64); 2];
+        let mut runs = 0;
         for _ in 0..n {
             let s = st.cq.next_slot(&rr.cq).expect("CQ space was checked") as u64;
-            match slots.last_mut() {
+            match slots[..runs].last_mut() {
                 Some((start, len)) if *start + *len == s => *len += 1,
-                _ => slots.push((s, 1u64)),
+                _ => {
+                    slots[runs] = (s, 1);
+                    runs += 1;
+                }
             }
         }
         self.transfers.clear();
         let mut off = CQE_OFF;
-        for (s, k) in slots {
+        for &(s, k) in &slots[..runs] {
             self.transfers.push(Transfer {
                 dir: Direction::FromDevice,
                 iova: cq_base + s * COMPLETION_SIZE as u64,
@@ -449,10 +468,34 @@ impl Engine {
         st.sq.release(&rr.sq, n);
         st.cq.publish(&rr.cq);
         shared.completed.fetch_add(n, Ordering::AcqRel);
-        if want_irq {
+        let armed = self.take_arm(r);
+        if want_irq || armed {
             self.interrupt(r);
         }
         true
+    }
+
+    /// Whether ring `r` was armed (IRQ_ARM), clearing the bit if so. Called after the
+    /// batch's fence and indices are published.
+    ///
+    /// The handshake with a driver about to sleep: it sets the bit, issues a SeqCst
+    /// fence and looks at the fence word again; here the fence word was stored, then
+    /// a SeqCst fence, then the bit is loaded. Of two SeqCst fences one comes first in
+    /// their single total order, so either the driver's second look sees this batch's
+    /// fence (and it does not sleep) or this load sees its arm (and the interrupt
+    /// wakes it): a sleeper is never left without the interrupt for the batch that
+    /// completes its command. A batch that completes nothing a sleeper waits for may
+    /// take the arm; the woken driver looks, finds its fence not reached, and arms
+    /// again.
+    fn take_arm(&self, r: u32) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let bit = 1 << r;
+        // Relaxed on the first load: a cheap look that skips the read-modify-write on
+        // the (usual) unarmed path; the fence above orders it after the publication.
+        // AcqRel on the clear: a read-modify-write racing the driver's setting of
+        // other bits.
+        self.shared.irq_arm.load(Ordering::Relaxed) & bit != 0
+            && self.shared.irq_arm.fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
     /// The fault registers; `detail` is a VM fault's kind | VM id << 8 (0 otherwise).

@@ -30,6 +30,7 @@ pub mod fifo;
 mod gpu_regs;
 pub mod mmu;
 mod pipeline;
+mod placement;
 pub mod tlb;
 pub mod uring_iommu;
 mod vm_exec;
@@ -136,6 +137,8 @@ struct Shared {
     status: AtomicU32,
     irq_status: AtomicU32,
     irq_mask: AtomicU32,
+    /// IRQ_ARM: rings whose next published batch raises the interrupt.
+    irq_arm: AtomicU32,
     fault_count: AtomicU32,
     fault_iova: [AtomicU32; 2],
     fault_info: AtomicU32,
@@ -145,6 +148,8 @@ struct Shared {
     shutdown: AtomicBool,
     irq: Mutex<Vec<Option<Arc<OwnedFd>>>>,
     engine: OnceLock<Thread>,
+    /// The CPU the latest doorbell was rung from (the engine keeps off it).
+    doorbell_cpu: placement::DoorbellCpu,
     /// GPU virtual memory (datasheet section 10).
     gpu: gpu_regs::GpuRegs,
 }
@@ -199,6 +204,7 @@ impl Shared {
             regs::STATUS => ld(&self.status),
             regs::IRQ_STATUS => ld(&self.irq_status),
             regs::IRQ_MASK => ld(&self.irq_mask),
+            regs::IRQ_ARM => ld(&self.irq_arm),
             regs::FAULT_COUNT => ld(&self.fault_count),
             regs::FAULT_IOVA_LO => ld(&self.fault_iova[0]),
             regs::FAULT_IOVA_HI => ld(&self.fault_iova[1]),
@@ -228,6 +234,7 @@ impl Shared {
                 ring::CONTROL => self.ring_control(rr, v),
                 ring::SQ_TAIL => {
                     rr.sq.store_tail(v);
+                    self.doorbell_cpu.note();
                     self.wake();
                 }
                 ring::CQ_HEAD => {
@@ -274,6 +281,13 @@ impl Shared {
                 self.irq_status.fetch_and(!v, Ordering::AcqRel);
             }
             regs::IRQ_MASK => st(&self.irq_mask),
+            // AcqRel: a read-modify-write on a register the engine clears bits of; the
+            // arming driver's SeqCst fence after this write is the other half of the
+            // handshake in the engine's `raise_if_armed`.
+            regs::IRQ_ARM => {
+                self.irq_arm
+                    .fetch_or(v & ((1 << self.rings) - 1), Ordering::AcqRel);
+            }
             _ => {}
         }
     }
@@ -380,6 +394,7 @@ impl ReferenceDevice {
             status: AtomicU32::new(regs::STATUS_ALIVE),
             irq_status: AtomicU32::new(0),
             irq_mask: AtomicU32::new(0),
+            irq_arm: AtomicU32::new(0),
             fault_count: AtomicU32::new(0),
             fault_iova: Default::default(),
             fault_info: AtomicU32::new(0),
@@ -389,6 +404,7 @@ impl ReferenceDevice {
             shutdown: AtomicBool::new(false),
             irq: Mutex::new(vec![None; rings as usize]),
             engine: OnceLock::new(),
+            doorbell_cpu: placement::DoorbellCpu::new(),
             gpu: gpu_regs::GpuRegs::new(layout, tlb_entries, pt),
         });
         let s2 = shared.clone();

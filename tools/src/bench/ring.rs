@@ -2,8 +2,11 @@
 //! fence round trip (one command, polling). With `--device`, the same on an NVMe I/O
 //! queue, with Flush (no data) as the NOP: `flush_batch_<n>` and `fence_roundtrip`.
 //! On the reference device also the blocking round trip and, next to them, the
-//! machine's floors for both ([`limits`]); and the driver's own cost per descriptor
-//! on submit and on reap next to the device's ([`overhead`]).
+//! machine's floors ([`limits`]): the shared-memory round trip, the eventfd wake-up,
+//! and the ring protocol's own traffic for batches of 1 and 64 (`nop_batch_1_limit`,
+//! `nop_batched_limit`), each sampled between the samples of the row it bounds; and
+//! the driver's own cost per descriptor on submit and on reap next to the device's
+//! ([`overhead`]).
 
 use super::limits;
 use super::measure::{repeat, time_us, Sample};
@@ -24,10 +27,14 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     let q = drv.queue(0, 256).map_err(|e| crate::explain(&e))?;
     let mut out = Vec::new();
     let rounds = if ctx.quick { 20 } else { 100 };
+    // The limits (the ring protocol's shared-memory traffic alone, `limits`) are
+    // sampled between the samples of the rows they bound: the same machine state for
+    // both, whatever the host does to the vCPUs meanwhile.
+    let mut protocol_limits = Vec::new();
     for batch in [1usize, 8, 64] {
         let descs = vec![Descriptor::nop(); batch];
         let mut err = None;
-        let s = repeat(ctx.samples, 2, || {
+        let mut sample = || {
             let t = Instant::now();
             for _ in 0..rounds {
                 match q
@@ -39,7 +46,17 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
                 }
             }
             (rounds * batch) as f64 / t.elapsed().as_secs_f64() / 1e6
-        });
+        };
+        let limit_name = match batch {
+            1 => Some("nop_batch_1_limit"),
+            64 => Some("nop_batched_limit"),
+            _ => None,
+        };
+        let (s, limit) = interleave(
+            ctx.samples,
+            &mut sample,
+            limit_name.map(|_| move || limits::ring_protocol(batch)),
+        );
         if let Some(e) = err {
             return Err(e);
         }
@@ -48,23 +65,49 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         } else {
             format!("nop_batch_{batch}")
         };
-        out.push(Measurement::new("ring", name, "Mops/s", s));
+        let m = Measurement::new("ring", name, "Mops/s", s);
+        out.push(match (limit_name, limit) {
+            (Some(n), Some(l)) => {
+                protocol_limits.push(Measurement::new("ring", n, "Mops/s", l.clone()));
+                m.with_baseline(n, l)
+            }
+            _ => m,
+        });
     }
     let mut err = None;
-    let rt = repeat(ctx.samples * 5, 5, || {
-        time_us(|| {
-            if let Err(e) = q
-                .submit(Descriptor::nop(), Backpressure::Wait)
-                .and_then(|f| q.wait(f, WaitMode::Poll, T))
-            {
-                err = Some(crate::explain(&e));
-            }
-        })
-    });
+    // Five round trips of ours to each sample of the limit (itself the mean of
+    // thousands).
+    let mut five = || {
+        let v: Vec<f64> = (0..5)
+            .map(|_| {
+                time_us(|| {
+                    if let Err(e) = q
+                        .submit(Descriptor::nop(), Backpressure::Wait)
+                        .and_then(|f| q.wait(f, WaitMode::Poll, T))
+                    {
+                        err = Some(crate::explain(&e));
+                    }
+                })
+            })
+            .collect();
+        v
+    };
+    let mut rt = Vec::new();
+    let mut rt_limit = Vec::new();
+    five();
+    for _ in 0..ctx.samples {
+        rt.extend(five());
+        rt_limit.push(limits::fence_roundtrip());
+        crate::progress::tick(5);
+    }
     if let Some(e) = err {
         return Err(e);
     }
-    out.push(Measurement::new("ring", "fence_roundtrip", "us", rt));
+    let rt_limit = Sample { values: rt_limit };
+    out.push(
+        Measurement::new("ring", "fence_roundtrip", "us", Sample { values: rt })
+            .with_baseline("fence_roundtrip_limit", rt_limit.clone()),
+    );
     let mut err = None;
     let rt = repeat(ctx.samples * 5, 5, || {
         time_us(|| {
@@ -95,12 +138,12 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
             .with_baseline("device_per_descriptor", device),
     );
     drop(q);
-    // The machine's floors for the two rows above, in the same run.
+    // The machine's floors, also as rows of their own (sampled above, interleaved).
     out.push(Measurement::new(
         "ring",
         "fence_roundtrip_limit",
         "us",
-        limits::fence_roundtrip(ctx.samples),
+        rt_limit,
     ));
     out.push(Measurement::new(
         "ring",
@@ -108,6 +151,7 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         "us",
         limits::eventfd_wakeup(ctx.samples)?,
     ));
+    out.extend(protocol_limits);
     // Several rings, one submitting thread each, batches of 64.
     for rings in [1u32, 2, 4] {
         let qs: Vec<_> = (0..rings)
@@ -142,6 +186,26 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     Ok(out)
 }
 
+/// `samples` samples of `ours` after 2 for warm-up, and when there is a `limit`, one
+/// of it after each of ours.
+fn interleave<L: FnMut() -> f64>(
+    samples: usize,
+    ours: &mut impl FnMut() -> f64,
+    mut limit: Option<L>,
+) -> (Sample, Option<Sample>) {
+    ours();
+    ours();
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        a.push(ours());
+        if let Some(l) = limit.as_mut() {
+            b.push(l());
+        }
+        crate::progress::tick(1);
+    }
+    (Sample { values: a }, limit.map(|_| Sample { values: b }))
+}
+
 /// The driver's cost per descriptor, batches of 64 NOPs, next to the device's, one
 /// sample of each per round:
 /// * submit: `submit_batch` with the device paused (so the engine takes nothing
@@ -167,8 +231,13 @@ fn overhead(ctx: &Ctx, drv: &Driver, q: &CommandQueue) -> Result<(Sample, Sample
             return Err("ring overhead: the device kept taking work while paused".into());
         }
         drv.set_enabled(false);
-        // Any engine pass that saw the device enabled is over by now.
-        std::thread::sleep(Duration::from_micros(200));
+        // Any engine pass that saw the device enabled is over by now. Spun, not
+        // slept: a vCPU that went idle comes back with cold caches, which would be
+        // counted as the driver's cost of the next submission.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_micros(200) {
+            std::hint::spin_loop();
+        }
         let (sq0, cq0) = (reg(ring::SQ_HEAD), reg(ring::CQ_TAIL));
         let t = Instant::now();
         let f = q
