@@ -222,8 +222,8 @@ impl Engine {
                 sq_base: addr(&rr.sq_base),
                 cq_base: addr(&rr.cq_base),
                 fence: addr(&rr.fence),
-                sq: Consumer::new(geo, &rr.sq),
-                cq: Producer::new(geo, &rr.cq),
+                sq: Consumer::new(geo, &rr.sq()),
+                cq: Producer::new(geo, &rr.cq()),
             });
         }
         self.rings[r as usize].as_mut()
@@ -261,11 +261,11 @@ impl Engine {
         let shared = self.shared.clone();
         let rr = &shared.ring[r as usize];
         // SeqCst: see ring_control; after this the driver's disable waits for us.
-        rr.busy.store(true, Ordering::SeqCst);
+        rr.busy().store(true, Ordering::SeqCst);
         let worked = rr.control.load(Ordering::SeqCst) & ring::CONTROL_ENABLE != 0
             && self.service_batch(r, abort);
         // Release: our DMA to the ring's memory is done before the disable returns.
-        rr.busy.store(false, Ordering::Release);
+        rr.busy().store(false, Ordering::Release);
         worked
     }
 
@@ -284,7 +284,7 @@ impl Engine {
             Some(st) => {
                 self.holds[r as usize].is_none()
                     && st.generation == rr.generation.load(Ordering::Acquire)
-                    && rr.sq.tail() == st.sq.head()
+                    && rr.sq().tail() == st.sq.head()
             }
             None => false,
         }
@@ -304,7 +304,7 @@ impl Engine {
             return false;
         }
         let st = self.rings[r as usize].as_mut().expect("ring state present");
-        let avail = match st.sq.available(&rr.sq) {
+        let avail = match st.sq.available(&rr.sq()) {
             Ok(n) => n,
             Err(_) => {
                 self.ring_error(r, ring::ERROR_INDEX);
@@ -321,11 +321,11 @@ impl Engine {
             return false;
         }
         // A CQ_HEAD written past CQ_TAIL would read as "no room" forever: an error.
-        if rr.cq.tail().wrapping_sub(rr.cq.head()) > st.geo.size() {
+        if rr.cq().tail().wrapping_sub(rr.cq().head()) > st.geo.size() {
             self.ring_error(r, ring::ERROR_INDEX);
             return true;
         }
-        let n = avail.min(BATCH).min(st.cq.free(&rr.cq));
+        let n = avail.min(BATCH).min(st.cq.free(&rr.cq()));
         if n == 0 {
             return false;
         }
@@ -431,7 +431,7 @@ impl Engine {
         let mut slots = [(0u64, 0u64); 2];
         let mut runs = 0;
         for _ in 0..n {
-            let s = st.cq.next_slot(&rr.cq).expect("CQ space was checked") as u64;
+            let s = st.cq.next_slot(&rr.cq()).expect("CQ space was checked") as u64;
             match slots[..runs].last_mut() {
                 Some((start, len)) if *start + *len == s => *len += 1,
                 _ => {
@@ -465,8 +465,8 @@ impl Engine {
         }
         // 4. Publish (Release, inside SharedIndices) and interrupt.
         let st = self.rings[r as usize].as_mut().expect("ring state present");
-        st.sq.release(&rr.sq, n);
-        st.cq.publish(&rr.cq);
+        st.sq.release(&rr.sq(), n);
+        st.cq.publish(&rr.cq());
         shared.completed.fetch_add(n, Ordering::AcqRel);
         let armed = self.take_arm(r);
         if want_irq || armed {

@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use userptr_ring::regs::{self, ring};
-use userptr_ring::{RingIndices, SharedIndices};
+use userptr_ring::SharedIndices;
 
 /// How to build a reference device.
 #[derive(Clone, Debug)]
@@ -107,6 +107,13 @@ impl Default for ReferenceConfig {
 }
 
 /// One ring's registers.
+///
+/// The four index registers are kept by who writes them, each group on cache lines
+/// of its own: SQ_TAIL and CQ_HEAD (the driver), SQ_HEAD, CQ_TAIL and the busy mark
+/// (the engine), apart from the configuration the engine's idle pass reads on every
+/// round. A store then takes from the other core only the line the other side has to
+/// see anyway; with all of them on one line, each side's stores and the idle pass's
+/// loads pulled it back and forth several times per command.
 #[derive(Default)]
 struct RingRegs {
     sq_base: [AtomicU32; 2],
@@ -114,20 +121,93 @@ struct RingRegs {
     fence: [AtomicU32; 2],
     size_log2: AtomicU32,
     control: AtomicU32,
-    sq: RingIndices,
-    cq: RingIndices,
+    /// SQ_TAIL, CQ_HEAD.
+    driver_side: Line<[AtomicU32; 2]>,
+    device_side: Line<DeviceSide>,
     error: AtomicU32,
     /// Bumped on every enable, so the engine rebuilds its view of the ring.
     generation: AtomicU32,
-    /// Set by the engine while it works on a batch of this ring; a disable waits for
-    /// it to clear, so a disabled ring's memory is never touched again.
-    busy: AtomicBool,
     /// The VM register (0: IOVAs).
     vm: AtomicU32,
     /// The HOLD register, set and cleared by the engine.
     hold: AtomicU32,
     /// The last REPLAY decision written while the ring was held (0: none yet).
     replay: AtomicU32,
+}
+
+/// Two cache lines (the adjacent-line prefetcher moves pairs) to itself.
+#[derive(Default)]
+#[repr(align(128))]
+struct Line<T>(T);
+
+/// The index registers the engine writes, and its busy mark.
+#[derive(Default)]
+struct DeviceSide {
+    sq_head: AtomicU32,
+    cq_tail: AtomicU32,
+    /// Set by the engine while it works on a batch of this ring; a disable waits for
+    /// it to clear, so a disabled ring's memory is never touched again.
+    busy: AtomicBool,
+}
+
+/// One queue's head and tail registers (on the two sides' lines), as the index
+/// protocol sees them.
+struct Indices<'a> {
+    head: &'a AtomicU32,
+    tail: &'a AtomicU32,
+}
+
+impl SharedIndices for Indices<'_> {
+    fn load_head(&self) -> u32 {
+        // Acquire: pairs with the consumer's Release in store_head.
+        self.head.load(Ordering::Acquire)
+    }
+    fn load_tail(&self) -> u32 {
+        // Acquire: pairs with the producer's Release in store_tail.
+        self.tail.load(Ordering::Acquire)
+    }
+    fn store_head(&self, head: u32) {
+        // Release: the consumer finished reading every slot below `head`.
+        self.head.store(head, Ordering::Release);
+    }
+    fn store_tail(&self, tail: u32) {
+        // Release: the producer finished writing every slot below `tail`.
+        self.tail.store(tail, Ordering::Release);
+    }
+}
+
+impl Indices<'_> {
+    /// Snapshots for the idle pass and sanity checks (Relaxed: the protocol's own
+    /// loads are the Acquire ones above).
+    fn head(&self) -> u32 {
+        self.head.load(Ordering::Relaxed)
+    }
+    fn tail(&self) -> u32 {
+        self.tail.load(Ordering::Relaxed)
+    }
+    /// Both to zero, while the ring is disabled (published by the generation bump).
+    fn reset(&self) {
+        self.head.store(0, Ordering::Relaxed);
+        self.tail.store(0, Ordering::Relaxed);
+    }
+}
+
+impl RingRegs {
+    fn sq(&self) -> Indices<'_> {
+        Indices {
+            head: &self.device_side.0.sq_head,
+            tail: &self.driver_side.0[0],
+        }
+    }
+    fn cq(&self) -> Indices<'_> {
+        Indices {
+            head: &self.driver_side.0[1],
+            tail: &self.device_side.0.cq_tail,
+        }
+    }
+    fn busy(&self) -> &AtomicBool {
+        &self.device_side.0.busy
+    }
 }
 
 /// The register file and the device state shared with the engine thread.
@@ -183,10 +263,10 @@ impl Shared {
                 ring::FENCE_HI => ld(&rr.fence[1]),
                 ring::SIZE_LOG2 => ld(&rr.size_log2),
                 ring::CONTROL => ld(&rr.control),
-                ring::SQ_TAIL => rr.sq.load_tail(),
-                ring::SQ_HEAD => rr.sq.load_head(),
-                ring::CQ_TAIL => rr.cq.load_tail(),
-                ring::CQ_HEAD => rr.cq.load_head(),
+                ring::SQ_TAIL => rr.sq().load_tail(),
+                ring::SQ_HEAD => rr.sq().load_head(),
+                ring::CQ_TAIL => rr.cq().load_tail(),
+                ring::CQ_HEAD => rr.cq().load_head(),
                 ring::ERROR => ld(&rr.error),
                 ring::VM => ld(&rr.vm),
                 ring::HOLD => ld(&rr.hold),
@@ -233,12 +313,12 @@ impl Shared {
                 ring::SIZE_LOG2 => st(&rr.size_log2),
                 ring::CONTROL => self.ring_control(rr, v),
                 ring::SQ_TAIL => {
-                    rr.sq.store_tail(v);
+                    rr.sq().store_tail(v);
                     self.doorbell_cpu.note();
                     self.wake();
                 }
                 ring::CQ_HEAD => {
-                    rr.cq.store_head(v);
+                    rr.cq().store_head(v);
                     self.wake();
                 }
                 ring::VM => st(&rr.vm),
@@ -300,7 +380,7 @@ impl Shared {
             // Dekker handshake): either the engine sees the ring disabled before it
             // starts a batch, or we see it busy and wait for the batch to finish.
             rr.control.store(0, Ordering::SeqCst);
-            while rr.busy.load(Ordering::SeqCst) {
+            while rr.busy().load(Ordering::SeqCst) {
                 std::thread::yield_now();
             }
             return;
@@ -324,8 +404,8 @@ impl Shared {
             rr.error.store(ring::ERROR_CONFIG, Ordering::Release);
             return;
         }
-        rr.sq.reset();
-        rr.cq.reset();
+        rr.sq().reset();
+        rr.cq().reset();
         rr.error.store(0, Ordering::Relaxed);
         // A hold does not survive a disable (the engine drops its own state at the new
         // generation).

@@ -96,6 +96,8 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
     let mut rt_limit = Vec::new();
     five();
     for _ in 0..ctx.samples {
+        // Untimed first, as in `interleave`.
+        five();
         rt.extend(five());
         rt_limit.push(limits::fence_roundtrip());
         crate::progress::tick(5);
@@ -187,7 +189,11 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
 }
 
 /// `samples` samples of `ours` after 2 for warm-up, and when there is a `limit`, one
-/// of it after each of ours.
+/// of it after each of ours. With a limit, each sample of ours follows one untimed
+/// run of it: the limit's threads take both CPUs for a while, the engine parks, and
+/// the first commands after that pay for its wake-up (and, now and then, for a
+/// scheduler that placed it on the submitter's CPU until it moves off), which is not
+/// what the row measures.
 fn interleave<L: FnMut() -> f64>(
     samples: usize,
     ours: &mut impl FnMut() -> f64,
@@ -197,6 +203,9 @@ fn interleave<L: FnMut() -> f64>(
     ours();
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for _ in 0..samples {
+        if limit.is_some() {
+            ours();
+        }
         a.push(ours());
         if let Some(l) = limit.as_mut() {
             b.push(l());
