@@ -163,7 +163,7 @@ fn steps(suite: &str, ctx: &Ctx, vfio: bool) -> u64 {
             4 * (s + 2) + big
         }
         "ring" if vfio => 3 * (s + 2) + 5 * s + 5,
-        "ring" => 3 * (s + 2) + 3 * (5 * s + 5) + (s + 2) + 3 * s.min(10) + s,
+        "ring" => 3 * (s + 2) + 5 * s + 2 * (5 * s + 5) + (s + 2) + 3 * s.min(10) + 2 * s,
         "e2e" => 4 * (s.min(if ctx.quick { 5 } else { 15 }) + 1),
         "cache" => 5 * (s + 3),
         "invalidate" => 5 * (s + 2) + s + 1,

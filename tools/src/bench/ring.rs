@@ -130,6 +130,12 @@ pub fn run(ctx: &Ctx, target: &Target) -> Result<Vec<Measurement>, String> {
         "us",
         rt,
     ));
+    out.push(Measurement::new(
+        "ring",
+        "fence_roundtrip_blocking_sleep",
+        "us",
+        blocking_sleep(ctx, &drv, &q)?,
+    ));
     let (submit, reap, device) = overhead(ctx, &drv, &q)?;
     out.push(
         Measurement::new("ring", "submit_overhead_per_descriptor", "ns", submit)
@@ -215,6 +221,58 @@ fn interleave<L: FnMut() -> f64>(
     (Sample { values: a }, limit.map(|_| Sample { values: b }))
 }
 
+/// A blocking wait that does sleep: the device paused, a NOP submitted, this thread
+/// blocked in `wait(Block)` (past its 4 µs of polling) when a helper thread resumes
+/// the device 20 µs later. Microseconds from the resume to the wait's return: the
+/// engine's look at its doorbells (it is still spinning, a NOP ran just before), the
+/// NOP, the interrupt, and the waiter's wake-up; next to `eventfd_wakeup_limit`,
+/// the wake-up alone. The helper lives across samples (a thread that exits as the
+/// engine wakes would be measured too).
+fn blocking_sleep(ctx: &Ctx, drv: &Driver, q: &CommandQueue) -> Result<Sample, String> {
+    use std::sync::mpsc;
+    let base = Instant::now();
+    let nop = || {
+        q.submit(Descriptor::nop(), Backpressure::Wait)
+            .map_err(|e| crate::explain(&e))
+    };
+    std::thread::scope(|s| {
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (resumed_tx, resumed) = mpsc::channel::<Duration>();
+        s.spawn(move || {
+            for () in go_rx {
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(20) {
+                    std::hint::spin_loop();
+                }
+                let at = base.elapsed();
+                drv.set_enabled(true);
+                if resumed_tx.send(at).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut values = Vec::new();
+        for _ in 0..ctx.samples {
+            // A NOP first, so the engine is awake (spinning) when the resume comes.
+            nop().and_then(|f| q.wait(f, WaitMode::Poll, T).map_err(|e| crate::explain(&e)))?;
+            drv.set_enabled(false);
+            let f = nop()?;
+            go.send(())
+                .map_err(|_| "ring: the resumer thread is gone".to_string())?;
+            let r = q.wait(f, WaitMode::Block, T);
+            let done = base.elapsed();
+            let at = resumed
+                .recv()
+                .map_err(|_| "ring: the resumer thread is gone".to_string())?;
+            r.map_err(|e| crate::explain(&e))?;
+            values.push(done.saturating_sub(at).as_secs_f64() * 1e6);
+            crate::progress::tick(1);
+        }
+        drop(go);
+        Ok(Sample { values })
+    })
+}
+
 /// The driver's cost per descriptor, batches of 64 NOPs, next to the device's, one
 /// sample of each per round:
 /// * submit: `submit_batch` with the device paused (so the engine takes nothing
@@ -240,11 +298,14 @@ fn overhead(ctx: &Ctx, drv: &Driver, q: &CommandQueue) -> Result<(Sample, Sample
             return Err("ring overhead: the device kept taking work while paused".into());
         }
         drv.set_enabled(false);
-        // Any engine pass that saw the device enabled is over by now. Spun, not
-        // slept: a vCPU that went idle comes back with cold caches, which would be
-        // counted as the driver's cost of the next submission.
+        // Any engine pass that saw the device enabled is over by now (a pass takes
+        // a few µs). Spun, not slept, and shorter than the engine's 50 µs of polling
+        // before it parks: once its vCPU has gone idle, each descriptor store that
+        // takes a line from that core costs ~10x more (measured here: 20-27 ns per
+        // descriptor after a 5-50 µs pause, 200-310 ns after 200 µs), which is the
+        // machine waking a core, not the driver's cost.
         let t = Instant::now();
-        while t.elapsed() < Duration::from_micros(200) {
+        while t.elapsed() < Duration::from_micros(20) {
             std::hint::spin_loop();
         }
         let (sq0, cq0) = (reg(ring::SQ_HEAD), reg(ring::CQ_TAIL));
