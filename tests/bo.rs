@@ -36,13 +36,17 @@ struct Setup {
 }
 
 fn setup(vram: usize) -> Setup {
+    setup_with(vram, BoConfig::default())
+}
+
+fn setup_with(vram: usize, bo_cfg: BoConfig) -> Setup {
     bo::install_fault_handler().unwrap();
     let mut cfg = ReferenceConfig::default();
     cfg.gpu.device_memory_bytes = vram;
     let drv = Driver::with_reference(cfg).unwrap();
     let reg = Registry::new(drv, RegistryConfig::default());
     let gpu = Gpu::open(&reg).unwrap();
-    let mgr = BoManager::new(&gpu, BoConfig::default()).unwrap();
+    let mgr = BoManager::new(&gpu, bo_cfg).unwrap();
     Setup {
         mgr,
         _gpu: gpu,
@@ -607,13 +611,21 @@ fn child_eviction_skips_a_bo_with_device_work_in_flight() {
     if !is_child() {
         return;
     }
-    // 4 MiB of VRAM: room for two 2 MiB BOs.
-    let s = setup(4 << 20);
+    // 4 MiB of VRAM: room for two 2 MiB BOs. A ring of 256 for the queue below.
+    let s = setup_with(
+        4 << 20,
+        BoConfig {
+            ring_size: 256,
+            ..BoConfig::default()
+        },
+    );
     let busy = s.mgr.create(2 << 20, Placement::Vram).unwrap();
-    // Device work on `busy` queued for a while (tens of ms: 48 fills of 2 MiB on one
-    // ring); the eviction below chooses microseconds later.
+    // Device work on `busy` queued for a while (about 50 ms here: 240 fills of 2 MiB on
+    // one ring); the eviction below chooses microseconds later. With 48 fills (10 ms)
+    // a test thread descheduled that long by the tests running beside it found the
+    // work done, one run in six.
     let mut last = None;
-    for _ in 0..48 {
+    for _ in 0..240 {
         // SAFETY: nothing reads `busy` on the CPU until the fills are waited for.
         last = Some(unsafe { s.mgr.fill_async(&busy, 0, 2 << 20, 0x77) }.unwrap());
     }

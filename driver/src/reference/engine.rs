@@ -9,7 +9,9 @@
 //!    fault record; the device keeps running;
 //! 3. DMA the completion entries into the CQ, then the last seqno into the fence word
 //!    (ordered: the fence never lands before the entries it covers);
-//! 4. publish SQ_HEAD and CQ_TAIL (Release) and signal the ring's eventfd.
+//! 4. publish SQ_HEAD and CQ_TAIL (Release) and, if the ring's `IRQ_MASK` bit is set,
+//!    a command asked for it or a waiter armed it (`IRQ_ARM`, see `take_arm`), signal
+//!    the ring's eventfd.
 //!
 //! Ring structures in driver-owned coherent memory (every queue's) are fetched and
 //! written through the device's own view of it, after the IOMMU's translation and
@@ -17,8 +19,9 @@
 //! command addresses, and a ring placed in any other memory, goes through the pinned
 //! pages (io_uring transfers).
 //!
-//! Idle, it spins for `SPIN` (looking at the clock and yielding the CPU every few
-//! rounds only) and then parks; a doorbell write unparks it.
+//! Idle, it spins for `SPIN` (looking at the clock every few rounds, yielding the CPU
+//! every ~10 µs and right after an interrupt, moving off the submitter's CPU if it
+//! finds itself there: placement.rs) and then parks; a doorbell write unparks it.
 //!
 //! A ring bound to a VM (datasheet section 10) translates its commands' addresses
 //! through the VM's page table first and may hold a command on a replayable fault:
