@@ -97,6 +97,47 @@ impl RingIndices {
         RingIndices::default()
     }
 
+    /// The two counters as an [`IndexRefs`].
+    pub fn refs(&self) -> IndexRefs<'_> {
+        IndexRefs::new(&self.head, &self.tail)
+    }
+
+    /// The consumer's counter, for diagnostics and register reads.
+    pub fn head(&self) -> u32 {
+        self.refs().head()
+    }
+
+    /// The producer's counter, for diagnostics and register reads.
+    pub fn tail(&self) -> u32 {
+        self.refs().tail()
+    }
+
+    /// Set both counters to zero. Only while neither side is running (device reset).
+    pub fn reset(&self) {
+        self.refs().reset()
+    }
+}
+
+/// The atomic type the counters are (loom's under `--cfg loom`), for a device that
+/// keeps its counters in fields of its own and hands them out as [`IndexRefs`].
+pub type Counter = AtomicU32;
+
+/// A queue's two counters wherever they are: a head and a tail that need not be
+/// adjacent. A device may keep each on the cache line of the side that writes it
+/// (the reference device does); [`RingIndices`] is the adjacent pair. The orderings
+/// of the protocol are implemented here, once.
+#[derive(Clone, Copy, Debug)]
+pub struct IndexRefs<'a> {
+    head: &'a AtomicU32,
+    tail: &'a AtomicU32,
+}
+
+impl<'a> IndexRefs<'a> {
+    /// The counters `head` and `tail`.
+    pub fn new(head: &'a AtomicU32, tail: &'a AtomicU32) -> IndexRefs<'a> {
+        IndexRefs { head, tail }
+    }
+
     /// The consumer's counter, for diagnostics and register reads.
     pub fn head(&self) -> u32 {
         // Relaxed: a snapshot for display or a register read; the protocol itself uses
@@ -137,6 +178,21 @@ pub trait SharedIndices {
 }
 
 impl SharedIndices for RingIndices {
+    fn load_head(&self) -> u32 {
+        self.refs().load_head()
+    }
+    fn load_tail(&self) -> u32 {
+        self.refs().load_tail()
+    }
+    fn store_head(&self, head: u32) {
+        self.refs().store_head(head)
+    }
+    fn store_tail(&self, tail: u32) {
+        self.refs().store_tail(tail)
+    }
+}
+
+impl SharedIndices for IndexRefs<'_> {
     fn load_head(&self) -> u32 {
         // Acquire: pairs with the consumer's Release in store_head.
         self.head.load(Ordering::Acquire)

@@ -42,5 +42,6 @@ pub use descriptor::{
 };
 pub use fence::Fence;
 pub use index::{
-    Consumer, Geometry, GeometryError, IndexError, Producer, RingIndices, SharedIndices,
+    Consumer, Counter, Geometry, GeometryError, IndexError, IndexRefs, Producer, RingIndices,
+    SharedIndices,
 };

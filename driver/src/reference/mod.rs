@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{JoinHandle, Thread};
 use userptr_ring::regs::{self, ring};
-use userptr_ring::SharedIndices;
+use userptr_ring::{Counter, IndexRefs, SharedIndices};
 
 /// How to build a reference device.
 #[derive(Clone, Debug)]
@@ -122,7 +122,7 @@ struct RingRegs {
     size_log2: AtomicU32,
     control: AtomicU32,
     /// SQ_TAIL, CQ_HEAD.
-    driver_side: Line<[AtomicU32; 2]>,
+    driver_side: Line<[Counter; 2]>,
     device_side: Line<DeviceSide>,
     error: AtomicU32,
     /// Bumped on every enable, so the engine rebuilds its view of the ring.
@@ -143,67 +143,21 @@ struct Line<T>(T);
 /// The index registers the engine writes, and its busy mark.
 #[derive(Default)]
 struct DeviceSide {
-    sq_head: AtomicU32,
-    cq_tail: AtomicU32,
+    sq_head: Counter,
+    cq_tail: Counter,
     /// Set by the engine while it works on a batch of this ring; a disable waits for
     /// it to clear, so a disabled ring's memory is never touched again.
     busy: AtomicBool,
 }
 
-/// One queue's head and tail registers (on the two sides' lines), as the index
-/// protocol sees them.
-struct Indices<'a> {
-    head: &'a AtomicU32,
-    tail: &'a AtomicU32,
-}
-
-impl SharedIndices for Indices<'_> {
-    fn load_head(&self) -> u32 {
-        // Acquire: pairs with the consumer's Release in store_head.
-        self.head.load(Ordering::Acquire)
-    }
-    fn load_tail(&self) -> u32 {
-        // Acquire: pairs with the producer's Release in store_tail.
-        self.tail.load(Ordering::Acquire)
-    }
-    fn store_head(&self, head: u32) {
-        // Release: the consumer finished reading every slot below `head`.
-        self.head.store(head, Ordering::Release);
-    }
-    fn store_tail(&self, tail: u32) {
-        // Release: the producer finished writing every slot below `tail`.
-        self.tail.store(tail, Ordering::Release);
-    }
-}
-
-impl Indices<'_> {
-    /// Snapshots for the idle pass and sanity checks (Relaxed: the protocol's own
-    /// loads are the Acquire ones above).
-    fn head(&self) -> u32 {
-        self.head.load(Ordering::Relaxed)
-    }
-    fn tail(&self) -> u32 {
-        self.tail.load(Ordering::Relaxed)
-    }
-    /// Both to zero, while the ring is disabled (published by the generation bump).
-    fn reset(&self) {
-        self.head.store(0, Ordering::Relaxed);
-        self.tail.store(0, Ordering::Relaxed);
-    }
-}
-
 impl RingRegs {
-    fn sq(&self) -> Indices<'_> {
-        Indices {
-            head: &self.device_side.0.sq_head,
-            tail: &self.driver_side.0[0],
-        }
+    /// The SQ's counters (head on the engine's line, tail on the driver's).
+    fn sq(&self) -> IndexRefs<'_> {
+        IndexRefs::new(&self.device_side.0.sq_head, &self.driver_side.0[0])
     }
-    fn cq(&self) -> Indices<'_> {
-        Indices {
-            head: &self.driver_side.0[1],
-            tail: &self.device_side.0.cq_tail,
-        }
+    /// The CQ's counters (head on the driver's line, tail on the engine's).
+    fn cq(&self) -> IndexRefs<'_> {
+        IndexRefs::new(&self.driver_side.0[1], &self.device_side.0.cq_tail)
     }
     fn busy(&self) -> &AtomicBool {
         &self.device_side.0.busy
